@@ -1,0 +1,33 @@
+"""One error type for mistakes a user can fix, and the one-line exit that entry points give them.
+
+Anything raised as `UserError` ends a command with a single line on stderr (the cause and the fix)
+and exit status 2, never a traceback. Bugs stay ordinary exceptions with their traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, NoReturn
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem in the user's input (a path, a key, a value, a file) with a message saying the fix."""
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
+    """Run an entry point's `main`, turning a `UserError` into one line and exit status 2."""
+    try:
+        code = main(argv)
+    except UserError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
+    raise SystemExit(code or 0)
