@@ -1,0 +1,299 @@
+"""Tests for lstm_dist.metrics: console, metrics.jsonl and a REAL wandb run in offline mode.
+
+Nothing here touches the network: the W&B server URL points at a closed local port, every W&B
+directory lives under tmp_path, and what wandb wrote is read back with wandb's own reader,
+`wandb leet inspect --json` (it prints the records of a run's .wandb transaction log).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lstm_dist.errors import UserError
+from lstm_dist.metrics import Metrics, api_key_source, format_line, resolve_mode
+
+CLOSED_URL = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused
+
+
+@pytest.fixture(autouse=True)
+def wandb_env(tmp_path, monkeypatch):
+    """Keep wandb inside tmp_path, without credentials and without a reachable server."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        path = tmp_path / name.lower()
+        path.mkdir()
+        monkeypatch.setenv(name, str(path))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / "no-such-netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", CLOSED_URL)
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_DISABLED",
+                 "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME", "NETRC_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    if "wandb" in sys.modules:  # forget session state (credentials, settings) between tests
+        import wandb
+
+        wandb.teardown()
+
+
+def inspect_run(run_dir: Path) -> list[dict]:
+    """Records of a W&B run folder, as read by wandb's own CLI."""
+    env = dict(os.environ, WANDB_MODE="offline")
+    proc = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def history(records: list[dict]) -> dict[int, dict]:
+    """step -> merged history row."""
+    rows: dict[int, dict] = {}
+    for rec in records:
+        if rec["type"] == "history":
+            rows.setdefault(rec["history"]["step"].get("num", 0), {}).update(rec["history"]["item"])
+    return rows
+
+
+def run_record(records: list[dict]) -> dict:
+    return next(rec["run"] for rec in records if rec["type"] == "run")
+
+
+def summary_of(records: list[dict]) -> dict:
+    merged: dict = {}
+    for rec in records:
+        if rec["type"] == "summary":
+            merged.update(rec["summary"].get("update", {}))
+    return merged
+
+
+def strict_rows(path: Path) -> list[dict]:
+    """metrics.jsonl parsed as strict JSON (NaN/Infinity tokens would raise)."""
+
+    def reject(token: str):
+        raise AssertionError(f"non-standard JSON token {token} in {path}")
+
+    return [json.loads(line, parse_constant=reject) for line in path.read_text().splitlines()]
+
+
+CONFIG = {"model": {"hidden": 64, "layers": 2}, "optim": {"lr": 0.003}, "data": {"dir": Path("/data/x")}}
+
+
+def test_offline_run_is_readable_back_with_wandb_tooling(tmp_path):
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    m = Metrics(tmp_path / "run", CONFIG, wandb_mode="offline", console=out, run_name="t1")
+    init_s = time.perf_counter() - t0
+    assert m.wandb_mode == "offline" and m.wandb_dir == tmp_path / "run" / "wandb"
+    run_dir = m.wandb_run_dir
+    assert run_dir is not None and run_dir.parent == m.wandb_dir
+    logged = {0: {"epoch": 0, "loss": 2.5, "bpc": 3.6067}, 10: {"epoch": 0, "loss": 2.0, "bpc": 2.8854},
+              20: {"epoch": 1, "loss": 1.75, "bpc": 2.5247, "lr": 3e-3}}
+    for step, values in logged.items():
+        m.log(step, values)
+    m.log_text(20, "sample", "The <b>cat</b> sat\non the mat")
+    m.summary({"valid_bpc": 1.61, "test_bpc": 1.63})
+    t0 = time.perf_counter()
+    m.close()
+    finish_s = time.perf_counter() - t0
+    m.close()  # idempotent
+    print(f"offline wandb init {init_s:.2f} s, finish {finish_s:.2f} s")
+
+    records = inspect_run(run_dir)
+    run = run_record(records)
+    assert run["run_id"] == m.wandb_run_id == (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    assert run["project"] == "lstm_dist"
+    config = run["config"]["update"]
+    assert config["model"] == {"hidden": 64, "layers": 2}
+    assert config["optim"]["lr"] == 0.003 and config["data"]["dir"] == "/data/x"
+    rows = history(records)
+    for step, values in logged.items():
+        for key, value in values.items():
+            assert rows[step][key] == pytest.approx(value), (step, key)
+    # The text is an HTML media file of the run; its path is in the history row.
+    media = run_dir / "files" / rows[20]["sample.path"]
+    assert "The &lt;b&gt;cat&lt;/b&gt; sat\non the mat" in media.read_text()
+    summary = summary_of(records)
+    assert summary["valid_bpc"] == pytest.approx(1.61) and summary["test_bpc"] == pytest.approx(1.63)
+    assert any(rec["type"] == "exit" for rec in records)  # finish really happened
+
+    jsonl = strict_rows(tmp_path / "run" / "metrics.jsonl")
+    metric_rows = [r for r in jsonl if "loss" in r]
+    assert [r["step"] for r in metric_rows] == [0, 10, 20]
+    for row in metric_rows:
+        assert {k: row[k] for k in logged[row["step"]]} == logged[row["step"]]
+        assert abs(row["time"] - time.time()) < 600
+    assert {"step": 20, "sample": "The <b>cat</b> sat\non the mat"}.items() <= jsonl[3].items()
+    assert jsonl[4]["summary"] == {"valid_bpc": 1.61, "test_bpc": 1.63}
+    text = out.getvalue()
+    assert "step 20 | epoch 1 | loss 1.7500 | bpc 2.5247 | lr 3.00e-03" in text
+    assert "The <b>cat</b> sat" in text and "test_bpc 1.6300" in text
+
+
+def test_online_without_key_falls_back_to_offline_quickly(tmp_path):
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    m = Metrics(tmp_path / "run", CONFIG, wandb_mode="online", console=out)
+    seconds = time.perf_counter() - t0
+    print(f"online (no key) -> offline fallback in {seconds:.2f} s")
+    assert seconds < 60
+    assert m.wandb_mode == "offline"
+    assert "warning: W&B online needs an API key" in out.getvalue()
+    m.log(5, {"loss": 1.25})
+    run_dir = m.wandb_run_dir
+    m.close()
+    assert history(inspect_run(run_dir))[5]["loss"] == 1.25
+    assert strict_rows(tmp_path / "run" / "metrics.jsonl")[0]["loss"] == 1.25
+
+
+def test_online_with_unreachable_server_falls_back_within_init_timeout(tmp_path, monkeypatch):
+    # A key is configured, so wandb.init really tries the (closed) server and has to time out.
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    m = Metrics(tmp_path / "run", CONFIG, wandb_mode="online", console=out, init_timeout=3)
+    seconds = time.perf_counter() - t0
+    print(f"online (server unreachable, init_timeout=3) -> offline fallback in {seconds:.2f} s")
+    assert m.wandb_mode == "offline"
+    assert seconds < 3 + 30  # init_timeout plus bounded slack, never wandb's 90 s default
+    assert "W&B online init failed" in out.getvalue()
+    m.log(1, {"loss": 0.5})
+    run_dir = m.wandb_run_dir
+    m.close()
+    records = inspect_run(run_dir)
+    assert run_record(records)["run_id"] == m.wandb_run_id  # same id as the one it tried online
+    assert history(records)[1]["loss"] == 0.5
+
+
+def test_auto_picks_offline_without_key_and_says_so(tmp_path):
+    out = io.StringIO()
+    m = Metrics(tmp_path / "run", {}, wandb_mode="auto", console=out)
+    try:
+        assert m.wandb_mode == "offline"
+        lines = [line for line in out.getvalue().splitlines() if "offline" in line]
+        assert len(lines) == 1 and "no W&B API key found" in lines[0]
+    finally:
+        m.close()
+
+
+def test_auto_detects_keys_without_network(tmp_path, monkeypatch):
+    assert resolve_mode("auto")[0] == "offline"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1:9\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert api_key_source() is not None and resolve_mode("auto")[0] == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://other.example")  # entry is for another host
+    assert api_key_source() is None and resolve_mode("auto")[0] == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert resolve_mode("auto")[0] == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("auto")[0] == "disabled"
+    assert resolve_mode("offline")[0] == "offline"  # an explicit mode wins over the env
+    with pytest.raises(UserError, match="log.wandb.mode"):
+        resolve_mode("cloud")
+
+
+def test_disabled_writes_jsonl_only(tmp_path):
+    out = io.StringIO()
+    m = Metrics(tmp_path / "run", CONFIG, wandb_mode="disabled", console=out)
+    m.log(3, {"loss": 1.0})
+    m.log_text(3, "sample", "abc")
+    m.summary({"test_bpc": 1.4})
+    m.close()
+    assert m.wandb_mode == "disabled" and m.wandb_dir is None and m.wandb_run is None
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+    rows = strict_rows(tmp_path / "run" / "metrics.jsonl")
+    assert [r.get("loss") for r in rows] == [1.0, None, None] and rows[1]["sample"] == "abc"
+    assert "step 3 | loss 1.0000" in out.getvalue()
+
+
+def test_not_enabled_is_a_no_op(tmp_path):
+    out = io.StringIO()
+    m = Metrics(tmp_path / "run", CONFIG, wandb_mode="online", enabled=False, console=out)
+    m.log(1, {"loss": 1.0})
+    m.log_text(1, "sample", "x")
+    m.summary({"a": 1})
+    assert m.truncate_after(0) == 0
+    m.close()
+    assert not (tmp_path / "run").exists() and out.getvalue() == ""
+
+
+def test_resume_keeps_run_id_and_history_and_truncates_crashed_tail(tmp_path):
+    run_dir = tmp_path / "run"
+    first = Metrics(run_dir, CONFIG, wandb_mode="offline", console=io.StringIO())
+    for step in (0, 10, 20, 30):
+        first.log(step, {"loss": 3.0 - step / 10})
+    first_dir, run_id = first.wandb_run_dir, first.wandb_run_id
+    first.close()
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "loss": 0.')  # the process died mid-line
+
+    # Restart from the checkpoint at step 10: same W&B run, earlier rows kept.
+    second = Metrics(run_dir, CONFIG, wandb_mode="offline", console=io.StringIO())
+    assert second.wandb_run_id == run_id and second.wandb_run_dir != first_dir
+    assert second.truncate_after(10) == 3  # steps 20, 30 and the torn line
+    second.log(20, {"loss": 1.1})
+    second_dir = second.wandb_run_dir
+    second.close()
+
+    rows = strict_rows(run_dir / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in rows] == [(0, 3.0), (10, 2.0), (20, 1.1)]
+    assert run_record(inspect_run(first_dir))["run_id"] == run_id
+    records = inspect_run(second_dir)
+    assert run_record(records)["run_id"] == run_id
+    assert history(records)[20]["loss"] == 1.1
+    assert not list(run_dir.glob(".metrics.jsonl.tmp*"))  # the atomic rewrite left no temp file
+
+
+def test_wandb_failure_mid_run_does_not_stop_logging(tmp_path):
+    out = io.StringIO()
+    m = Metrics(tmp_path / "run", CONFIG, wandb_mode="offline", console=out)
+    m.log(0, {"loss": 2.0})
+    m.wandb_run.finish()  # the run dies underneath us: wandb's log() now raises UsageError
+    m.log(1, {"loss": 1.5})  # must not raise
+    m.log_text(1, "sample", "still here")
+    m.log(2, {"loss": 1.25})
+    m.summary({"test_bpc": 1.5})
+    m.close()
+    assert m.wandb_mode == "disabled" and m.wandb_run is None
+    warnings = [line for line in out.getvalue().splitlines() if line.startswith("warning: W&B failed")]
+    assert len(warnings) == 1, out.getvalue()
+    rows = strict_rows(tmp_path / "run" / "metrics.jsonl")
+    assert [r.get("loss") for r in rows] == [2.0, 1.5, None, 1.25, None]
+    assert rows[-1]["summary"] == {"test_bpc": 1.5}
+
+
+def test_non_finite_values_are_null_in_jsonl_and_visible_on_console(tmp_path):
+    np = pytest.importorskip("numpy")
+    out = io.StringIO()
+    m = Metrics(tmp_path / "run", {}, wandb_mode="disabled", console=out)
+    m.log(7, {"loss": float("nan"), "gnorm": float("inf"), "bpc": np.float32(1.5), "n": np.int64(3)})
+    m.close()
+    (row,) = strict_rows(tmp_path / "run" / "metrics.jsonl")
+    assert row["loss"] is None and row["gnorm"] is None
+    assert row["bpc"] == 1.5 and row["n"] == 3 and type(row["n"]) is int
+    assert "step 7 | loss nan | gnorm inf | bpc 1.5000 | n 3" in out.getvalue()
+
+
+def test_console_format_and_reserved_keys(tmp_path):
+    line = format_line(120, {"epoch": 0, "loss": 1.83421, "bpc": 2.64612, "lr": 3e-3,
+                             "tok/s": 51234.6, "phase": "train"})
+    assert line == "step 120 | epoch 0 | loss 1.8342 | bpc 2.6461 | lr 3.00e-03 | tok/s 51235 | phase train"
+    m = Metrics(tmp_path / "run", {}, wandb_mode="disabled", console=io.StringIO())
+    with pytest.raises(ValueError, match="reserved"):
+        m.log(1, {"step": 1})
+    m.log(2, {"loss": 1.0}, console=False)
+    m.close()
+    assert strict_rows(tmp_path / "run" / "metrics.jsonl")[0]["loss"] == 1.0
