@@ -6,6 +6,7 @@ and exit status 2, never a traceback. Bugs stay ordinary exceptions with their t
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -17,7 +18,9 @@ class UserError(Exception):
 
 
 def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # Under torchrun every rank meets the same mistake; one line from rank 0 says it once.
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USER_ERROR)
 
 

@@ -1,0 +1,127 @@
+"""The process group: who am I, which device is mine, and the few collectives the loop needs.
+
+torchrun (or srun + torchrun) sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT; a plain `python -m lstm_dist.train` has none of them and is a world of one, with no
+process group at all. The backend is NCCL when this process drives a GPU, gloo otherwise. Every
+collective here is a no-op in a world of one, so the training loop never branches on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} is not an integer; launch with torchrun, which sets it") from None
+
+
+def read_env() -> tuple[int, int, int, int]:
+    """(rank, world, local_rank, local_world) from torchrun's environment; (0, 1, 0, 1) without it."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank if world > 1 else 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    if not (0 <= rank < world) or not (0 <= local_rank < local_world):
+        raise UserError(f"inconsistent launch environment RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local_rank} "
+                        f"LOCAL_WORLD_SIZE={local_world}; start workers with torchrun")
+    return rank, world, local_rank, local_world
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise UserError(f"local rank {local_rank} has no GPU (this node sees {count}); "
+                        f"start at most {count} processes per node (--nproc_per_node)")
+    return torch.device("cuda", local_rank)
+
+
+@contextlib.contextmanager
+def setup(device_preference: str = "auto", timeout_minutes: float = 30.0) -> Iterator[DistEnv]:
+    """Join the process group (when launched by torchrun) and tear it down on every way out."""
+    rank, world, local_rank, local_world = read_env()
+    device = pick_device(device_preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    started = False
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=timeout_minutes)}
+        if device.type == "cuda":
+            kwargs["device_id"] = device  # binds NCCL to this GPU at once; no guessing in collectives
+        dist.init_process_group(**kwargs)
+        started = True
+    try:
+        yield DistEnv(rank, world, local_rank, local_world, device)
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks, in place; returns it."""
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` as a list on rank 0 (None elsewhere). Objects are pickled between our own processes."""
+    if not _active():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
