@@ -1,0 +1,73 @@
+"""`python -m lstm_dist.bench`: the real entry point at a tiny shape, its JSON, its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lstm_dist.bench import format_table, main, window_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lstm_dist.bench", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bench_json_through_the_entry_point():
+    proc = run_bench("--batch", "2", "--bptt", "3", "--embedding", "4", "--hidden", "8", "--layers", "2",
+                     "--repeats", "3", "--warmup", "1", "--no-compile", "--threads", "1", "--device", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    for key in ("fast_ms", "reference_ms", "torch_lstm_ms"):
+        assert isinstance(r[key], float) and r[key] > 0, key
+    assert r["ratio_fast_vs_torch_lstm"] == pytest.approx(r["fast_ms"] / r["torch_lstm_ms"], rel=1e-12)
+    for name in ("fast", "reference", "torch_lstm"):
+        assert r[f"{name}_chars_per_s"] == pytest.approx(2 * 3 / (r[f"{name}_ms"] / 1e3))
+    assert (r["batch"], r["bptt"], r["embedding"], r["hidden"], r["layers"]) == (2, 3, 4, 8, 2)
+    assert r["device"] == "cpu" and r["threads"] == 1 and r["compile"] is False
+    assert r["flops_per_window"] == window_flops(2, 3, 4, 8, 2)
+    assert "fast_mfu" not in r  # MFU only on CUDA
+
+
+def test_bench_table_has_a_row_per_implementation(capsys):
+    assert main(["--batch", "2", "--bptt", "2", "--embedding", "3", "--hidden", "4", "--repeats", "1",
+                 "--warmup", "0", "--no-compile", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert "batch=2 bptt=2 embedding=3 hidden=4" in lines[0]
+    assert [ln.split()[0] for ln in lines[2:]] == ["fast", "reference", "torch_lstm"]
+    assert lines[-1].split()[4] == "1.000"  # torch's ratio to itself
+
+
+def test_window_flops_formula():
+    # one layer: 3 * 2*4H*(E+H) per character
+    assert window_flops(64, 128, 128, 512, 1) == 3 * 2 * 4 * 512 * (128 + 512) * 64 * 128
+    # a second layer's input is the hidden width
+    assert window_flops(1, 1, 10, 4, 2) == 3 * (2 * 16 * 14 + 2 * 16 * 8)
+
+
+def test_table_shows_mfu_on_cuda_only():
+    r = {"device": "cuda:0", "device_name": "H200", "dtype": "bfloat16", "threads": 1, "batch": 1, "bptt": 1,
+         "embedding": 1, "hidden": 1, "layers": 1, "compile": True, "repeats": 1}
+    for name, ms in (("fast", 1.0), ("reference", 4.0), ("torch_lstm", 2.0)):
+        r.update({f"{name}_ms": ms, f"{name}_min_ms": ms, f"{name}_chars_per_s": 1e3 / ms,
+                  f"{name}_first_window_s": 0.1, f"{name}_mfu": 0.25})
+    text = format_table(r)
+    assert "MFU" in text and "25.00%" in text
+    assert "0.500" in text.splitlines()[2]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_bad_options_end_in_one_line(args, needle):
+    proc = run_bench(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {needle}, got 0"]
