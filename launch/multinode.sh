@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Several machines started by hand: run the same line on every node, each with its NODE_RANK.
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0.example MASTER_PORT=29500 launch/multinode.sh configs/wikitext103.yaml
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0.example MASTER_PORT=29500 launch/multinode.sh configs/wikitext103.yaml
+# NPROC (processes per node) defaults to the node's GPU count. Node 0 listens on MASTER_ADDR:MASTER_PORT
+# (default 29500) and every node waits there until all NNODES have joined; global ranks follow NODE_RANK.
+# Exit status and signals as in launch/torchrun.sh.
+set -euo pipefail
+if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
+  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+config=$1; shift
+for var in NNODES NODE_RANK MASTER_ADDR; do
+  if [[ -z "${!var:-}" ]]; then
+    echo "error: $var is not set; set NNODES, NODE_RANK and MASTER_ADDR (see launch/multinode.sh --help)" >&2
+    exit 2
+  fi
+done
+if [[ ! -f "$config" ]]; then
+  echo "error: config file $config not found; pass one of configs/*.yaml" >&2
+  exit 2
+fi
+if [[ -z "${NPROC:-}" ]]; then
+  gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  NPROC=$(( gpus > 0 ? gpus : 2 ))
+fi
+cmd=(torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --node_rank="$NODE_RANK"
+     --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}"
+     -m lstm_dist.train --config "$config" "$@")
+source "$(dirname "$0")/_run_with_status.sh"

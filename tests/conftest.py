@@ -1,0 +1,100 @@
+"""Shared helpers for the end-to-end tests: a small corpus of our own text, and real launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny model and layout so that real multi-process runs take seconds on 2 cores.
+TINY = [
+    "model.embedding=16", "model.hidden=32", "model.layers=2", "model.compile=false",
+    "train.batch_size=4", "train.bptt=16", "train.warmup_steps=2", "train.lr=0.01",
+    "train.eval_every=0", "train.sample_chars=20", "train.device=cpu", "train.threads=1",
+    "log.every=1", "log.wandb.mode=disabled", "checkpoint.keep=10",
+]
+
+_WORDS = ("the of and to in is was for on as with by at from that his her an which it are were this be "
+          "river city house music film game station church school island model state war team king light "
+          "north south early later first second small large old new open long short").split()
+
+
+def make_text(n_chars: int, seed: int) -> str:
+    """Deterministic English-looking text (our own, generated): words, commas, sentences, lines."""
+    rng = random.Random(seed)
+    out, size = [], 0
+    while size < n_chars:
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        sentence = " ".join(words).capitalize() + rng.choice([".", ".", ",", ";"]) + (" " if rng.random() < 0.8 else "\n")
+        out.append(sentence)
+        size += len(sentence)
+    return "".join(out)[:n_chars]
+
+
+def prepare_corpus(dest: Path, train_chars: int = 1000, eval_chars: int = 400, vocab: str = "bytes") -> Path:
+    from lstm_dist.data import prepare
+
+    src = dest.parent / (dest.name + "-src")
+    src.mkdir(parents=True, exist_ok=True)
+    for i, (split, n) in enumerate((("train", train_chars), ("valid", eval_chars), ("test", eval_chars))):
+        (src / f"{split}.txt").write_text(make_text(n, seed=i), encoding="utf-8")
+    return prepare("files", dest, vocab=vocab, quiet=True, train=src / "train.txt", valid=src / "valid.txt",
+                   test=src / "test.txt")
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def train_cmd(nproc: int, *overrides: str) -> list[str]:
+    """The real entry point: torchrun with `nproc` processes, plain python for 1, torchrun with one process for -1."""
+    if nproc == 1:
+        return [sys.executable, "-m", "lstm_dist.train", *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={abs(nproc)}",
+            "-m", "lstm_dist.train", *overrides]
+
+
+def run_train(nproc: int, *overrides: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(nproc, *overrides), cwd=cwd, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    return prepare_corpus(tmp_path_factory.mktemp("corpus") / "tiny")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests skip, with the reason, where no GPU is visible; `pytest -m cuda` runs them on one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); run `pytest -m cuda` on a GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,254 @@
+"""The training job through its real entry point: torchrun processes, checkpoints, resume, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, child_env, load_ckpt, losses, read_metrics, run_train, train_cmd
+from lstm_dist import checkpoint as ckpt
+from lstm_dist.config import TrainConfig
+from lstm_dist.train import EXIT_NONFINITE, EXIT_PREEMPTED, lr_at
+
+pytestmark = pytest.mark.slow
+
+
+def common(tmp: Path, corpus: Path, name: str, *extra: str) -> list[str]:
+    return [*TINY, f"data.path={corpus}", f"run.dir={tmp}", f"run.name={name}", *extra]
+
+
+def assert_same_state(a: dict, b: dict, exact: bool = True, atol: float = 0.0) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        if exact:
+            assert torch.equal(a["model"][k], b["model"][k]), f"weights differ in {k}"
+        else:
+            torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=atol, msg=f"weights differ in {k}")
+    if exact:
+        sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+        assert sa.keys() == sb.keys()
+        for i in sa:
+            for name in sa[i]:
+                assert torch.equal(sa[i][name], sb[i][name]), f"optimizer state {i}.{name} differs"
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    t = TrainConfig(lr=1.0, warmup_steps=10, steps=110, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_at(5, t) == pytest.approx(0.5)
+    assert lr_at(10, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55)
+    assert lr_at(110, t) == pytest.approx(0.1)
+    t.schedule = "linear"
+    assert lr_at(60, t) == pytest.approx(0.55) and lr_at(110, t) == pytest.approx(0.1)
+
+
+def test_two_ranks_of_four_streams_equal_one_rank_of_eight(tmp_path, tiny_corpus):
+    run_train(2, *common(tmp_path, tiny_corpus, "two", "train.steps=10", "train.batch_size=4"), cwd=tmp_path)
+    # one process under torchrun: a process group of one and DDP, the path a one-GPU job takes
+    run_train(-1, *common(tmp_path, tiny_corpus, "one", "train.steps=10", "train.batch_size=8"), cwd=tmp_path)
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(two) == list(range(1, 11)) and sorted(one) == list(range(1, 11))
+    for step in range(1, 11):
+        assert two[step] == pytest.approx(one[step], abs=1e-5), step
+    a = load_ckpt(tmp_path / "two" / "checkpoints" / "step_00000010.pt")
+    b = load_ckpt(tmp_path / "one" / "checkpoints" / "step_00000010.pt")
+    assert_same_state(a, b, exact=False, atol=1e-5)
+    # and training did something: the weights moved from their initial values
+    assert losses(tmp_path / "one")[10] < losses(tmp_path / "one")[1]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_corpus):
+    """20 steps on 2 processes, crossing epoch boundaries (7 windows an epoch), checkpoints every 5."""
+    tmp = tmp_path_factory.mktemp("straight")
+    proc = run_train(2, *common(tmp, tiny_corpus, "straight", "train.steps=20", "checkpoint.every=5"), cwd=tmp)
+    return tmp, proc
+
+
+def test_resume_from_half_way_is_bit_identical(tmp_path, tiny_corpus, straight_run):
+    tmp, _ = straight_run
+    half = tmp / "straight" / "checkpoints" / "step_00000010.pt"
+    proc = run_train(2, *common(tmp_path, tiny_corpus, "resumed", "train.steps=20", "checkpoint.every=5",
+                                f"checkpoint.resume={half}"), cwd=tmp_path)
+    assert f"resumed from {half} at step 10" in proc.stdout
+    final_a = load_ckpt(tmp / "straight" / "checkpoints" / "step_00000020.pt")
+    final_b = load_ckpt(tmp_path / "resumed" / "checkpoints" / "step_00000020.pt")
+    assert_same_state(final_a, final_b, exact=True)
+    la, lb = losses(tmp / "straight"), losses(tmp_path / "resumed")
+    assert sorted(lb) == list(range(11, 21))
+    assert all(la[s] == lb[s] for s in range(11, 21)), (la, lb)
+    # every rank's stream position and hidden state were carried in the checkpoint
+    assert [r["stream"]["epoch"] for r in final_a["ranks"]] == [r["stream"]["epoch"] for r in final_b["ranks"]]
+    assert final_a["ranks"][0]["stream"]["epoch"] >= 2
+
+
+def test_auto_resume_continues_a_finished_run_and_falls_back_past_a_bad_checkpoint(tmp_path, tiny_corpus, straight_run):
+    tmp, _ = straight_run
+    run_dir = tmp_path / "straight"
+    import shutil
+
+    shutil.copytree(tmp / "straight" / "checkpoints", run_dir / "checkpoints")
+    newest = run_dir / "checkpoints" / "step_00000020.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a crash mid-copy
+    proc = run_train(1, *common(tmp_path, tiny_corpus, "straight", "train.steps=20", "train.batch_size=8"),
+                     cwd=tmp_path)
+    assert f"checkpoint {newest} cannot be loaded" in proc.stdout
+    assert "falling back to the previous checkpoint" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 15" in proc.stdout
+    # 2 processes × 4 streams wrote it; 1 process × 8 streams reads it: same streams, but said re-cut
+    assert "re-cut streams" in proc.stdout
+    assert sorted(losses(run_dir)) == list(range(16, 21))
+
+
+def test_one_process_resumes_a_two_process_checkpoint_with_a_recut(tmp_path, tiny_corpus, straight_run):
+    tmp, _ = straight_run
+    half = tmp / "straight" / "checkpoints" / "step_00000010.pt"
+    proc = run_train(1, *common(tmp_path, tiny_corpus, "single", "train.steps=14", "train.batch_size=3",
+                                f"checkpoint.resume={half}"), cwd=tmp_path)
+    assert "written by 2 processes × batch 4" in proc.stdout
+    assert "re-cut streams for 1 × 3 × 16" in proc.stdout
+    assert "hidden states start at zero" in proc.stdout
+    assert sorted(losses(tmp_path / "single")) == [11, 12, 13, 14]
+    saved = load_ckpt(tmp_path / "single" / "checkpoints" / "step_00000014.pt")
+    assert saved["world_size"] == 1 and len(saved["ranks"]) == 1
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_resume_is_exact(tmp_path, tiny_corpus):
+    steps = 200
+    args = common(tmp_path, tiny_corpus, "preempted", f"train.steps={steps}", "checkpoint.every=0")
+    # Through the documented launcher, which forwards the signal to torchrun and exits with the run's status.
+    launcher = [str(ROOT / "launch" / "torchrun.sh"), str(ROOT / "configs" / "smoke.yaml"), *args]
+    proc = subprocess.Popen(launcher, cwd=tmp_path, env={**child_env(), "NPROC": "2"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "preempted" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    files = ckpt.list_checkpoints(tmp_path / "preempted")
+    assert len(files) == 1, out
+    stopped = load_ckpt(files[0])["step"]
+    assert 3 <= stopped < steps, out
+    assert f"checkpointing at step {stopped} and exiting with {EXIT_PREEMPTED}" in out
+    assert proc.returncode == EXIT_PREEMPTED, out
+    assert sorted(losses(tmp_path / "preempted")) == list(range(1, stopped + 1))
+
+    # A plain process (world of one, as under srun without torchrun) exits with the code itself.
+    single = subprocess.Popen(train_cmd(1, *common(tmp_path, tiny_corpus, "single", f"train.steps={steps}",
+                                                    "checkpoint.every=0")),
+                              cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    m1 = tmp_path / "single" / "metrics.jsonl"
+    while not (m1.exists() and len(m1.read_text().splitlines()) >= 2):
+        assert single.poll() is None, single.stdout.read()
+        time.sleep(0.05)
+    single.send_signal(signal.SIGUSR1)
+    single.communicate(timeout=60)
+    assert single.returncode == EXIT_PREEMPTED
+
+    # Resume the preempted run (same settings) to the end and compare with a run never stopped.
+    smoke = ["--config", str(ROOT / "configs" / "smoke.yaml")]
+    run_train(2, *smoke, *args, cwd=tmp_path)
+    run_train(2, *smoke, *common(tmp_path, tiny_corpus, "uninterrupted", f"train.steps={steps}", "checkpoint.every=0"),
+              cwd=tmp_path)
+    a = load_ckpt(tmp_path / "preempted" / "checkpoints" / f"step_{steps:08d}.pt")
+    b = load_ckpt(tmp_path / "uninterrupted" / "checkpoints" / f"step_{steps:08d}.pt")
+    assert_same_state(a, b, exact=True)
+    la, lb = losses(tmp_path / "preempted"), losses(tmp_path / "uninterrupted")
+    assert la == lb
+
+
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path, tiny_corpus):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": 1, "model": {}, "payload": _RunsCode(str(marker))}, evil)
+    with pytest.raises(ckpt.CheckpointError, match="refused"):
+        ckpt.load(evil)
+    proc = run_train(1, *common(tmp_path, tiny_corpus, "victim", "train.steps=2", f"checkpoint.resume={evil}"),
+                     cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: checkpoint {evil} cannot be loaded: it holds objects other than tensors and plain values and was "
+        "refused (it could run code when loaded); use another checkpoint"]
+    assert not marker.exists()
+    # the same bytes through plain pickle would have run it: the test's payload is real
+    pickle.loads(pickle.dumps(_RunsCode(str(marker))))
+    assert marker.exists()
+
+
+def test_a_checkpoint_of_another_model_is_one_line(tmp_path, tiny_corpus, straight_run):
+    tmp, _ = straight_run
+    half = tmp / "straight" / "checkpoints" / "step_00000010.pt"
+    proc = run_train(1, *common(tmp_path, tiny_corpus, "other", "train.steps=2", "model.hidden=48",
+                                f"checkpoint.resume={half}"), cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: checkpoint {half} is of another model (model.hidden=32, this run has 48); set model.hidden=32 "
+        "or start a new run.name"]
+
+
+def test_non_finite_steps_are_skipped_then_stop_leaving_the_last_checkpoint(tmp_path, tiny_corpus):
+    proc = run_train(2, *common(tmp_path, tiny_corpus, "diverge", "train.steps=20", "train.lr=1e37",
+                                "train.warmup_steps=0", "train.clip_norm=0", "checkpoint.every=1",
+                                "train.max_nonfinite=3"), cwd=tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert "optimizer step skipped on every rank" in out
+    assert "consecutive non-finite steps (train.max_nonfinite=3)" in out
+    assert f"exitcode  : {EXIT_NONFINITE}" in out or proc.returncode == EXIT_NONFINITE, out
+    files = ckpt.list_checkpoints(tmp_path / "diverge")
+    assert files, out
+    last = load_ckpt(files[-1])
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    # no checkpoint was written at or after the first skipped step
+    skipped = [m for m in read_metrics(tmp_path / "diverge") if m.get("nonfinite_steps")]
+    assert skipped and last["step"] < skipped[0]["step"]
+
+
+def test_missing_corpus_and_bad_config_are_one_line(tmp_path):
+    proc = run_train(2, *TINY, f"data.path={tmp_path / 'nowhere'}", f"run.dir={tmp_path}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: data.path {tmp_path / 'nowhere'} does not exist; prepare a corpus there first "
+                      f"(python -m lstm_dist.data prepare --source ... --out {tmp_path / 'nowhere'}) or point data.path at one"]
+    proc = run_train(1, "train.bptt_len=3", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown key 'train.bptt_len'; did you mean 'train.bptt'?"
+
+
+def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp_path, tiny_corpus):
+    proc = run_train(2, *common(tmp_path, tiny_corpus, "full", "train.steps=6", "train.eval_every=3",
+                                "log.wandb.mode=offline", "log.every=2"), cwd=tmp_path)
+    run_dir = tmp_path / "full"
+    from lstm_dist.config import load
+
+    assert load(run_dir / "config.yaml").train.steps == 6
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
+    evals = [r for r in rows if "valid_bpc" in r]
+    assert [r["step"] for r in evals] == [3, 6] and all(0 < r["valid_bpc"] < 9 for r in evals)
+    final = [r for r in rows if "test_bpc" in r]
+    assert final and final[0]["valid_chars"] == 399 and final[0]["test_chars"] == 399
+    assert any("sample" in r and r["sample"].startswith("The ") for r in rows)
+    for key in ("chars_per_s", "data_ms", "fwd_bwd_ms", "opt_ms", "outside_fwd_bwd_pct", "grad_norm", "lr", "eta_s"):
+        assert key in rows[0]
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), proc.stdout
+    assert (run_dir / "wandb_run_id").read_text().strip()
