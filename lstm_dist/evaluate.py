@@ -1,0 +1,146 @@
+"""Bits per character of a checkpoint over a whole split or any text: `python -m lstm_dist.evaluate`.
+
+    python -m lstm_dist.evaluate --checkpoint runs/smoke                        # the run's valid split
+    python -m lstm_dist.evaluate --checkpoint runs/smoke --split test --json
+    python -m lstm_dist.evaluate --checkpoint runs/smoke/checkpoints/step_00000500.pt --text notes.txt
+    torchrun --standalone --nproc_per_node=2 -m lstm_dist.evaluate --checkpoint runs/smoke --split test
+
+The model is rebuilt from the checkpoint alone. The split comes from the run's corpus (`data.path`
+in the checkpoint's config, relative to the working directory as in training; `--data` points
+elsewhere). `--text FILE` scores any UTF-8 text, encoded with the checkpoint's vocabulary; with a
+chars vocabulary, characters it lacks are scored as its unknown id, and counted and reported.
+
+Every character but the first is predicted exactly once (`data.eval_batches`): the text is cut into
+world × batch contiguous segments, each read window by window (`--bptt`) from a zero state with the
+state carried between windows; the ranks' sums are added up (`scoring.split_bits`). The result
+depends on world × batch (where the segments start), not on how the streams are spread over
+processes. "Characters" are the model's tokens: UTF-8 bytes with the bytes vocabulary.
+Output: one line (characters scored, total bits, bits per character), or with `--json` one JSON
+object with chars, bits, bpc and the settings. Only rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Corpus
+from .distributed import setup
+from .errors import UserError, run_cli
+from .inference import DEVICES, ArgumentParser, check_device, load_model
+from .scoring import split_bits
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m lstm_dist.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint file, or a run directory (its latest checkpoint)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--split", choices=("valid", "test"), default=None, help="split of the run's corpus (default valid)")
+    src.add_argument("--text", metavar="FILE", help="score this UTF-8 text file instead of a split")
+    p.add_argument("--data", metavar="PATH", help="corpus directory to read the split from (default: the run's data.path)")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="segments (streams) per process (default: the run's train.batch_size)")
+    p.add_argument("--bptt", type=int, default=None, metavar="N", help="characters per window (default: the run's train.bptt)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (one GPU per local rank if any), cpu or cuda")
+    p.add_argument("--bf16", action="store_true", help="bf16 matrix products on CUDA (as training evaluates); default fp32")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch CPU threads per process; 0 (default) divides the cores among the local processes")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
+    return p
+
+
+def read_text(path: Path, vocab) -> tuple[np.ndarray, int, list[str]]:
+    """(ids, unknown count, distinct unknown characters) of a text file in `vocab`."""
+    try:
+        if vocab.kind == "bytes":  # the file's bytes are the ids: no decoding, memory-mapped
+            if path.stat().st_size == 0:
+                return np.zeros(0, dtype=np.uint8), 0, []
+            return np.memmap(path, dtype=np.uint8, mode="r"), 0, []
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--text {path} does not exist; pass an existing UTF-8 text file") from None
+    except IsADirectoryError:
+        raise UserError(f"--text {path} is a directory; pass a text file (or --data DIR --split NAME for a corpus)") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--text {path} is not valid UTF-8 (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"--text {path} cannot be read ({exc.strerror}); fix the path or its permissions") from None
+    ids = vocab.encode(text)
+    missing = int(np.count_nonzero(ids == vocab.unknown_id))
+    return ids, missing, vocab.unknown(text) if missing else []
+
+
+def open_split(args, cfg, vocab) -> tuple[np.ndarray, str, int]:
+    """(ids, description, unknown count as prepared) of the requested split."""
+    path = Path(args.data if args.data is not None else cfg.data.path)
+    if not path.exists():
+        raise UserError(f"corpus {path} ({'--data' if args.data is not None else 'data.path in the checkpoint config'}) "
+                        "does not exist here; pass --data DIR of a prepared copy of the run's corpus, or --text FILE")
+    corpus = Corpus(path)
+    if corpus.vocab != vocab:
+        raise UserError(f"the corpus {path} has a {corpus.vocab.kind} vocabulary of {corpus.vocab.size} ids, not the one "
+                        "the checkpoint was trained on; pass --data DIR of the corpus it was trained on, or --text FILE")
+    split = args.split or "valid"
+    unknown = int(corpus.meta.get("unknown_chars", {}).get(split, 0) or 0)
+    return corpus.split(split), f"{split} split of {path}", unknown
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("batch", "bptt"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0 (0 divides the cores among the local processes), got {args.threads}")
+    if args.text is not None and args.data is not None:
+        raise UserError("--data selects the corpus of a --split; with --text FILE leave it out")
+    check_device(args.device)
+    with setup(args.device) as env:
+        if env.device.type == "cpu":
+            torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) // env.local_world))
+        model, vocab, cfg, path, step = load_model(args.checkpoint, env.device)
+        unknown_distinct: list[str] = []
+        if args.text is not None:
+            data, unknown, unknown_distinct = read_text(Path(args.text), vocab)
+            what = f"--text {args.text}"
+        else:
+            data, what, unknown = open_split(args, cfg, vocab)
+        if len(data) < 2:
+            raise UserError(f"{what} has {len(data)} token(s); at least 2 are needed (the first is only context)")
+        batch = args.batch or cfg.train.batch_size
+        bptt = args.bptt or cfg.train.bptt
+        t0 = time.perf_counter()
+        bits, chars = split_bits(model, data, rank=env.rank, world=env.world, batch=batch, bptt=bptt,
+                                 device=env.device, bf16=args.bf16)
+        seconds = time.perf_counter() - t0
+        if not env.is_main:
+            return 0
+        result = {"chars": chars, "bits": bits, "bpc": bits / chars, "source": what, "checkpoint": str(path),
+                  "step": step, "vocab": vocab.kind, "unknown_chars": unknown,
+                  "unknown_distinct": unknown_distinct[:50], "world": env.world, "batch": batch, "bptt": bptt,
+                  "device": str(env.device), "bf16": bool(args.bf16 and env.device.type == "cuda"),
+                  "seconds": seconds, "chars_per_s": chars / seconds if seconds > 0 else 0.0}
+        if args.json:
+            print(json.dumps(result), flush=True)
+            return 0
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown_distinct[:20])
+            print(f"note: {unknown:,} character(s) of {what} are not in the checkpoint's chars vocabulary"
+                  f"{f' ({shown})' if shown else ''}; they are scored as its unknown id", file=sys.stderr)
+        unit = "byte" if vocab.kind == "bytes" else "character"
+        print(f"{what}: {chars:,} {unit}s scored, {bits:,.4f} bits, {bits / chars:.4f} bits per {unit} "
+              f"(checkpoint {path}, step {step}; {env.world} process(es) × {batch} streams × bptt {bptt}; "
+              f"{seconds:.2f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,152 @@
+"""Generate text from a trained checkpoint: `python -m lstm_dist.generate --checkpoint RUN_DIR_OR_FILE`.
+
+    python -m lstm_dist.generate --checkpoint runs/smoke                  # the run's latest checkpoint
+    python -m lstm_dist.generate --checkpoint runs/smoke/checkpoints/step_00000500.pt \\
+        --prompt "The river" --length 1000 --temperature 0.7 --top-p 0.9 --seed 3
+    python -m lstm_dist.generate --checkpoint runs/smoke --num-samples 4 --json > samples.json
+
+The model is rebuilt from the checkpoint alone (its config and vocabulary are inside). The prompt
+goes through the model once; then each character is one `step()` on the carried state, so the cost
+per character does not grow with the text. The same checkpoint, settings, seed and device give
+the same text.
+
+Output: the prompt and its continuation stream to stdout as they are produced. `--length` counts
+the model's tokens: characters with a chars vocabulary, UTF-8 bytes with the bytes vocabulary,
+whose output is decoded incrementally (a character is printed once all its bytes are there; an
+invalid sequence prints as U+FFFD). With `--num-samples N` > 1 the samples are drawn as one batch:
+each is printed after a header line `--- sample i/N ---`; sample 1 streams live, the others are
+printed when the batch is done (they finish at the same moment). A summary line (characters,
+seconds, characters per second) goes to stderr. `--json` prints one JSON object instead: prompt,
+samples (the continuations), settings, checkpoint, step, chars_per_s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import UserError, run_cli
+from .inference import DEVICES, ArgumentParser, load_model, pick_device
+from .sampling import TextDecoder, generate
+
+DEFAULT_PROMPT = "I plan to make the world a better place by"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m lstm_dist.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint file, or a run directory (its latest checkpoint)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT", help=f"text to continue (default: {DEFAULT_PROMPT!r})")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file (used verbatim)")
+    p.add_argument("--length", type=int, default=500, metavar="N",
+                   help="tokens to generate per sample: characters (chars vocab) or UTF-8 bytes (bytes vocab); default 500")
+    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="softmax temperature; 0 picks the most likely character (greedy); default 0.8")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="draw among the K most likely only; 0 (default) keeps all")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="draw among the most likely characters holding probability P, in (0, 1]; 1 (default) keeps all")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text (default 0)")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples, drawn as one batch (default 1)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads; 0 (default) leaves torch's choice")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the samples instead of streaming text")
+    return p
+
+
+def read_prompt(args) -> str:
+    if args.prompt_file is None:
+        prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+        where = "--prompt"
+    else:
+        path = Path(args.prompt_file)
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"--prompt-file {path} does not exist; pass an existing UTF-8 text file") from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"--prompt-file {path} is not valid UTF-8 (byte {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise UserError(f"--prompt-file {path} cannot be read ({exc.strerror}); fix the path or its permissions") from None
+        where = f"--prompt-file {path}"
+    if not prompt:
+        raise UserError(f"{where} is empty; the model needs at least one character to continue")
+    return prompt
+
+
+def check_args(args) -> None:
+    if args.length < 0:
+        raise UserError(f"--length must be >= 0, got {args.length}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a number >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 keeps every character), got {args.top_k}")
+    if not 0.0 < args.top_p <= 1.0:  # also refuses NaN
+        raise UserError(f"--top-p must be in (0, 1] (1 keeps every character), got {args.top_p}")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0 (0 leaves torch's choice), got {args.threads}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    prompt = read_prompt(args)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, vocab, _, path, step = load_model(args.checkpoint, device)
+    unknown = vocab.unknown(prompt)
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:20]) + (", ..." if len(unknown) > 20 else "")
+        raise UserError(f"the prompt has {len(unknown)} character(s) the checkpoint's chars vocabulary lacks: {shown}; "
+                        "remove or replace them")
+    n = args.num_samples
+    out = sys.stdout
+    if hasattr(out, "reconfigure"):
+        out.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?', not a crash
+    live = None if args.json else TextDecoder(vocab)  # sample 1, streamed
+    if live is not None:
+        out.write((f"--- sample 1/{n} ---\n" if n > 1 else "") + prompt)
+        out.flush()
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed)
+    chunks = []
+    t0 = time.perf_counter()
+    for chunk in generate(model, vocab.encode(prompt).tolist(), args.length, num_samples=n,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen):
+        chunks.append(chunk)
+        if live is not None:
+            out.write(live.decode(chunk[:, 0].tolist()))
+            out.flush()
+    seconds = time.perf_counter() - t0
+    ids = torch.cat(chunks) if chunks else torch.empty(0, n, dtype=torch.long)
+    rate = args.length * n / seconds if seconds > 0 else 0.0
+
+    if args.json:
+        samples = [TextDecoder(vocab).decode(ids[:, i].tolist(), final=True) for i in range(n)]
+        json.dump({"checkpoint": str(path), "step": step, "prompt": prompt, "samples": samples,
+                   "settings": {"length": args.length, "temperature": args.temperature, "top_k": args.top_k,
+                                "top_p": args.top_p, "seed": args.seed, "num_samples": n,
+                                "device": str(device), "threads": torch.get_num_threads()},
+                   "seconds": seconds, "chars_per_s": rate}, out)
+        out.write("\n")
+    else:
+        out.write(live.decode([], final=True) + "\n")
+        for i in range(1, n):
+            out.write(f"--- sample {i + 1}/{n} ---\n{prompt}{TextDecoder(vocab).decode(ids[:, i].tolist(), final=True)}\n")
+        out.flush()
+        print(f"[{args.length * n:,} characters in {seconds:.2f} s: {rate:,.0f} chars/s; checkpoint {path} "
+              f"(step {step}) on {device}]", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

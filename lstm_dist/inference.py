@@ -1,0 +1,82 @@
+"""A trained model back from its checkpoint alone, for the inference entry points (generate, evaluate).
+
+A checkpoint carries everything needed to rebuild the model: the run's config (model shape, impl)
+and its vocabulary. `load_model` reads the file (or a run directory's latest checkpoint), rebuilds
+`CharLSTM` with `compile=False` (inference runs step by step or window by window, where compiling
+the pointwise step saves nothing and costs seconds), loads the weights and returns the model in
+eval mode on the requested device. Every way this can fail because of what the user passed ends in
+a one-line `UserError`.
+
+Also here, shared by both entry points: the `--device` check, and an argument parser whose errors
+are one line too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from . import checkpoint as ckpt
+from . import config as config_mod
+from .config import Config
+from .data import Vocab
+from .errors import UserError
+from .model import CharLSTM
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class LoadedModel(NamedTuple):
+    model: CharLSTM
+    vocab: Vocab
+    cfg: Config
+    path: Path  # the checkpoint file actually read
+    step: int  # the training step it was written at
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option ends in one line `error: ...` and exit 2 like every other user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message}; see {self.prog} --help")
+
+
+def check_device(preference: str) -> None:
+    """Refuse `--device cuda` without a GPU here, naming the flag (the process group would name train.device)."""
+    if preference not in DEVICES:
+        raise UserError(f"--device {preference!r} is not one of {', '.join(DEVICES)}")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device auto or --device cpu")
+
+
+def pick_device(preference: str) -> torch.device:
+    """The device of a single-process tool: CUDA when asked or available (`auto`), else the CPU."""
+    check_device(preference)
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def load_model(source: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the model of a checkpoint file, or of a run directory's latest checkpoint, on `device`."""
+    path = ckpt.resolve(source)
+    saved = ckpt.load(path, map_location="cpu")
+    missing = [k for k in ("config", "vocab") if k not in saved]
+    if missing:
+        raise ckpt.CheckpointError(f"checkpoint {path} lacks {' and '.join(missing)}; it was not written by "
+                                   "lstm_dist.train, use a checkpoint of a training run")
+    cfg = config_mod.from_dict(saved["config"], source=f"the config inside checkpoint {path}")
+    vocab = Vocab.from_dict(saved["vocab"])
+    model = CharLSTM.from_config(dataclasses.replace(cfg.model, compile=False), vocab.size)
+    try:
+        model.load_state_dict(saved["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ckpt.CheckpointError(f"checkpoint {path} does not fit the model its own config describes ({first}); "
+                                   "the file is damaged, use another checkpoint") from None
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model, vocab, cfg, path, int(saved.get("step", 0)))

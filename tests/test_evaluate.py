@@ -1,0 +1,187 @@
+"""`python -m lstm_dist.evaluate`: bits over a text equal a direct sum of -log2 p, on 1 and 2 processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, child_env, make_text, prepare_corpus, run_train
+from lstm_dist.checkpoint import list_checkpoints
+from lstm_dist.data import Corpus, eval_segments
+from lstm_dist.errors import run_cli
+from lstm_dist.evaluate import main
+from lstm_dist.inference import load_model
+
+
+def trained_run(tmp_path_factory, vocab: str) -> Path:
+    """The run directory of a real 2-step training run on a tiny corpus with `vocab`; trained once per
+    session (the directory under the session's base temp is reused by every test file)."""
+    root = tmp_path_factory.getbasetemp() / f"tiny-run-{vocab}"
+    run_dir = root / "runs" / "tiny"
+    if not list_checkpoints(run_dir):
+        corpus = prepare_corpus(root / "corpus", vocab=vocab)
+        run_train(1, *TINY, f"data.path={corpus}", f"run.dir={root / 'runs'}", "run.name=tiny", "train.steps=2",
+                  cwd=root)
+    return run_dir
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process model runs at batch 1 on one torch thread: on 2 busy cores a second thread only waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def bytes_run(tmp_path_factory) -> Path:
+    return trained_run(tmp_path_factory, "bytes")
+
+
+@pytest.fixture(scope="session")
+def chars_run(tmp_path_factory) -> Path:
+    return trained_run(tmp_path_factory, "chars")
+
+
+def reference_bits(model, ids: np.ndarray, streams: int) -> float:
+    """Σ -log2 p(x_t | x_<t) computed directly: each evaluation segment (the same cut as
+    data.eval_segments) as one whole sequence at batch 1 from a zero state, summed in float64."""
+    ids = np.asarray(ids, dtype=np.int64)
+    bounds = eval_segments(len(ids), streams)
+    total = 0.0
+    with torch.no_grad():
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi <= lo:
+                continue
+            x = torch.from_numpy(ids[lo - 1:hi - 1]).unsqueeze(0)
+            y = torch.from_numpy(ids[lo:hi])
+            logits, _ = model(x, model.init_state(1))
+            logp = torch.log_softmax(logits[0].double(), dim=-1)
+            total += float(-logp[torch.arange(len(y)), y].sum()) / math.log(2)
+    return total
+
+
+def evaluate_json(capsys, *argv: str) -> dict:
+    capsys.readouterr()
+    assert main([*argv, "--json", "--threads", "1"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def user_error(capsys, *argv: str) -> str:
+    """Run the entry point as the CLI does; it must exit 2 with exactly one line on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, list(argv))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "text.txt"
+    path.write_text(make_text(600, seed=7) + " naïve café ☃\n", encoding="utf-8")
+    return path
+
+
+def test_bits_equal_the_direct_sum_over_the_same_segments(capsys, bytes_run, text_file):
+    model = load_model(bytes_run).model
+    ids = np.frombuffer(text_file.read_bytes(), dtype=np.uint8)
+    r = evaluate_json(capsys, "--checkpoint", str(bytes_run), "--text", str(text_file), "--batch", "3", "--bptt", "7")
+    assert r["chars"] == len(ids) - 1
+    assert r["bits"] == pytest.approx(reference_bits(model, ids, streams=3), rel=1e-5)
+    assert r["bpc"] == pytest.approx(r["bits"] / r["chars"])
+    # without the state carried across windows the sum would differ: the windows here are short
+    assert reference_bits(model, ids, streams=3) != pytest.approx(reference_bits(model, ids, streams=len(ids) // 7), rel=1e-4)
+
+
+def test_split_of_the_runs_corpus_by_default_and_its_line(capsys, bytes_run):
+    model, _, cfg, _, _ = load_model(bytes_run)
+    test = np.asarray(Corpus(cfg.data.path).split("test"))
+    r = evaluate_json(capsys, "--checkpoint", str(bytes_run), "--split", "test")
+    assert (r["chars"], r["batch"], r["bptt"]) == (len(test) - 1, cfg.train.batch_size, cfg.train.bptt)
+    assert r["bits"] == pytest.approx(reference_bits(model, test, streams=cfg.train.batch_size), rel=1e-5)
+    assert main(["--checkpoint", str(bytes_run)]) == 0  # default: the valid split, one line
+    out = capsys.readouterr().out
+    valid = Corpus(cfg.data.path).split("valid")
+    assert out.startswith("valid split of ") and f"{len(valid) - 1:,} bytes scored" in out
+    bpc = reference_bits(model, np.asarray(valid), cfg.train.batch_size) / (len(valid) - 1)
+    assert f"{bpc:.4f} bits per byte" in out
+
+
+def test_unknown_characters_of_a_chars_vocabulary_are_counted_not_fatal(capsys, chars_run, tmp_path):
+    path = tmp_path / "odd.txt"
+    path.write_text("the river €€ and ☃ the city", encoding="utf-8")
+    r = evaluate_json(capsys, "--checkpoint", str(chars_run), "--text", str(path), "--batch", "2", "--bptt", "5")
+    assert r["unknown_chars"] == 3 and r["unknown_distinct"] == ["€", "☃"]
+    assert r["chars"] == len(path.read_text(encoding="utf-8")) - 1 and math.isfinite(r["bits"])
+    model, vocab = load_model(chars_run)[:2]
+    assert r["bits"] == pytest.approx(reference_bits(model, vocab.encode(path.read_text(encoding="utf-8")), 2), rel=1e-5)
+    assert main(["--checkpoint", str(chars_run), "--text", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "3 character(s)" in err and "'☃'" in err and "'€'" in err
+
+
+def test_bad_input_ends_in_one_line(capsys, bytes_run, chars_run, tmp_path, text_file):
+    ck = str(bytes_run)
+    assert "does not exist" in user_error(capsys, "--checkpoint", str(tmp_path / "nowhere"))
+    (tmp_path / "empty_run").mkdir()
+    assert "holds no checkpoints" in user_error(capsys, "--checkpoint", str(tmp_path / "empty_run"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert "cannot be loaded" in user_error(capsys, "--checkpoint", str(bad))
+    assert "--text" in user_error(capsys, "--checkpoint", ck, "--text", str(tmp_path / "missing.txt"))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    assert "not valid UTF-8" in user_error(capsys, "--checkpoint", str(chars_run), "--text", str(latin1))
+    other = load_model(chars_run).cfg.data.path  # a corpus with another vocabulary
+    assert "vocabulary" in user_error(capsys, "--checkpoint", ck, "--data", other)
+    assert "does not exist" in user_error(capsys, "--checkpoint", ck, "--data", str(tmp_path / "no-corpus"))
+    assert "--batch" in user_error(capsys, "--checkpoint", ck, "--text", str(text_file), "--batch", "0")
+    assert "--split" in user_error(capsys, "--checkpoint", ck, "--split", "train")
+    one = tmp_path / "one.txt"
+    one.write_text("a")
+    assert "at least 2" in user_error(capsys, "--checkpoint", ck, "--text", str(one))
+
+
+def evaluate_cmd(nproc: int, *argv: str) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "lstm_dist.evaluate", *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "lstm_dist.evaluate", *argv]
+
+
+@pytest.mark.slow
+def test_two_processes_sum_to_the_same_bits_as_one(capsys, bytes_run, text_file, tmp_path):
+    model = load_model(bytes_run).model
+    ids = np.frombuffer(text_file.read_bytes(), dtype=np.uint8)
+    argv = ["--checkpoint", str(bytes_run), "--text", str(text_file), "--bptt", "7", "--json", "--device", "cpu"]
+    proc = subprocess.run(evaluate_cmd(2, *argv, "--batch", "2"), cwd=tmp_path, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout  # rank 0 only
+    two = json.loads(lines[0])
+    one = evaluate_json(capsys, *argv[:-3], "--batch", "4")  # the same 4 segments on one process
+    assert two["world"] == 2 and two["chars"] == one["chars"] == len(ids) - 1
+    assert two["bits"] == pytest.approx(one["bits"], rel=1e-6)
+    assert two["bits"] == pytest.approx(reference_bits(model, ids, streams=4), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_real_command_line(bytes_run, tmp_path):
+    ok = subprocess.run(evaluate_cmd(1, "--checkpoint", str(bytes_run), "--split", "test"), cwd=tmp_path,
+                        env=child_env(), capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("test split of ") and "bits per byte" in ok.stdout, ok.stderr
+    bad = subprocess.run(evaluate_cmd(1, "--checkpoint", str(tmp_path / "missing.pt")), cwd=tmp_path,
+                         env=child_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "missing.pt" in bad.stderr
