@@ -1,8 +1,8 @@
 """The process group: who am I, which device is mine, and the few collectives the loop needs.
 
 torchrun (or srun + torchrun) sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
-MASTER_PORT; a plain `python -m lstm_dist.train` has none of them and is a world of one, with no
-process group at all. The backend is NCCL when this process drives a GPU, gloo otherwise. Every
+MASTER_PORT, and every process it starts joins the process group; a plain `python -m lstm_dist.train`
+has none of them and is a world of one, with no process group at all. The backend is NCCL when this process drives a GPU, gloo otherwise. Every
 collective here is a no-op in a world of one, so the training loop never branches on it.
 """
 
@@ -34,7 +34,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        """True when a process group exists (launched by torchrun), whatever the world size."""
+        return dist.is_available() and dist.is_initialized()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -79,7 +80,10 @@ def setup(device_preference: str = "auto", timeout_minutes: float = 30.0) -> Ite
     if device.type == "cuda":
         torch.cuda.set_device(device)
     started = False
-    if world > 1 and not dist.is_initialized():
+    # Under torchrun (MASTER_ADDR is set) there is always a process group, a world of one included,
+    # so that one-GPU runs take the same NCCL/DDP path as sixteen.
+    launched = world > 1 or "MASTER_ADDR" in os.environ
+    if launched and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=timeout_minutes)}
         if device.type == "cuda":
