@@ -31,6 +31,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -456,7 +457,8 @@ class Trainer:
             "fwd_bwd_ms": 1000 * fb_s / steps,
             "opt_ms": 1000 * opt_s / steps,
             "outside_fwd_bwd_pct": 100.0 * (1.0 - fb_s / wall) if wall > 0 else 0.0,
-            "eta_s": (self.cfg.train.steps - self.step) * sum(recent) / len(recent),
+            # the median of recent steps: the first step's compilation must not inflate the estimate
+            "eta_s": (self.cfg.train.steps - self.step) * statistics.median(recent),
         }
         if self.nonfinite_total:
             values["nonfinite_steps"] = self.nonfinite_total
