@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import BinaryIO, Iterator, NamedTuple

@@ -33,7 +33,7 @@ import torch
 from .data import Corpus
 from .distributed import setup
 from .errors import UserError, run_cli
-from .inference import DEVICES, ArgumentParser, check_device, load_model
+from .inference import DEVICES, ArgumentParser, check_device, load_model, read_utf8
 from .scoring import split_bits
 
 
@@ -58,20 +58,11 @@ def build_parser() -> ArgumentParser:
 
 def read_text(path: Path, vocab) -> tuple[np.ndarray, int, list[str]]:
     """(ids, unknown count, distinct unknown characters) of a text file in `vocab`."""
-    try:
-        if vocab.kind == "bytes":  # the file's bytes are the ids: no decoding, memory-mapped
-            if path.stat().st_size == 0:
-                return np.zeros(0, dtype=np.uint8), 0, []
-            return np.memmap(path, dtype=np.uint8, mode="r"), 0, []
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"--text {path} does not exist; pass an existing UTF-8 text file") from None
-    except IsADirectoryError:
-        raise UserError(f"--text {path} is a directory; pass a text file (or --data DIR --split NAME for a corpus)") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"--text {path} is not valid UTF-8 (byte {exc.start}); save it as UTF-8") from None
-    except OSError as exc:
-        raise UserError(f"--text {path} cannot be read ({exc.strerror}); fix the path or its permissions") from None
+    if vocab.kind == "bytes" and path.is_file() and os.access(path, os.R_OK):  # the file's bytes are the ids: no decoding, memory-mapped
+        if path.stat().st_size == 0:
+            return np.zeros(0, dtype=np.uint8), 0, []
+        return np.memmap(path, dtype=np.uint8, mode="r"), 0, []
+    text = read_utf8(path, "--text", "pass a text file (or --data DIR --split NAME for a corpus)")
     ids = vocab.encode(text)
     missing = int(np.count_nonzero(ids == vocab.unknown_id))
     return ids, missing, vocab.unknown(text) if missing else []

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, run_cli
-from .inference import DEVICES, ArgumentParser, load_model, pick_device
+from .inference import DEVICES, ArgumentParser, load_model, pick_device, read_utf8
 from .sampling import TextDecoder, generate
 
 DEFAULT_PROMPT = "I plan to make the world a better place by"
@@ -65,14 +65,7 @@ def read_prompt(args) -> str:
         where = "--prompt"
     else:
         path = Path(args.prompt_file)
-        try:
-            prompt = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"--prompt-file {path} does not exist; pass an existing UTF-8 text file") from None
-        except UnicodeDecodeError as exc:
-            raise UserError(f"--prompt-file {path} is not valid UTF-8 (byte {exc.start}); save it as UTF-8") from None
-        except OSError as exc:
-            raise UserError(f"--prompt-file {path} cannot be read ({exc.strerror}); fix the path or its permissions") from None
+        prompt = read_utf8(path, "--prompt-file")
         where = f"--prompt-file {path}"
     if not prompt:
         raise UserError(f"{where} is empty; the model needs at least one character to continue")
