@@ -92,6 +92,8 @@ def setup(device_preference: str = "auto", timeout_minutes: float = 30.0) -> Ite
         started = True
     try:
         yield DistEnv(rank, world, local_rank, local_world, device)
+        if started:
+            dist.barrier()  # a normal exit: leave together, so no rank tears down while another still talks
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import random
@@ -508,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if trainer is not None:
                     trainer.close()
+                # Free DDP (and any gloo/NCCL work it still holds) while the process group is alive;
+                # freed later, at interpreter exit, gloo's threads can abort the process.
+                trainer = None
+                gc.collect()
                 preemption.restore()
     except UserError:
         _report_exit(env, 2)
