@@ -277,9 +277,9 @@ class Trainer:
         t = self.cfg.train
         same_layout = len(ranks) == self.env.world and ranks[0]["stream"]["batch"] == t.batch_size \
             and ranks[0]["stream"]["bptt"] == t.bptt
-        if same_layout:
+        # An exact restore needs the same layout; the stream also re-cuts when the split changed length.
+        if same_layout and not self.stream.load_state_dict(ranks[self.env.rank]["stream"]):
             mine = ranks[self.env.rank]
-            self.stream.load_state_dict(mine["stream"])
             hidden = mine["hidden"]
             self.state = None if hidden is None else (hidden[0].to(self.device), hidden[1].to(self.device))
             set_rng_state(mine["rng"], self.device)
