@@ -17,15 +17,10 @@ for var in NNODES NODE_RANK MASTER_ADDR; do
     exit 2
   fi
 done
-if [[ ! -f "$config" ]]; then
-  echo "error: config file $config not found; pass one of configs/*.yaml" >&2
-  exit 2
-fi
-if [[ -z "${NPROC:-}" ]]; then
-  gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-  NPROC=$(( gpus > 0 ? gpus : 2 ))
-fi
+source "$(dirname "$0")/_common.sh"
+require_config "$config"
+default_nproc
 cmd=(torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --node_rank="$NODE_RANK"
      --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}"
      -m lstm_dist.train --config "$config" "$@")
-source "$(dirname "$0")/_run_with_status.sh"
+run_with_status "${cmd[@]}"

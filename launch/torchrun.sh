@@ -11,13 +11,8 @@ if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
   exit 2
 fi
 config=$1; shift
-if [[ ! -f "$config" ]]; then
-  echo "error: config file $config not found; pass one of configs/*.yaml" >&2
-  exit 2
-fi
-if [[ -z "${NPROC:-}" ]]; then
-  gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-  NPROC=$(( gpus > 0 ? gpus : 2 ))
-fi
+source "$(dirname "$0")/_common.sh"
+require_config "$config"
+default_nproc
 cmd=(torchrun --standalone --nproc_per_node="$NPROC" -m lstm_dist.train --config "$config" "$@")
-source "$(dirname "$0")/_run_with_status.sh"
+run_with_status "${cmd[@]}"
