@@ -15,13 +15,13 @@ state or the new one, never a half file under a real name. Retention deletes onl
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from .atomic import atomic_write
 from .errors import UserError
 
 FORMAT = 1  # bump when the layout of the dict changes incompatibly
@@ -41,41 +41,14 @@ def file_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> Path:
     """Write `payload` as the checkpoint of `step`, point `latest` at it, keep the newest `keep`."""
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "step": step, **payload}
     path = d / file_name(step)
-    _atomic_write(path, lambda fh: torch.save(payload, fh))
-    _atomic_write(d / LATEST, lambda fh: fh.write(path.name.encode() + b"\n"))
+    atomic_write(path, lambda fh: torch.save(payload, fh))
+    atomic_write(d / LATEST, lambda fh: fh.write(path.name.encode() + b"\n"))
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Mapping, TextIO
 from urllib.parse import urlsplit
 
+from lstm_dist.atomic import atomic_write_text
 from lstm_dist.errors import UserError
 
 MODES = ("online", "offline", "disabled", "auto")
@@ -195,15 +196,6 @@ def new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- the object
 
 
@@ -337,7 +329,7 @@ class Metrics:
                     dropped += 1
                     continue
                 kept.append(line)
-        _write_atomic(self.jsonl_path, "".join(line + "\n" for line in kept))
+        atomic_write_text(self.jsonl_path, "".join(line + "\n" for line in kept))
         self._open_jsonl()
         return dropped
 
@@ -419,7 +411,7 @@ class Metrics:
         resuming = bool(run_id)
         if not run_id:
             run_id = new_run_id()
-            _write_atomic(id_path, run_id + "\n")
+            atomic_write_text(id_path, run_id + "\n")
 
         if mode == "online" and api_key_source() is None:
             # wandb.init would prompt for a key (or fail); go offline now, with the fix in words.

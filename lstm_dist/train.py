@@ -26,6 +26,7 @@ non-finite steps; 75 preempted after writing a checkpoint (resume with the same 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import math
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
+from .atomic import atomic_write_text
 from . import config as config_mod
 from . import data as data_mod
 from .config import Config
@@ -191,12 +193,6 @@ def find_resume(cfg: Config, vocab: data_mod.Vocab, say) -> tuple[Path, dict[str
     return None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
@@ -231,7 +227,7 @@ class Trainer:
         self.metrics = None
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
+            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
             w = cfg.log.wandb
             self.metrics = Metrics(self.run_dir, cfg.to_dict(), wandb_mode=w.mode, project=w.project,
                                    entity=w.entity or None, run_name=cfg.run.name, init_timeout=w.init_timeout)
@@ -328,10 +324,14 @@ class Trainer:
         values = {"valid_bpc": bpc, "valid_chars": count, "eval_s": time.perf_counter() - t0}
         if self.metrics is not None:
             self.metrics.log(self.step, values)
-            if self.cfg.train.sample_chars:
-                text = sample_text(self.model, self.vocab, SAMPLE_PROMPT, self.cfg.train.sample_chars,
-                                   seed=self.cfg.run.seed + self.step)
-                self.metrics.log_text(self.step, "sample", SAMPLE_PROMPT + text)
+        self.log_sample()
+
+    def log_sample(self) -> None:
+        """A short generated text (rank 0, its own generator: the training RNG is untouched)."""
+        if self.metrics is not None and self.cfg.train.sample_chars:
+            text = sample_text(self.model, self.vocab, SAMPLE_PROMPT, self.cfg.train.sample_chars,
+                               seed=self.cfg.run.seed + self.step)
+            self.metrics.log_text(self.step, "sample", SAMPLE_PROMPT + text)
 
     # ---------------------------------------------------------------- the loop
 
@@ -393,7 +393,7 @@ class Trainer:
                  f"{'bf16' if self.bf16 else 'fp32'}, {torch.get_num_threads()} threads/process); "
                  f"steps {self.step + 1}..{t.steps}; run directory {self.run_dir}")
         window = {"loss": 0.0, "n": 0, "times": [0.0, 0.0, 0.0], "wall": 0.0, "steps": 0}
-        step_times: list[float] = []
+        step_times: collections.deque[float] = collections.deque(maxlen=50)  # for the time-left estimate
         while self.step < t.steps:
             w0 = time.perf_counter()
             loss, norm, stop, times = self.train_step(1.0 if preemption.requested else 0.0)
@@ -434,19 +434,17 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.log(self.step, final)
             self.metrics.summary(final)
-            if t.sample_chars:
-                text = sample_text(self.model, self.vocab, SAMPLE_PROMPT, t.sample_chars, seed=cfg.run.seed + self.step)
-                self.metrics.log_text(self.step, "sample", SAMPLE_PROMPT + text)
+        self.log_sample()
         self.say(f"done: step {self.step}, valid {valid_bpc:.4f} bpc over {valid_chars:,} characters, "
                  f"test {test_bpc:.4f} bpc over {test_chars:,} characters")
         return 0
 
-    def _log(self, window: dict[str, Any], norm: float, chars_per_step: int, step_times: list[float]) -> None:
+    def _log(self, window: dict[str, Any], norm: float, chars_per_step: int, step_times: collections.deque) -> None:
         steps = max(1, window["steps"])
         data_s, fb_s, opt_s = window["times"]
         wall = max(window["wall"], data_s + fb_s + opt_s)
         loss = window["loss"] / window["n"] if window["n"] else float("nan")
-        recent = step_times[-50:] or [wall / steps]
+        recent = list(step_times) or [wall / steps]
         values = {
             "epoch": self.stream.state_dict()["epoch"],
             "loss": loss,
@@ -479,7 +477,7 @@ def _report_exit(env: DistEnv | None, code: int) -> None:
     path = os.environ.get("LSTM_DIST_EXIT_FILE")
     if path and (env is None or env.is_main):
         try:
-            _write_text_atomic(Path(path), f"{code}\n")
+            atomic_write_text(Path(path), f"{code}\n")
         except OSError as exc:
             print(f"warning: cannot write the exit status to LSTM_DIST_EXIT_FILE={path}: {exc}", file=sys.stderr)
 
