@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from lstm_dist.distributed import DEVICES, pick_device
 from lstm_dist.errors import UserError, run_cli
 from lstm_dist.model import LSTMLayer, compile_available
 
@@ -47,7 +48,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--embedding", type=int, default=128, help="input width of the first layer (default 128)")
     p.add_argument("--hidden", type=int, default=512, help="hidden units per layer (default 512)")
     p.add_argument("--layers", type=int, default=1, help="stacked layers (default 1)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto", help="auto (default): cuda if available, else cpu")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (default): cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 = torch.autocast on the device (state and cell update stay fp32)")
     p.add_argument("--repeats", type=int, default=5, help="timed windows per implementation (default 5)")
@@ -74,14 +75,6 @@ def window_flops(batch: int, bptt: int, embedding: int, hidden: int, layers: int
     """Matrix-product FLOPs of forward + backward over one window (see the module docstring)."""
     per_char = sum(2 * 4 * hidden * ((embedding if k == 0 else hidden) + hidden) for k in range(layers))
     return 3.0 * per_char * batch * bptt
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available here; use --device cpu")
-    return torch.device(name)
 
 
 def _make_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, Callable[[], None]]:
@@ -135,7 +128,7 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    device = _resolve_device(args.device)
+    device = pick_device(args.device, setting="--device ")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     runners = _make_runners(args, device)

@@ -5,7 +5,8 @@ Layout inside a run directory:
     checkpoints/step_00001234.pt   one file per checkpoint; names sort by step
     checkpoints/latest             the file name of the newest complete checkpoint (a pointer, replaced atomically)
 
-A checkpoint is a dict of tensors and plain Python values only (see `FORMAT`), so it loads with
+A checkpoint is a dict of tensors and plain Python values only (what a training checkpoint holds:
+the comment above `rng_state`), so it loads with
 `torch.load(weights_only=True)`: a file crafted to run code when unpickled is refused, not executed.
 Writing goes to a temporary name in the same directory, is flushed and fsynced, then renamed; the
 `latest` pointer is replaced the same way afterwards. A crash at any moment leaves either the old
@@ -15,14 +16,19 @@ state or the new one, never a half file under a real name. Retention deletes onl
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 
 from .atomic import atomic_write
-from .errors import UserError
+from .corpus import Vocab
+from .distributed import DistEnv, barrier, broadcast_object, gather_objects
+from .errors import UserError, first_line
+from .streams import Restore, TokenStream
 
 FORMAT = 1  # bump when the layout of the dict changes incompatibly
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -99,8 +105,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     except PermissionError:
         raise CheckpointError(f"checkpoint {p} is not readable (permission denied); fix its permissions") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged or hostile file
-        text = str(exc).strip().splitlines()
-        reason = text[0] if text else type(exc).__name__
+        reason = first_line(exc)
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "UnpicklingError" in type(exc).__name__:
             cause = "it holds objects other than tensors and plain values and was refused (it could run code when loaded)"
         else:
@@ -112,3 +117,132 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise CheckpointError(f"checkpoint {p} has format {data['format']}, this version reads format {FORMAT}; "
                               "use the lstm_dist version that wrote it")
     return data
+
+
+# ------------------------------------------------------------------------------------------------
+# What a training checkpoint holds, and putting it back
+# ------------------------------------------------------------------------------------------------
+#
+#   step, config, vocab, model, optimizer, nonfinite_total, and `ranks`: one entry per process,
+#   gathered to rank 0, each {"stream": TokenStream.state_dict(), "hidden": (h, c) or None,
+#   "rng": its torch/numpy/python (and CUDA) generator states}.
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generators, as tensors and plain values (a weights_only checkpoint holds them)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_compatible(saved: dict[str, Any], cfg: Any, vocab: Vocab, path: Path) -> None:
+    """A checkpoint must be of the same model on the same vocabulary; say which setting differs."""
+    saved_model = saved["config"]["model"]
+    for key in ("embedding", "hidden", "layers"):
+        if saved_model[key] != getattr(cfg.model, key):
+            raise CheckpointError(
+                f"checkpoint {path} is of another model (model.{key}={saved_model[key]}, this run has "
+                f"{getattr(cfg.model, key)}); set model.{key}={saved_model[key]} or start a new run.name")
+    if saved["vocab"] != vocab.to_dict():
+        raise CheckpointError(
+            f"checkpoint {path} was trained on another vocabulary than the corpus at {cfg.data.path}; "
+            "use the corpus it was trained on or start a new run.name")
+
+
+def find_resume(cfg: Any, vocab: Vocab, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from per `checkpoint.resume` (rank 0 decides; every rank then loads it)."""
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        return None
+    if mode != "auto":
+        path = resolve(mode)
+        saved = load(path)
+        check_compatible(saved, cfg, vocab, path)
+        return path, saved
+    for path in candidates(cfg.run_dir):
+        try:
+            saved = load(path)
+            check_compatible(saved, cfg, vocab, path)
+            return path, saved
+        except CheckpointError as exc:
+            say(f"warning: {exc}; falling back to the previous checkpoint")
+    return None
+
+
+class Resumed(NamedTuple):
+    """Where a run picked up: its step, and whether it continues exactly or on re-cut streams."""
+
+    path: Path
+    step: int
+    nonfinite_total: int
+    exact: bool  # same processes × streams × bptt and split: hidden states and generators restored too
+    hidden: tuple[torch.Tensor, torch.Tensor] | None  # this rank's carried state (None after a re-cut)
+    written_by: str  # the layout that wrote it, "2 processes × batch 4 × bptt 16"
+
+
+def restore(cfg: Any, env: DistEnv, vocab: Vocab, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            stream: TokenStream, say: Callable[[str], None]) -> Resumed | None:
+    """Load the checkpoint rank 0 picks into the model, optimizer and stream (and, on an exact resume,
+    this rank's generators); None when there is none to resume from."""
+    found = find_resume(cfg, vocab, say) if env.is_main else None
+    name = broadcast_object(str(found[0]) if found else None)
+    if name is None:
+        return None
+    path = Path(name)
+    saved = found[1] if found else load(path)
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {first_line(exc)}; "
+                              "use the config it was written with") from None
+    ranks = saved["ranks"]
+    old = ranks[0]["stream"]
+    same_processes = len(ranks) == env.world and old["batch"] == cfg.train.batch_size and old["bptt"] == cfg.train.bptt
+    mine = ranks[env.rank] if same_processes else ranks[0]
+    # The stream re-cuts by itself when the split changed length, even with the same processes.
+    exact = stream.load_state_dict(mine["stream"]) is Restore.EXACT and same_processes
+    hidden = None
+    if exact:
+        if mine["hidden"] is not None:
+            hidden = (mine["hidden"][0].to(env.device), mine["hidden"][1].to(env.device))
+        set_rng_state(mine["rng"], env.device)
+    return Resumed(path, int(saved["step"]), int(saved.get("nonfinite_total", 0)), exact, hidden,
+                   f"{len(ranks)} processes × batch {old['batch']} × bptt {old['bptt']}")
+
+
+def save_training(cfg: Any, env: DistEnv, vocab: Vocab, step: int, model: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, stream: TokenStream,
+                  hidden: tuple[torch.Tensor, torch.Tensor] | None, nonfinite_total: int) -> Path | None:
+    """Gather every rank's stream, hidden state and generators; rank 0 writes the checkpoint of `step`
+    (and returns its path); all ranks leave together."""
+    hidden = None if hidden is None else (hidden[0].detach().cpu(), hidden[1].detach().cpu())
+    ranks = gather_objects({"stream": stream.state_dict(), "hidden": hidden, "rng": rng_state(env.device)})
+    path = None
+    if env.is_main:
+        path = save(cfg.run_dir, step, {
+            "config": cfg.to_dict(),
+            "vocab": vocab.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "nonfinite_total": nonfinite_total,
+            "ranks": ranks,
+        }, keep=cfg.checkpoint.keep)
+    barrier()
+    return path

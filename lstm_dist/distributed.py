@@ -60,11 +60,21 @@ def read_env() -> tuple[int, int, int, int]:
     return rank, world, local_rank, local_world
 
 
-def pick_device(preference: str, local_rank: int) -> torch.device:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(preference: str, local_rank: int = 0, setting: str = "train.device=") -> torch.device:
+    """This process's device: the CPU, or GPU `local_rank` (`auto`: CUDA when one is visible).
+
+    `setting` names the option in the one-line error, as the user wrote it (`train.device=` for the
+    trainer, `--device ` for the command-line tools).
+    """
+    if preference not in DEVICES:
+        raise UserError(f"{setting}{preference} is not one of {', '.join(DEVICES)}")
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+        raise UserError(f"{setting}cuda but no CUDA GPU is visible; use {setting}auto or {setting}cpu")
     count = torch.cuda.device_count()
     if local_rank >= count:
         raise UserError(f"local rank {local_rank} has no GPU (this node sees {count}); "
@@ -72,11 +82,25 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def cpu_threads(requested: int, local_world: int) -> int:
+    """Torch intra-op threads for one of `local_world` processes on this machine: `requested`, or
+    with 0 this process's share of the cores it may run on."""
+    return requested or max(1, len(os.sched_getaffinity(0)) // local_world)
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked for; on the CPU (or without `bf16`) full precision."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def setup(device_preference: str = "auto", timeout_minutes: float = 30.0) -> Iterator[DistEnv]:
+def setup(device_preference: str = "auto", timeout_minutes: float = 30.0,
+          setting: str = "train.device=") -> Iterator[DistEnv]:
     """Join the process group (when launched by torchrun) and tear it down on every way out."""
     rank, world, local_rank, local_world = read_env()
-    device = pick_device(device_preference, local_rank)
+    device = pick_device(device_preference, local_rank, setting)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     started = False

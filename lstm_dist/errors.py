@@ -17,6 +17,13 @@ class UserError(Exception):
     """A problem in the user's input (a path, a key, a value, a file) with a message saying the fix."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most `limit`
+    characters: enough to say what went wrong inside a one-line message of our own."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 def fail(message: str) -> NoReturn:
     # Under torchrun every rank meets the same mistake; one line from rank 0 says it once.
     if os.environ.get("RANK", "0") == "0":

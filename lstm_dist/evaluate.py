@@ -10,7 +10,7 @@ in the checkpoint's config, relative to the working directory as in training; `-
 elsewhere). `--text FILE` scores any UTF-8 text, encoded with the checkpoint's vocabulary; with a
 chars vocabulary, characters it lacks are scored as its unknown id, and counted and reported.
 
-Every character but the first is predicted exactly once (`data.eval_batches`): the text is cut into
+Every character but the first is predicted exactly once (`streams.eval_batches`): the text is cut into
 world × batch contiguous segments, each read window by window (`--bptt`) from a zero state with the
 state carried between windows; the ranks' sums are added up (`scoring.split_bits`). The result
 depends on world × batch (where the segments start), not on how the streams are spread over
@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Corpus
-from .distributed import setup
+from .corpus import Corpus
+from .distributed import DEVICES, cpu_threads, setup
 from .errors import UserError, run_cli
-from .inference import DEVICES, ArgumentParser, check_device, load_model, read_utf8
+from .inference import ArgumentParser, load_model, read_utf8
 from .scoring import split_bits
 
 
@@ -93,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--threads must be >= 0 (0 divides the cores among the local processes), got {args.threads}")
     if args.text is not None and args.data is not None:
         raise UserError("--data selects the corpus of a --split; with --text FILE leave it out")
-    check_device(args.device)
-    with setup(args.device) as env:
+    with setup(args.device, setting="--device ") as env:
         if env.device.type == "cpu":
-            torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) // env.local_world))
+            torch.set_num_threads(cpu_threads(args.threads, env.local_world))
         model, vocab, cfg, path, step = load_model(args.checkpoint, env.device)
         unknown_distinct: list[str] = []
         if args.text is not None:

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, run_cli
-from .inference import DEVICES, ArgumentParser, load_model, pick_device, read_utf8
+from .distributed import DEVICES, pick_device
+from .inference import ArgumentParser, load_model, read_utf8
 from .sampling import TextDecoder, generate
 
 DEFAULT_PROMPT = "I plan to make the world a better place by"
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     prompt = read_prompt(args)
-    device = pick_device(args.device)
+    device = pick_device(args.device, setting="--device ")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, vocab, _, path, step = load_model(args.checkpoint, device)

@@ -7,8 +7,7 @@ the pointwise step saves nothing and costs seconds), loads the weights and retur
 eval mode on the requested device. Every way this can fail because of what the user passed ends in
 a one-line `UserError`.
 
-Also here, shared by both entry points: the `--device` check, and an argument parser whose errors
-are one line too.
+Also here, shared by both entry points: an argument parser whose errors are one line too.
 """
 
 from __future__ import annotations
@@ -23,12 +22,9 @@ import torch
 from . import checkpoint as ckpt
 from . import config as config_mod
 from .config import Config
-from .data import Vocab
-from .errors import UserError
+from .corpus import Vocab
+from .errors import UserError, first_line
 from .model import CharLSTM
-
-DEVICES = ("auto", "cpu", "cuda")
-
 
 class LoadedModel(NamedTuple):
     model: CharLSTM
@@ -45,22 +41,6 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message}; see {self.prog} --help")
 
 
-def check_device(preference: str) -> None:
-    """Refuse `--device cuda` without a GPU here, naming the flag (the process group would name train.device)."""
-    if preference not in DEVICES:
-        raise UserError(f"--device {preference!r} is not one of {', '.join(DEVICES)}")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible; use --device auto or --device cpu")
-
-
-def pick_device(preference: str) -> torch.device:
-    """The device of a single-process tool: CUDA when asked or available (`auto`), else the CPU."""
-    check_device(preference)
-    if preference == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 def load_model(source: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the model of a checkpoint file, or of a run directory's latest checkpoint, on `device`."""
     path = ckpt.resolve(source)
@@ -75,8 +55,8 @@ def load_model(source: str | Path, device: torch.device | str = "cpu") -> Loaded
     try:
         model.load_state_dict(saved["model"])
     except (RuntimeError, KeyError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ckpt.CheckpointError(f"checkpoint {path} does not fit the model its own config describes ({first}); "
+        raise ckpt.CheckpointError(f"checkpoint {path} does not fit the model its own config describes "
+                                   f"({first_line(exc)}); "
                                    "the file is damaged, use another checkpoint") from None
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(model, vocab, cfg, path, int(saved.get("step", 0)))

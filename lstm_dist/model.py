@@ -77,6 +77,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import first_line
+
 State = Tuple[Tensor, Tensor]
 
 __all__ = [
@@ -241,7 +243,7 @@ def _guarded(name: str, functional, eager):
                 _COMPILE_FAILED = True
                 warnings.warn(
                     f"torch.compile of the LSTM pointwise step failed ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}); using eager pointwise ops",
+                    f"{first_line(exc)}); using eager pointwise ops",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -1,7 +1,7 @@
 """Bits per character over a whole split: every predictable character once, summed across ranks.
 
 Shared by the training loop's evaluations and `python -m lstm_dist.evaluate`. The split is cut by
-`data.eval_batches` into world × batch contiguous segments with the hidden state carried inside
+`streams.eval_batches` into world × batch contiguous segments with the hidden state carried inside
 each; the masked tail of the last window is scored too, so the total covers the split exactly.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import eval_batches
+from .streams import eval_batches
 from .distributed import all_reduce_sum
 
 LN2 = math.log(2.0)

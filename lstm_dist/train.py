@@ -5,14 +5,14 @@ One machine, all its GPUs (or 2 CPU processes for the smoke run):
     torchrun --standalone --nproc_per_node=2 -m lstm_dist.train --config configs/smoke.yaml
     torchrun --standalone --nproc_per_node=gpu -m lstm_dist.train --config configs/wikitext103.yaml
 
-Several machines started by hand (the same command on each, NODE_RANK 0..N-1):
+Several machines started by hand: `launch/multinode.sh`, the same command on each node with its
+NODE_RANK 0..N-1 (it runs torchrun with --nnodes, --node_rank, --master_addr and --master_port):
 
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --rdzv_backend=c10d \\
-        --rdzv_endpoint=$MASTER_ADDR:29500 -m lstm_dist.train --config configs/wikitext103.yaml
+    NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/multinode.sh configs/wikitext103.yaml
 
 A plain `python -m lstm_dist.train ...` is a world of one.
 
-Each rank reads its own streams of the training split (`data.TokenStream`), carries every stream's
+Each rank reads its own streams of the training split (`streams.TokenStream`), carries every stream's
 (h, c) from window to window (detached: truncated BPTT), and DistributedDataParallel averages the
 gradients. The global gradient norm is clipped after that all-reduce, so every rank clips alike. A
 non-finite loss or gradient skips the optimizer step on every rank. SIGTERM or SIGUSR1 only set a
@@ -26,14 +26,11 @@ non-finite steps; 75 preempted after writing a checkpoint (resume with the same 
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import gc
 import math
 import os
 import random
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,16 +42,19 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
-from .atomic import atomic_write_text
 from . import config as config_mod
-from . import data as data_mod
+from .atomic import atomic_write_text
 from .config import Config
-from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, setup
+from .corpus import Corpus, builtin_source_for
+from .distributed import DistEnv, all_reduce_sum, autocast, barrier, cpu_threads, setup
 from .errors import UserError, run_cli
-from .metrics import Metrics
+from .metrics import NO_METRICS, Metrics
 from .model import CharLSTM
+from .optim import build_optimizer, lr_at, set_lr
 from .sampling import sample_text
 from .scoring import LN2, split_bits
+from .streams import TokenStream
+from .timing import Window
 
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues on it
@@ -88,53 +88,27 @@ class NonFiniteStop(Exception):
     pass
 
 
-def lr_at(step: int, t: config_mod.TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (1-based): linear warm-up, then the decay to lr·min_lr_ratio."""
-    if t.warmup_steps and step <= t.warmup_steps:
-        return t.lr * step / t.warmup_steps
-    if t.schedule == "constant":
-        return t.lr
-    span = max(1, t.steps - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    low = t.lr * t.min_lr_ratio
-    if t.schedule == "linear":
-        return t.lr - (t.lr - low) * progress
-    return low + 0.5 * (t.lr - low) * (1.0 + math.cos(math.pi * progress))
+# ---------------------------------------------------------------------------------------- seeds
+# Every generator a run draws from, and its seed (`run.seed` = s):
+#   - model initialisation: s on every rank, so all ranks start from the same weights;
+#   - each rank's own stream (dropout masks) from then on: s + 1000·rank + 1 (the +1 keeps rank 0's
+#     stream apart from the initialisation's; ranks 1000 apart per seed value);
+#   - after a re-cut resume at step k: that plus 7919·k, so the continued run does not replay the
+#     dropout masks of its first steps (7919, a prime, keeps step offsets off the rank offsets);
+#   - the text sample at step k: s + k, in its own torch.Generator (`sampling`), never these;
+#   - the epoch offsets of the training streams: numpy's default_rng([s, epoch]) (`streams`).
 
 
-def build_optimizer(model: torch.nn.Module, t: config_mod.TrainConfig) -> torch.optim.Optimizer:
-    # Weight decay on the matrices of the LSTM and the head; not on biases, nor on the embedding
-    # (a table lookup, decaying it only shrinks rare characters' rows).
-    embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.beta1)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2))
+def init_seed(seed: int) -> int:
+    return seed
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def rank_seed(seed: int, rank: int) -> int:
+    return seed + 1000 * rank + 1
 
 
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def recut_seed(seed: int, rank: int, step: int) -> int:
+    return rank_seed(seed, rank) + 7919 * step
 
 
 def seed_everything(seed: int) -> None:
@@ -143,88 +117,56 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def open_corpus(cfg: Config, env: DistEnv, say) -> data_mod.Corpus:
+# ---------------------------------------------------------------------------------------- pieces
+
+
+def open_corpus(cfg: Config, env: DistEnv, say) -> Corpus:
     """The prepared corpus; a built-in source's default location is prepared by rank 0 on first use."""
     path = Path(cfg.data.path)
     if not path.exists():
-        source = data_mod.builtin_source_for(path)
+        source = builtin_source_for(path)
         if source is None:
             raise UserError(f"data.path {path} does not exist; prepare a corpus there first "
                             f"(python -m lstm_dist.data prepare --source ... --out {path}) or point data.path at one")
         if env.is_main:
             say(f"data.path {path} does not exist: preparing the built-in '{source}' corpus there "
                 f"({cfg.data.vocab} vocabulary); the other ranks wait")
-            data_mod.prepare(source, path, vocab=cfg.data.vocab)
+            from .prepare import prepare  # only here: a run on a prepared corpus imports nothing of preparation
+
+            prepare(source, path, vocab=cfg.data.vocab)
         barrier()
-    return data_mod.Corpus(path)
+    return Corpus(path)
 
 
-def check_compatible(saved: dict[str, Any], cfg: Config, vocab: data_mod.Vocab, path: Path) -> None:
-    """A checkpoint must be of the same model on the same vocabulary; say which setting differs."""
-    saved_model = saved["config"]["model"]
-    for key in ("embedding", "hidden", "layers"):
-        if saved_model[key] != getattr(cfg.model, key):
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} is of another model (model.{key}={saved_model[key]}, this run has "
-                f"{getattr(cfg.model, key)}); set model.{key}={saved_model[key]} or start a new run.name")
-    if saved["vocab"] != vocab.to_dict():
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} was trained on another vocabulary than the corpus at {cfg.data.path}; "
-            "use the corpus it was trained on or start a new run.name")
-
-
-def find_resume(cfg: Config, vocab: data_mod.Vocab, say) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint to resume from (rank 0 decides; every rank then loads the same file)."""
-    mode = cfg.checkpoint.resume
-    if mode == "never":
-        return None
-    if mode != "auto":
-        path = ckpt.resolve(mode)
-        saved = ckpt.load(path)
-        check_compatible(saved, cfg, vocab, path)
-        return path, saved
-    for path in ckpt.candidates(cfg.run_dir):
-        try:
-            saved = ckpt.load(path)
-            check_compatible(saved, cfg, vocab, path)
-            return path, saved
-        except ckpt.CheckpointError as exc:
-            say(f"warning: {exc}; falling back to the previous checkpoint")
-    return None
+# ---------------------------------------------------------------------------------------- trainer
 
 
 class Trainer:
+    """One rank's run: the corpus, model and optimizer, the step, evaluations and checkpoints."""
+
     def __init__(self, cfg: Config, env: DistEnv) -> None:
-        self.cfg, self.env = cfg, env
-        self.device = env.device
+        self.cfg, self.env, self.device = cfg, env, env.device
         t = cfg.train
         self.bf16 = self.device.type == "cuda" and t.precision in ("auto", "bf16")
         if t.precision == "bf16" and self.device.type != "cuda":
             self.say("note: train.precision=bf16 applies on CUDA only; this CPU run computes in fp32")
-        threads = t.threads or max(1, len(os.sched_getaffinity(0)) // env.local_world)
         if self.device.type == "cpu":
-            torch.set_num_threads(threads)
-
+            torch.set_num_threads(cpu_threads(t.threads, env.local_world))
         self.run_dir = cfg.run_dir
-        self.corpus = open_corpus(cfg, env, self.say)
-        self.vocab = self.corpus.vocab
-        self.splits = {name: self.corpus.split(name) for name in ("train", "valid", "test")}
-        self.stream = data_mod.TokenStream(self.splits["train"], env.rank, env.world, t.batch_size, t.bptt,
-                                           seed=cfg.run.seed, random_offset=cfg.data.random_offset)
-
-        seed_everything(cfg.run.seed)  # the same initial weights on every rank
+        corpus = open_corpus(cfg, env, self.say)
+        self.vocab = corpus.vocab
+        self.splits = {name: corpus.split(name) for name in ("train", "valid", "test")}
+        self.stream = TokenStream(self.splits["train"], env.rank, env.world, t.batch_size, t.bptt,
+                                  seed=cfg.run.seed, random_offset=cfg.data.random_offset)
+        seed_everything(init_seed(cfg.run.seed))
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
-        self.step = 0
+        self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.nonfinite_total = 0
-        self.nonfinite_run = 0
         resumed = self._resume()
-        if not resumed:
-            seed_everything(cfg.run.seed + 1000 * env.rank + 1)  # per-rank stream (dropout)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
                     if env.distributed else self.model)
-        self.metrics = None
+        self.metrics = NO_METRICS
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
@@ -235,82 +177,39 @@ class Trainer:
                 self.metrics.truncate_after(self.step)
         barrier()
 
-    # ---------------------------------------------------------------- helpers
-
     def say(self, text: str) -> None:
         if self.env.is_main:
             print(text, flush=True)
-
-    def _amp(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # ---------------------------------------------------------------- checkpoints
-
     def _resume(self) -> bool:
-        found = None
-        if self.env.is_main:
-            found = find_resume(self.cfg, self.vocab, self.say)
-        path = broadcast_object(str(found[0]) if found else None)
-        if path is None:
+        seed, rank = self.cfg.run.seed, self.env.rank
+        r = ckpt.restore(self.cfg, self.env, self.vocab, self.model, self.optimizer, self.stream, self.say)
+        if r is None:
             if self.cfg.checkpoint.resume == "auto":
                 self.say(f"no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}: starting fresh")
+            seed_everything(rank_seed(seed, rank))
             return False
-        saved = found[1] if found else ckpt.load(path)
-        try:
-            self.model.load_state_dict(saved["model"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0][:200]
-            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model: {first}; "
-                                       "use the config it was written with") from None
-        self.step = int(saved["step"])
-        self.nonfinite_total = int(saved.get("nonfinite_total", 0))
-        ranks = saved["ranks"]
-        t = self.cfg.train
-        same_layout = len(ranks) == self.env.world and ranks[0]["stream"]["batch"] == t.batch_size \
-            and ranks[0]["stream"]["bptt"] == t.bptt
-        # An exact restore needs the same layout; the stream also re-cuts when the split changed length.
-        if same_layout and not self.stream.load_state_dict(ranks[self.env.rank]["stream"]):
-            mine = ranks[self.env.rank]
-            hidden = mine["hidden"]
-            self.state = None if hidden is None else (hidden[0].to(self.device), hidden[1].to(self.device))
-            set_rng_state(mine["rng"], self.device)
-            self.say(f"resumed from {path} at step {self.step}")
+        self.step, self.nonfinite_total, self.state = r.step, r.nonfinite_total, r.hidden
+        if r.exact:
+            self.say(f"resumed from {r.path} at step {self.step}")
         else:
-            self.stream.load_state_dict(ranks[0]["stream"])
-            self.state = None
-            seed_everything(self.cfg.run.seed + 1000 * self.env.rank + 1 + 7919 * self.step)
-            old = ranks[0]["stream"]
-            self.say(f"resumed from {path} at step {self.step}: it was written by {len(ranks)} processes × batch "
-                     f"{old['batch']} × bptt {old['bptt']}; re-cut streams for {self.env.world} × "
-                     f"{t.batch_size} × {t.bptt}: position carried over by characters consumed, hidden states "
-                     "start at zero")
+            seed_everything(recut_seed(seed, rank, self.step))
+            t = self.cfg.train
+            self.say(f"resumed from {r.path} at step {self.step}: it was written by {r.written_by}; re-cut streams "
+                     f"for {self.env.world} × {t.batch_size} × {t.bptt}: position carried over by characters "
+                     "consumed, hidden states start at zero")
         return True
 
     def save_checkpoint(self) -> None:
-        hidden = None if self.state is None else (self.state[0].detach().cpu(), self.state[1].detach().cpu())
-        mine = {"stream": self.stream.state_dict(), "hidden": hidden, "rng": rng_state(self.device)}
-        ranks = gather_objects(mine)
-        if self.env.is_main:
-            t0 = time.perf_counter()
-            path = ckpt.save(self.run_dir, self.step, {
-                "config": self.cfg.to_dict(),
-                "vocab": self.vocab.to_dict(),
-                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": {"step": self.step, "lr": lr_at(max(self.step, 1), self.cfg.train)},
-                "nonfinite_total": self.nonfinite_total,
-                "world_size": self.env.world,
-                "ranks": ranks,
-            }, keep=self.cfg.checkpoint.keep)
+        t0 = time.perf_counter()
+        path = ckpt.save_training(self.cfg, self.env, self.vocab, self.step, self.model, self.optimizer,
+                                  self.stream, self.state, self.nonfinite_total)
+        if path is not None:
             self.say(f"checkpoint {path} ({time.perf_counter() - t0:.2f}s)")
-        barrier()
-
-    # ---------------------------------------------------------------- evaluation
 
     def evaluate(self, split: str, max_windows: int = 0) -> tuple[float, int]:
         bits, count = split_bits(self.model, self.splits[split], rank=self.env.rank, world=self.env.world,
@@ -321,19 +220,15 @@ class Trainer:
     def periodic_eval(self) -> None:
         t0 = time.perf_counter()
         bpc, count = self.evaluate("valid", self.cfg.train.eval_max_windows)
-        values = {"valid_bpc": bpc, "valid_chars": count, "eval_s": time.perf_counter() - t0}
-        if self.metrics is not None:
-            self.metrics.log(self.step, values)
+        self.metrics.log(self.step, {"valid_bpc": bpc, "valid_chars": count, "eval_s": time.perf_counter() - t0})
         self.log_sample()
 
     def log_sample(self) -> None:
         """A short generated text (rank 0, its own generator: the training RNG is untouched)."""
-        if self.metrics is not None and self.cfg.train.sample_chars:
+        if self.env.is_main and self.cfg.train.sample_chars:
             text = sample_text(self.model, self.vocab, SAMPLE_PROMPT, self.cfg.train.sample_chars,
                                seed=self.cfg.run.seed + self.step)
             self.metrics.log_text(self.step, "sample", SAMPLE_PROMPT + text)
-
-    # ---------------------------------------------------------------- the loop
 
     def train_step(self, preempt_flag: float) -> tuple[float, float, bool, list[float]]:
         """One window on every rank. Returns (mean loss, pre-clip grad norm, preempt agreed, [data, fwd+bwd, opt] seconds)."""
@@ -345,7 +240,7 @@ class Trainer:
         if batch.reset or self.state is None:
             self.state = self.model.init_state(x.shape[0], device=self.device)
         t1 = time.perf_counter()
-        with self._amp():
+        with autocast(self.device, self.bf16):
             logits, new_state = self.ddp(x, self.state)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
@@ -359,24 +254,11 @@ class Trainer:
                                              torch.tensor(preempt_flag, device=self.device)]).to(torch.float64))
         agreed = agreed.tolist()
         norm_value = float(norm)
-        bad = agreed[1] > 0 or not math.isfinite(norm_value)
         self.step += 1
-        if bad:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state = None  # a non-finite forward poisons the carried state: every rank restarts from zeros
-            self.nonfinite_total += 1
-            self.nonfinite_run += 1
-            self.say(f"warning: step {self.step}: non-finite loss or gradient (loss {agreed[0] / self.env.world:.4g}, "
-                     f"grad norm {norm_value:.4g}); optimizer step skipped on every rank "
-                     f"({self.nonfinite_run} in a row, {self.nonfinite_total} in all)")
-            if self.nonfinite_run >= t.max_nonfinite:
-                raise NonFiniteStop(f"{self.nonfinite_run} consecutive non-finite steps (train.max_nonfinite="
-                                    f"{t.max_nonfinite}); lower train.lr or train.clip_norm and resume from the last "
-                                    "checkpoint, which is untouched")
+        if agreed[1] > 0 or not math.isfinite(norm_value):
+            self._skip_step(agreed[0] / self.env.world, norm_value)
         else:
-            lr = lr_at(self.step, t)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr_at(self.step, t))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_run = 0
@@ -385,45 +267,47 @@ class Trainer:
         t3 = time.perf_counter()
         return agreed[0] / self.env.world, norm_value, agreed[2] > 0, [t1 - t0, t2 - t1, t3 - t2]
 
+    def _skip_step(self, loss: float, norm: float) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state = None  # a non-finite forward poisons the carried state: every rank restarts from zeros
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        self.say(f"warning: step {self.step}: non-finite loss or gradient (loss {loss:.4g}, grad norm {norm:.4g}); "
+                 f"optimizer step skipped on every rank ({self.nonfinite_run} in a row, {self.nonfinite_total} in all)")
+        limit = self.cfg.train.max_nonfinite
+        if self.nonfinite_run >= limit:
+            raise NonFiniteStop(f"{self.nonfinite_run} consecutive non-finite steps (train.max_nonfinite={limit}); "
+                                "lower train.lr or train.clip_norm and resume from the last checkpoint, which is untouched")
+
     def run(self, preemption: Preemption) -> int:
         cfg, t = self.cfg, self.cfg.train
-        chars_per_step = self.env.world * t.batch_size * t.bptt
         self.say(f"training {sum(p.numel() for p in self.model.parameters()):,} parameters on {self.env.world} "
                  f"process(es) × {t.batch_size} streams × bptt {t.bptt} ({self.device.type}, "
                  f"{'bf16' if self.bf16 else 'fp32'}, {torch.get_num_threads()} threads/process); "
                  f"steps {self.step + 1}..{t.steps}; run directory {self.run_dir}")
-        window = {"loss": 0.0, "n": 0, "times": [0.0, 0.0, 0.0], "wall": 0.0, "steps": 0}
-        step_times: collections.deque[float] = collections.deque(maxlen=50)  # for the time-left estimate
+        window = Window(self.env.world * t.batch_size * t.bptt)
+        every = lambda n: n and self.step % n == 0 and self.step < t.steps  # noqa: E731  (not at the end)
         while self.step < t.steps:
-            w0 = time.perf_counter()
-            loss, norm, stop, times = self.train_step(1.0 if preemption.requested else 0.0)
-            if math.isfinite(loss):
-                window["loss"] += loss
-                window["n"] += 1
-            for i in range(3):
-                window["times"][i] += times[i]
-            window["steps"] += 1
+            window.begin()
+            loss, norm, stop, phases = self.train_step(1.0 if preemption.requested else 0.0)
+            window.add(loss, phases)
             if self.step % cfg.log.every == 0 or self.step == t.steps:
-                before_log = time.perf_counter()
-                window["wall"] += before_log - w0
-                self._log(window, norm, chars_per_step, step_times)
-                # Logging is time outside forward+backward too: the next window pays for this line.
-                window["wall"] += time.perf_counter() - before_log
-            else:
-                window["wall"] += time.perf_counter() - w0
-            step_times.append(time.perf_counter() - w0)
+                self._log(window, norm)
+            window.end()
             if stop:
                 self.say(f"stop requested (signal {preemption.signal if preemption.requested else 'on another rank'}):"
                          f" checkpointing at step {self.step} and exiting with {EXIT_PREEMPTED}; "
                          "run the same command to resume")
                 self.save_checkpoint()
                 return EXIT_PREEMPTED
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+            if every(t.eval_every):
                 self.periodic_eval()
             # No periodic checkpoint inside a run of non-finite steps: the newest ones stay healthy ones.
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps \
-                    and self.nonfinite_run == 0:
+            if every(cfg.checkpoint.every) and self.nonfinite_run == 0:
                 self.save_checkpoint()
+        return self.finish()
+
+    def finish(self) -> int:
         if not (ckpt.checkpoint_dir(self.run_dir) / ckpt.file_name(self.step)).exists():
             self.save_checkpoint()
         t0 = time.perf_counter()
@@ -431,43 +315,23 @@ class Trainer:
         test_bpc, test_chars = self.evaluate("test")
         final = {"valid_bpc": valid_bpc, "test_bpc": test_bpc, "valid_chars": valid_chars, "test_chars": test_chars,
                  "eval_s": time.perf_counter() - t0}
-        if self.metrics is not None:
-            self.metrics.log(self.step, final)
-            self.metrics.summary(final)
+        self.metrics.log(self.step, final)
+        self.metrics.summary(final)
         self.log_sample()
         self.say(f"done: step {self.step}, valid {valid_bpc:.4f} bpc over {valid_chars:,} characters, "
                  f"test {test_bpc:.4f} bpc over {test_chars:,} characters")
         return 0
 
-    def _log(self, window: dict[str, Any], norm: float, chars_per_step: int, step_times: collections.deque) -> None:
-        steps = max(1, window["steps"])
-        data_s, fb_s, opt_s = window["times"]
-        wall = max(window["wall"], data_s + fb_s + opt_s)
-        loss = window["loss"] / window["n"] if window["n"] else float("nan")
-        recent = list(step_times) or [wall / steps]
-        values = {
-            "epoch": self.stream.state_dict()["epoch"],
-            "loss": loss,
-            "bpc": loss / LN2,
-            "lr": lr_at(self.step, self.cfg.train),
-            "grad_norm": norm,
-            "chars_per_s": chars_per_step * steps / wall if wall > 0 else 0.0,
-            "data_ms": 1000 * data_s / steps,
-            "fwd_bwd_ms": 1000 * fb_s / steps,
-            "opt_ms": 1000 * opt_s / steps,
-            "outside_fwd_bwd_pct": 100.0 * (1.0 - fb_s / wall) if wall > 0 else 0.0,
-            # the median of recent steps: the first step's compilation must not inflate the estimate
-            "eta_s": (self.cfg.train.steps - self.step) * statistics.median(recent),
-        }
+    def _log(self, window: Window, norm: float) -> None:
+        loss, timing = window.take(self.cfg.train.steps - self.step)
+        values = {"epoch": self.stream.epoch, "loss": loss, "bpc": loss / LN2, "lr": lr_at(self.step, self.cfg.train),
+                  "grad_norm": norm, **timing}
         if self.nonfinite_total:
             values["nonfinite_steps"] = self.nonfinite_total
-        if self.metrics is not None:
-            self.metrics.log(self.step, values)
-        window.update(loss=0.0, n=0, times=[0.0, 0.0, 0.0], wall=0.0, steps=0)
+        self.metrics.log(self.step, values)
 
     def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
+        self.metrics.close()
 
 
 def _report_exit(env: DistEnv | None, code: int) -> None:

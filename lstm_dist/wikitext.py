@@ -3,7 +3,7 @@ or any three UTF-8 files.
 
 Every source answers the same question, "how do I read the train/valid/test text as bytes?", with a
 `SplitInput` per split: a name for messages and `meta.json`, and a function that opens a binary
-stream. Nothing here encodes or stores tokens; that is `lstm_dist.data.prepare`'s job, which reads
+stream. Nothing here encodes or stores tokens; that is `lstm_dist.prepare`'s job, which reads
 these streams in chunks so a 540 MB split never sits in memory.
 
 Sources:
@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from lstm_dist.corpus import SPLITS
 from lstm_dist.errors import UserError
 
-SPLITS = ("train", "valid", "test")
 SOURCES = ("wikitext103", "stdlib-docs", "files")
 
 WIKITEXT103_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-raw-v1.zip"

@@ -24,16 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lstm_dist.data import (  # noqa: E402
-    Corpus,
-    TokenStream,
-    Vocab,
-    builtin_source_for,
-    builtin_vocab_for,
-    eval_batches,
-    load_vocab,
-    prepare,
-)
+from lstm_dist.corpus import Corpus, Vocab, builtin_source_for, builtin_vocab_for, load_vocab  # noqa: E402
+from lstm_dist.prepare import prepare  # noqa: E402
+from lstm_dist.streams import Restore, TokenStream, eval_batches  # noqa: E402
 from lstm_dist.errors import UserError  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -359,7 +352,7 @@ def test_restore_continues_bit_identically(layout, extra, advance, check, seed):
         assert all(type(v) is int for v in sd.values()), sd
         assert json.loads(json.dumps(sd)) == sd
         b = TokenStream(data, rank, world, batch, bptt, seed=seed)
-        assert b.load_state_dict(sd) is False
+        assert b.load_state_dict(sd) is Restore.EXACT
         for _ in range(check):
             u, v = a.next(), b.next()
             assert torch.equal(u.x, v.x) and torch.equal(u.y, v.y)
@@ -373,7 +366,7 @@ def test_restore_across_epoch_boundary_exactly():
     for _ in range(W):  # at the very end of epoch 0
         a.next()
     b = TokenStream(data, 1, 2, 3, 16, seed=7)
-    assert b.load_state_dict(a.state_dict()) is False
+    assert b.load_state_dict(a.state_dict()) is Restore.EXACT
     u, v = a.next(), b.next()
     assert u.epoch == v.epoch == 1 and u.reset and v.reset
     assert torch.equal(u.x, v.x) and a.offset == b.offset
@@ -390,7 +383,7 @@ def test_recut_to_another_layout_keeps_characters_consumed(l1, l2, extra, advanc
         a.next()
     sd = a.state_dict()
     b = TokenStream(data, w2 - 1, w2, b2, t2, seed=3)
-    recut = b.load_state_dict(sd)
+    recut = b.load_state_dict(sd) is Restore.RECUT
     assert recut is (w1 * b1 != w2 * b2 or t1 != t2)
     if not recut:
         return

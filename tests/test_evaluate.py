@@ -14,7 +14,8 @@ import torch
 
 from conftest import TINY, child_env, make_text, prepare_corpus, run_train
 from lstm_dist.checkpoint import list_checkpoints
-from lstm_dist.data import Corpus, eval_segments
+from lstm_dist.corpus import Corpus
+from lstm_dist.streams import eval_segments
 from lstm_dist.errors import run_cli
 from lstm_dist.evaluate import main
 from lstm_dist.inference import load_model

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lstm_dist.errors import UserError
-from lstm_dist.metrics import Metrics, api_key_source, format_line, resolve_mode
+from lstm_dist.metrics import Metrics, format_line
 
 CLOSED_URL = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused
 
@@ -172,7 +172,7 @@ def test_online_with_unreachable_server_falls_back_within_init_timeout(tmp_path,
     run_dir = m.wandb_run_dir
     m.close()
     records = inspect_run(run_dir)
-    assert run_record(records)["run_id"] == m.wandb_run_id  # same id as the one it tried online
+    assert run_record(records)["run_id"] == m.wandb_run_id == (tmp_path / "run" / "wandb_run_id").read_text().strip()
     assert history(records)[1]["loss"] == 0.5
 
 
@@ -187,22 +187,25 @@ def test_auto_picks_offline_without_key_and_says_so(tmp_path):
         m.close()
 
 
-def test_auto_detects_keys_without_network(tmp_path, monkeypatch):
-    assert resolve_mode("auto")[0] == "offline"
+def test_auto_goes_online_where_wandb_finds_a_key_and_follows_wandb_mode(tmp_path, monkeypatch):
     netrc = tmp_path / "netrc"
-    netrc.write_text("machine 127.0.0.1:9\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.write_text("machine 127.0.0.1:9\n  login user\n  password " + "k" * 40 + "\n")  # the host of WANDB_BASE_URL
     netrc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc))
-    assert api_key_source() is not None and resolve_mode("auto")[0] == "online"
-    monkeypatch.setenv("WANDB_BASE_URL", "https://other.example")  # entry is for another host
-    assert api_key_source() is None and resolve_mode("auto")[0] == "offline"
-    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert resolve_mode("auto")[0] == "online"
+    out = io.StringIO()
+    m = Metrics(tmp_path / "a", {}, wandb_mode="auto", console=out, init_timeout=3)
+    m.close()
+    assert out.getvalue().splitlines()[0].startswith("W&B mode auto -> online: W&B found an API key")
+    assert m.wandb_mode == "offline" and "W&B online init failed" in out.getvalue()  # the server is closed
+
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert resolve_mode("auto")[0] == "disabled"
-    assert resolve_mode("offline")[0] == "offline"  # an explicit mode wins over the env
+    out = io.StringIO()
+    m = Metrics(tmp_path / "b", {}, wandb_mode="auto", console=out)
+    m.close()
+    assert out.getvalue().splitlines() == ["W&B mode auto -> disabled: WANDB_MODE=disabled"]
+    assert m.wandb_mode == "disabled" and not (tmp_path / "b" / "wandb").exists()
     with pytest.raises(UserError, match="log.wandb.mode"):
-        resolve_mode("cloud")
+        Metrics(tmp_path / "c", {}, wandb_mode="cloud")
 
 
 def test_disabled_writes_jsonl_only(tmp_path):
@@ -217,17 +220,6 @@ def test_disabled_writes_jsonl_only(tmp_path):
     rows = strict_rows(tmp_path / "run" / "metrics.jsonl")
     assert [r.get("loss") for r in rows] == [1.0, None, None] and rows[1]["sample"] == "abc"
     assert "step 3 | loss 1.0000" in out.getvalue()
-
-
-def test_not_enabled_is_a_no_op(tmp_path):
-    out = io.StringIO()
-    m = Metrics(tmp_path / "run", CONFIG, wandb_mode="online", enabled=False, console=out)
-    m.log(1, {"loss": 1.0})
-    m.log_text(1, "sample", "x")
-    m.summary({"a": 1})
-    assert m.truncate_after(0) == 0
-    m.close()
-    assert not (tmp_path / "run").exists() and out.getvalue() == ""
 
 
 def test_resume_keeps_run_id_and_history_and_truncates_crashed_tail(tmp_path):
@@ -287,13 +279,17 @@ def test_non_finite_values_are_null_in_jsonl_and_visible_on_console(tmp_path):
     assert "step 7 | loss nan | gnorm inf | bpc 1.5000 | n 3" in out.getvalue()
 
 
-def test_console_format_and_reserved_keys(tmp_path):
-    line = format_line(120, {"epoch": 0, "loss": 1.83421, "bpc": 2.64612, "lr": 3e-3,
-                             "tok/s": 51234.6, "phase": "train"})
-    assert line == "step 120 | epoch 0 | loss 1.8342 | bpc 2.6461 | lr 3.00e-03 | tok/s 51235 | phase train"
+def test_console_reads_as_a_person_reads_it_and_reserved_keys(tmp_path):
+    line = format_line(120, {"epoch": 0, "loss": 1.83421, "bpc": 2.64612, "lr": 3e-3, "grad_norm": 0.47761,
+                             "chars_per_s": 47713.2622, "data_ms": 0.2384, "fwd_bwd_ms": 220.5025,
+                             "outside_fwd_bwd_pct": 4.4707, "eta_s": 229.5362, "eval_s": 1.234, "phase": "train"})
+    assert line == ("step 120 | epoch 0 | loss 1.8342 | bpc 2.6461 | lr 3.00e-03 | grad_norm 0.4776 | 47.7k chars/s"
+                    " | data 0.238 ms | fwd_bwd 221 ms | outside_fwd_bwd 4.5% | ETA 3m49s | eval 1.2s | phase train")
+    assert format_line(1, {"eta_s": 5400.0, "chars_per_s": 1.25e6}) == "step 1 | ETA 1h30m | 1.25M chars/s"
     m = Metrics(tmp_path / "run", {}, wandb_mode="disabled", console=io.StringIO())
     with pytest.raises(ValueError, match="reserved"):
         m.log(1, {"step": 1})
-    m.log(2, {"loss": 1.0}, console=False)
+    m.log(2, {"loss": 1.0, "chars_per_s": 47713.2622}, console=False)
     m.close()
-    assert strict_rows(tmp_path / "run" / "metrics.jsonl")[0]["loss"] == 1.0
+    row = strict_rows(tmp_path / "run" / "metrics.jsonl")[0]
+    assert row["loss"] == 1.0 and row["chars_per_s"] == 47713.2622  # the file keeps full precision

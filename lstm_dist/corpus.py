@@ -1,0 +1,196 @@
+"""Reading a prepared corpus directory: its vocabulary and its splits as read-only memmaps.
+
+A corpus directory (made by `lstm_dist.prepare`) holds train.bin, valid.bin, test.bin (the token
+ids of each split, raw), vocab.json and meta.json. Vocabularies:
+
+- ``bytes`` (default): the 256 byte values of the UTF-8 text. A prepared split is the text's bytes
+  as uint8, so every text can be encoded and nothing is ever unknown.
+- ``chars``: the Unicode characters that occur in the training split, sorted by code point, ids
+  0..n-1 as uint16, plus one reserved id n for any character the training split never had
+  (counted and reported when valid/test are prepared).
+
+Opening a `Corpus` checks the directory and reads nothing of the splits: `split(name)` is an O(1)
+memmap. Nothing here prepares a corpus; the training path imports only this and `streams`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lstm_dist.errors import UserError
+
+VOCABS = ("bytes", "chars")
+SPLITS = ("train", "valid", "test")
+
+# Where each built-in source lives by default, relative to the working directory. A directory
+# whose last component is one of these names (or that name + "-chars", meaning the chars
+# vocabulary) is recognised by `builtin_source_for`, so a trainer pointed at a missing default
+# directory can prepare it itself. wikitext103 can only be prepared that way when its archive can
+# be downloaded (or is already in the cache).
+DEFAULT_DIRS = {"stdlib-docs": "data/stdlib-docs", "wikitext103": "data/wikitext103"}
+CHARS_SUFFIX = "-chars"
+
+
+def builtin_source_for(path: str | os.PathLike) -> str | None:
+    """The built-in source whose default directory name `path` ends in ('stdlib-docs' for
+    .../stdlib-docs or .../stdlib-docs-chars, 'wikitext103' likewise), else None."""
+    name = Path(path).name
+    for source in DEFAULT_DIRS:
+        if name in (source, source + CHARS_SUFFIX):
+            return source
+    return None
+
+
+def builtin_vocab_for(path: str | os.PathLike) -> str:
+    """'chars' for a directory named `<source>-chars`, else 'bytes'."""
+    return "chars" if Path(path).name.endswith(CHARS_SUFFIX) else "bytes"
+
+
+def _prepare_hint(path: str | os.PathLike, source: str | None = None, vocab: str | None = None) -> str:
+    source = source or builtin_source_for(path) or "stdlib-docs|wikitext103|files"
+    vocab = vocab or builtin_vocab_for(path)
+    extra = f" --vocab {vocab}" if vocab != "bytes" else ""
+    return f"python -m lstm_dist.data prepare --source {source} --out {path}{extra}"
+
+
+class Vocab:
+    """A character vocabulary: 'bytes' (256 ids, uint8) or 'chars' (the training split's
+    characters + one unknown id, uint16)."""
+
+    def __init__(self, kind: str, chars: str | None = None) -> None:
+        if kind not in VOCABS:
+            raise UserError(f"unknown vocabulary {kind!r}; choose one of {', '.join(VOCABS)}")
+        self.kind = kind
+        if kind == "bytes":
+            self.chars = None
+            self.size = 256
+            self.dtype = np.uint8
+            self.unknown_id = None
+            return
+        chars = "".join(sorted(set(chars or "")))
+        if len(chars) + 1 > 65536:
+            raise UserError(f"the training text has {len(chars)} distinct characters, more than a uint16 chars vocabulary holds; use --vocab bytes")
+        self.chars = chars
+        self.size = len(chars) + 1
+        self.dtype = np.uint16
+        self.unknown_id = len(chars)  # the reserved id: a character the training split never had
+        self._lut: np.ndarray | None = None
+        self._index = {c: i for i, c in enumerate(chars)}
+
+    @property
+    def lut(self) -> np.ndarray:
+        """Code point -> id for every Unicode code point (unknown id where absent); 2.2 MB."""
+        if self._lut is None:
+            lut = np.full(0x110000, self.unknown_id, dtype=np.uint16)
+            lut[np.array([ord(c) for c in self.chars], dtype=np.int64)] = np.arange(len(self.chars), dtype=np.uint16)
+            self._lut = lut
+        return self._lut
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.kind == "bytes":
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+        return self.lut[code_points(text)]
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids).reshape(-1)
+        if self.kind == "bytes":
+            return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+        table = self.chars + "\ufffd"
+        return "".join(table[i] if 0 <= i < self.size else "\ufffd" for i in ids.tolist())
+
+    def unknown(self, text: str) -> list[str]:
+        """The distinct characters of `text` this vocabulary lacks (sorted); always [] for bytes."""
+        if self.kind == "bytes":
+            return []
+        return sorted(c for c in set(text) if c not in self._index)
+
+    def to_dict(self) -> dict:
+        """Plain Python values only (str/int), so a checkpoint loads with weights_only=True."""
+        if self.kind == "bytes":
+            return {"kind": "bytes", "size": 256}
+        return {"kind": "chars", "size": self.size, "chars": self.chars, "unknown_id": self.unknown_id}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Vocab":
+        if not isinstance(d, dict) or d.get("kind") not in VOCABS:
+            raise UserError(f"vocabulary description {str(d)[:80]!r} has no valid 'kind'; re-prepare the corpus")
+        v = cls(d["kind"], d.get("chars"))
+        if "size" in d and d["size"] != v.size:
+            raise UserError(f"vocabulary says size {d['size']} but its characters give {v.size}; the vocab.json is damaged, re-prepare the corpus")
+        return v
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocab) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Vocab({self.kind!r}, size={self.size})"
+
+
+def code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def load_vocab(corpus_dir: str | os.PathLike) -> Vocab:
+    path = Path(corpus_dir) / "vocab.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; prepare the corpus with: {_prepare_hint(corpus_dir)}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path} is not readable JSON ({exc}); re-prepare the corpus with --force")
+    return Vocab.from_dict(d)
+
+
+class Corpus:
+    """A prepared corpus directory, checked on opening; splits are opened as read-only memmaps."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).expanduser()
+        p = self.path
+        if not p.exists():
+            raise UserError(f"corpus directory {p} does not exist; prepare it with: {_prepare_hint(p)}")
+        if not p.is_dir():
+            raise UserError(f"corpus path {p} is not a directory; point data.path at a directory made by: {_prepare_hint(p)}")
+        meta_path = p / "meta.json"
+        if not meta_path.is_file():
+            raise UserError(f"{p} is not a prepared corpus (no meta.json); prepare it with: {_prepare_hint(p)} --force")
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise UserError(f"{meta_path} is not readable JSON ({exc}); re-prepare with: {_prepare_hint(p)} --force")
+        source = self.meta.get("source")
+        kind = self.meta.get("vocab", {}).get("kind")
+        redo = _prepare_hint(p, source, kind) + " --force"
+        if not (p / "vocab.json").is_file():
+            raise UserError(f"{p / 'vocab.json'} is missing; re-prepare with: {redo}")
+        self.vocab = load_vocab(p)
+        if kind is not None and kind != self.vocab.kind:
+            raise UserError(f"{p}: meta.json says a {kind} vocabulary but vocab.json holds {self.vocab.kind}; re-prepare with: {redo}")
+        itemsize = np.dtype(self.vocab.dtype).itemsize
+        self.sizes: dict[str, int] = {}
+        for split in SPLITS:
+            f = p / f"{split}.bin"
+            if not f.is_file():
+                raise UserError(f"{f} is missing; re-prepare with: {redo}")
+            size = f.stat().st_size
+            if size == 0:
+                raise UserError(f"{f} is empty; re-prepare with: {redo}")
+            if size % itemsize:
+                raise UserError(f"{f} has {size} bytes, not a whole number of {np.dtype(self.vocab.dtype).name} tokens of the {self.vocab.kind} vocabulary; re-prepare with: {redo}")
+            expected = self.meta.get("splits", {}).get(split, {}).get("tokens")
+            if expected is not None and expected != size // itemsize:
+                raise UserError(f"{f} holds {size // itemsize} {np.dtype(self.vocab.dtype).name} tokens but meta.json says {expected} ({self.vocab.kind} vocabulary); re-prepare with: {redo}")
+            self.sizes[split] = size // itemsize
+
+    def split(self, name: str) -> np.memmap:
+        """The split's tokens as a read-only memmap (O(1): nothing is read until indexed)."""
+        if name not in SPLITS:
+            raise UserError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+        return np.memmap(self.path / f"{name}.bin", dtype=self.vocab.dtype, mode="r")
+
+    def __repr__(self) -> str:
+        return f"Corpus({str(self.path)!r}, {self.vocab!r}, sizes={self.sizes})"
