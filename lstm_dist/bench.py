@@ -31,7 +31,8 @@ import torch
 
 from lstm_dist.distributed import DEVICES, pick_device
 from lstm_dist.errors import UserError, run_cli
-from lstm_dist.model import LSTMLayer, compile_available
+from lstm_dist.lstm import compile_available
+from lstm_dist.model import LSTMLayer
 
 IMPL_NAMES = ("fast", "reference", "torch_lstm")
 

@@ -1,0 +1,414 @@
+"""The LSTM cell from its equations: the reference path and the fast path with a hand-derived backward.
+
+The cell (one layer, one time step; x the input, (h, c) the carried state, ⊙ the elementwise product):
+
+    i  = σ(W_i x + U_i h + b_i)          input gate
+    f  = σ(W_f x + U_f h + b_f)          forget gate
+    g  = tanh(W_g x + U_g h + b_g)       candidate cell
+    o  = σ(W_o x + U_o h + b_o)          output gate
+    c' = f ⊙ c + i ⊙ g
+    h' = o ⊙ tanh(c')
+
+Weights: one [4H, E] input matrix W, one [4H, H] recurrent matrix U and one [4H] bias per layer, the
+gates stacked in the order i, f, g, o (layout and initialisation: `lstm_dist.model`).
+
+Two implementations of a layer over a window of T steps, same parameters and same numbers:
+
+- `lstm_layer_reference`: the equations step by step (`lstm_cell`) under ordinary autograd.
+- `lstm_layer_fast` (the default): one `torch.autograd.Function` per layer and window. Forward: the
+  input projection of the whole window is one matrix product written into a preallocated gates
+  buffer; per step only the recurrent product (added in place) and the pointwise cell update, written
+  into preallocated buffers. Backward, derived by hand from the equations above, walking t = T-1 .. 0:
+
+      dh_t  = dy_t + dgates_{t+1} U                    (recurrent product, written in place)
+      do    = dh_t ⊙ tanh(c_t)
+      dc_t  = dc_{t+1}·f_{t+1} + dh_t ⊙ o ⊙ (1 - tanh²(c_t))
+      di = dc_t ⊙ g,  df = dc_t ⊙ c_{t-1},  dg = dc_t ⊙ i
+      dgates_t = [di·i(1-i), df·f(1-f), dg·(1-g²), do·o(1-o)]     (through σ and tanh)
+
+  and after the loop the weight gradients as single products over all T·B rows of the window:
+  dW = dgates^T X, dU = dgates^T [h_{-1}, …, h_{T-2}], db = Σ dgates, dX = dgates W. Gradients reach
+  the initial state too: dh_{-1} = dgates_0 U, dc_{-1} = dc_0 ⊙ f_0.
+
+The pointwise work of a step is written twice per direction, as it must be: a functional form
+(`_fwd_pointwise`, `_bwd_pointwise`) that `torch.compile` fuses into one kernel (a small function
+with fixed shapes, never the time loop, so compile time does not grow with the window), and the
+in-place eager ops of the loops (no allocation per step), used with `compile=False`, where no
+compiler works (one warning, then eager), and for the forward step on CPU (see `_compile_steps`
+for the measurement behind that).
+
+Where the CPU time goes, and what the fast path does about it (numbers: this repo's bench, 2 cores):
+- matrix products are ~80% of a window: the input product and the weight gradients are single big
+  GEMMs over the window; the recurrent product per step uses MKL's packed-weight GEMM when this torch
+  has it (U packed once per window instead of inside every call), else addmm into the gates buffer;
+- big buffers (gates, states, dgates: ~190 MB per window at batch 64 / hidden 512) are reused through
+  `buffers.BufferPool` instead of being page-faulted in afresh every window (that alone was ~15% of a
+  window);
+- the bias rides in the input GEMM as a column of ones ([X | 1] [W | b]^T), so neither a broadcast
+  copy of the bias over the window nor a separate column sum for db is needed;
+- per step, views of the buffers are made once per window (unbind) and the pointwise update is a few
+  in-place ops (forward 7, backward 11) with no allocation.
+
+Precision: the recurrent state (h, c), the gates and the cell update are always fp32. Under
+`torch.autocast` (e.g. bf16 on CUDA) only the matrix products run in the autocast dtype.
+
+Tensors inside the layers are time-major ([T, B, ·]) so each step's slice is contiguous. The module
+around the cell (`LSTMLayer`, `CharLSTM`) is `lstm_dist.model`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .buffers import BufferPool
+from .errors import first_line
+
+State = Tuple[Tensor, Tensor]
+
+# Settings of the fast path, read at each window (tests flip them to cover the other paths here):
+COMPILE_FORWARD_ON_CPU = False  # see _compile_steps; CUDA always compiles both steps
+USE_MKL_PACKED = True  # MKL's packed-weight GEMM for the recurrent product where this torch has it
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: the equations, one step at a time, under autograd.
+# ----------------------------------------------------------------------------------------------
+
+
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor) -> State:
+    """One step of the cell: (x [B,E], h [B,H], c [B,H]) -> (h', c'). The module docstring's equations."""
+    gates = (F.linear(x, weight_ih) + F.linear(h, weight_hh)).to(c.dtype) + bias.to(c.dtype)
+    gi, gf, gg, go = gates.chunk(4, dim=1)
+    i = torch.sigmoid(gi)
+    f = torch.sigmoid(gf)
+    g = torch.tanh(gg)
+    o = torch.sigmoid(go)
+    c_next = f * c + i * g
+    h_next = o * torch.tanh(c_next)
+    return h_next, c_next
+
+
+def lstm_layer_reference(
+    x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """A layer over a window, step by step: x [T,B,E], h0/c0 [B,H] -> (y [T,B,H], h_T, c_T)."""
+    h, c = h0, c0
+    ys = []
+    for t in range(x.shape[0]):
+        h, c = lstm_cell(x[t], h, c, weight_ih, weight_hh, bias)
+        ys.append(h)
+    return torch.stack(ys), h, c
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast layer: whole-window Function with a hand-written backward.
+# ----------------------------------------------------------------------------------------------
+
+
+def _fwd_pointwise(gates: Tensor, c_prev: Tensor, c_out: Tensor, tc_out: Tensor, h_out: Tensor) -> None:
+    """Step t of the forward, for torch.compile to fuse: gates (pre-activations [B,4H]) become the
+    activations; writes c', tanh(c'), h'. The eager form is the in-place ops in `_forward_loop`."""
+    gi, gf, gg, go = gates.chunk(4, dim=1)
+    i = torch.sigmoid(gi)
+    f = torch.sigmoid(gf)
+    g = torch.tanh(gg)
+    o = torch.sigmoid(go)
+    c = f * c_prev + i * g
+    tc = torch.tanh(c)
+    gates.copy_(torch.cat([i, f, g, o], dim=1))
+    c_out.copy_(c)
+    tc_out.copy_(tc)
+    h_out.copy_(o * tc)
+
+
+
+def _bwd_pointwise(
+    act: Tensor, tc: Tensor, c_prev: Tensor, dh: Tensor, dc: Tensor, dgates: Tensor, tmp: Tensor, ones: Tensor
+) -> None:
+    """Step t of the backward, for torch.compile to fuse: from dh_t and dc (= dc_{t+1} f_{t+1}) writes
+    dgates_t and leaves dc_{t-1} = dc_t f_t in dc. The eager form is the in-place ops in `_backward_loop`."""
+    i, f, g, o = act.chunk(4, dim=1)
+    dct = dc + dh * o * (1 - tc * tc)
+    di = dct * g * i * (1 - i)
+    df = dct * c_prev * f * (1 - f)
+    dg = dct * i * (1 - g * g)
+    do = dh * tc * o * (1 - o)
+    dgates.copy_(torch.cat([di, df, dg, do], dim=1))
+    dc.copy_(dct * f)
+
+
+
+_COMPILED: dict = {}
+_COMPILE_FAILED = False
+
+
+def compile_available() -> bool:
+    """False once compiling the pointwise step has failed in this process (then eager is used)."""
+    return not _COMPILE_FAILED
+
+
+def _compile_steps(use_compile: bool, device_type: str) -> Tuple[bool, bool]:
+    """Whether to run the (forward, backward) pointwise step compiled.
+
+    On CPU only the backward step is compiled: inductor's CPU kernels compute exp/tanh with 1-ulp
+    vector math that measured 2-3x slower than ATen's eager sigmoid_/tanh_ on these sizes, while the
+    backward (11 eager ops, no transcendentals) fuses into one loop. On CUDA both are compiled (each
+    eager op would be a kernel launch).
+    """
+    if not use_compile or _COMPILE_FAILED:
+        return False, False
+    return device_type != "cpu" or COMPILE_FORWARD_ON_CPU, True
+
+
+def _compiled_or_eager(name: str, functional: Callable, eager: Callable[[int], None],
+                       args_of: Callable[[int], tuple]) -> Callable[[int], None]:
+    """Step t through `functional` compiled (once per process, on first use), or through `eager`
+    from the moment compiling fails (no C++ toolchain, no Triton, ...), with one warning."""
+
+    def step(t: int) -> None:
+        global _COMPILE_FAILED
+        if not _COMPILE_FAILED:
+            try:
+                if name not in _COMPILED:
+                    _COMPILED[name] = torch.compile(functional, dynamic=False, fullgraph=True)
+                return _COMPILED[name](*args_of(t))
+            except Exception as exc:
+                _COMPILE_FAILED = True
+                warnings.warn(f"torch.compile of the LSTM pointwise step failed ({type(exc).__name__}: "
+                              f"{first_line(exc)}); using eager pointwise ops", RuntimeWarning, stacklevel=2)
+        eager(t)
+
+    return step
+
+
+_POOL = BufferPool()
+
+
+def _lowp_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The matmul dtype autocast asks for on this device, or None outside autocast."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _recurrent_product(weight: Tensor, transposed: bool, batch: int, acc: torch.dtype, mm: Optional[torch.dtype]):
+    """The per-step product of the recurrence, as `product(x, add, out)`: out = add + x M with
+    M = weight^T (`transposed`: the forward's h U^T) or M = weight (the backward's dgates U).
+
+    Three ways, chosen once per window: MKL's packed-weight GEMM (torch.ops.mkl, what inductor uses
+    for fp32 linear on CPU: M packed once per window instead of inside every call) where this torch
+    has it; else one addmm; under autocast (`mm`, e.g. bf16) the product in that dtype, added in fp32.
+    """
+    m = weight.t() if transposed else weight  # [K, N]
+    if mm is None and weight.device.type == "cpu" and acc == torch.float32 and USE_MKL_PACKED and torch._C.has_mkl:
+        try:
+            reorder, linear = torch.ops.mkl._mkl_reorder_linear_weight, torch.ops.mkl._mkl_linear
+        except (AttributeError, RuntimeError):
+            pass
+        else:
+            w_lin = m.to(acc).t().contiguous()  # linear(x, W) = x W^T, so W = M^T
+            w_packed = reorder(w_lin, batch)
+            return lambda x, add, out: torch.add(add, linear(x, w_packed, w_lin, None, batch), out=out)
+    if mm is None:
+        m_acc = m.to(acc).contiguous()
+        return lambda x, add, out: torch.addmm(add, x, m_acc, out=out)
+    m_low = m.to(mm).contiguous()
+    return lambda x, add, out: torch.add(add, torch.mm(x.to(mm), m_low), out=out)
+
+
+def _forward_loop(gates: Tensor, hs: Tensor, cs: Tensor, tcs: Tensor, weight_hh: Tensor, mm,
+                  compiled: bool) -> None:
+    """The recurrence. gates [T,B,4H] holds x W^T + b; on return it holds the activations (i, f, g, o).
+
+    hs/cs [T+1,B,H] (index 0 = the initial state), tcs [T,B,H] = tanh(c_t), weight_hh U [4H,H].
+    Views of the buffers are made once per window (unbind), which costs less Python per step than
+    slicing; the eager step is 7 in-place ops on them.
+    """
+    steps, batch, four_h = gates.shape
+    hid = four_h // 4
+    g_t, h_t, c_t, tc_t = gates.unbind(0), hs.unbind(0), cs.unbind(0), tcs.unbind(0)
+    if_t = gates[:, :, : 2 * hid].unbind(0)  # i and f: one sigmoid over both
+    i_t = gates[:, :, :hid].unbind(0)
+    f_t = gates[:, :, hid : 2 * hid].unbind(0)
+    gg_t = gates[:, :, 2 * hid : 3 * hid].unbind(0)
+    o_t = gates[:, :, 3 * hid :].unbind(0)
+
+    def eager(t: int) -> None:
+        if_t[t].sigmoid_()
+        gg_t[t].tanh_()
+        o_t[t].sigmoid_()
+        c = c_t[t + 1]
+        torch.mul(f_t[t], c_t[t], out=c)
+        c.addcmul_(i_t[t], gg_t[t])
+        torch.tanh(c, out=tc_t[t])
+        torch.mul(o_t[t], tc_t[t], out=h_t[t + 1])
+
+    pointwise = _compiled_or_eager("fwd", _fwd_pointwise, eager,
+                                   lambda t: (g_t[t], c_t[t], c_t[t + 1], tc_t[t], h_t[t + 1])) if compiled else eager
+    product = _recurrent_product(weight_hh, True, batch, gates.dtype, mm)
+    for t in range(steps):
+        product(h_t[t], g_t[t], g_t[t])
+        pointwise(t)
+
+
+def _backward_loop(gates: Tensor, cs: Tensor, tcs: Tensor, dy: Tensor, dc: Tensor, dgates: Tensor,
+                   weight_hh: Tensor, mm, compiled: bool) -> None:
+    """The reverse recurrence: fills dgates [T,B,4H] (gradient of the pre-activations); dc [B,H] goes
+    from dc_T to dc_{-1} in place. The eager step is 11 in-place ops on views made once per window."""
+    steps, batch, four_h = gates.shape
+    hid = four_h // 4
+    dh = torch.empty(batch, hid, device=dy.device, dtype=dy.dtype)
+    tmp = torch.empty(batch, four_h, device=dy.device, dtype=dy.dtype)  # the activations' derivatives
+    ones = torch.ones(batch, hid, device=dy.device, dtype=dy.dtype)
+    a_t, c_t, tc_t, dy_t, dg_t = gates.unbind(0), cs.unbind(0), tcs.unbind(0), dy.unbind(0), dgates.unbind(0)
+    i_t = gates[:, :, :hid].unbind(0)
+    f_t = gates[:, :, hid : 2 * hid].unbind(0)
+    gg_t = gates[:, :, 2 * hid : 3 * hid].unbind(0)
+    o_t = gates[:, :, 3 * hid :].unbind(0)
+    di_t = dgates[:, :, :hid].unbind(0)
+    df_t = dgates[:, :, hid : 2 * hid].unbind(0)
+    dgg_t = dgates[:, :, 2 * hid : 3 * hid].unbind(0)
+    do_t = dgates[:, :, 3 * hid :].unbind(0)
+    tmp_g = tmp[:, 2 * hid : 3 * hid]
+
+    def eager(t: int) -> None:
+        torch.addcmul(a_t[t], a_t[t], a_t[t], value=-1.0, out=tmp)  # s - s^2 for i, f, o
+        torch.addcmul(ones, gg_t[t], gg_t[t], value=-1.0, out=tmp_g)  # 1 - g^2
+        df = df_t[t]  # scratch before it is written
+        torch.mul(tc_t[t], tc_t[t], out=df)
+        torch.addcmul(o_t[t], o_t[t], df, value=-1.0, out=df)  # o (1 - tanh^2 c)
+        dc.addcmul_(dh, df)  # dc_t = dc + dh o (1 - tanh^2 c_t)
+        torch.mul(dh, tc_t[t], out=do_t[t])
+        torch.mul(dc, gg_t[t], out=di_t[t])
+        torch.mul(dc, c_t[t], out=df)
+        torch.mul(dc, i_t[t], out=dgg_t[t])
+        dg_t[t].mul_(tmp)
+        dc.mul_(f_t[t])
+
+    pointwise = _compiled_or_eager("bwd", _bwd_pointwise, eager,
+                                   lambda t: (a_t[t], tc_t[t], c_t[t], dh, dc, dg_t[t], tmp, ones)) if compiled else eager
+    product = _recurrent_product(weight_hh, False, batch, dy.dtype, mm)
+    for t in range(steps - 1, -1, -1):
+        if t == steps - 1:
+            dh.copy_(dy_t[t])
+        else:
+            product(dg_t[t + 1], dy_t[t], dh)
+        pointwise(t)
+
+
+class LSTMWindow(torch.autograd.Function):
+    """One layer over one window: (x [T,B,E], h0, c0 [B,H], W, U, b) -> (y [T,B,H], c_T [B,H]).
+
+    h_T is y[-1]. `lowp` is the dtype of the matrix products (None: the state's dtype); `use_compile`
+    selects the compiled pointwise step. Backward is derived by hand (see the module docstring).
+
+    In the full-precision path the input gets a column of ones and W a column b ([W | b]), so the one
+    input product also adds the bias and, in backward, the one weight product dgates^T [X | 1] also
+    gives db as its last column (no separate broadcast copy or column sum over the window).
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias, lowp, use_compile):  # type: ignore[override]
+        compile_fwd, _ = _compile_steps(use_compile, x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            acc = c0.dtype
+            steps, batch, n_in = x.shape
+            hid = weight_hh.shape[1]
+            dev = x.device
+            mm = lowp if lowp is not None and lowp != acc else None
+            gates = _POOL.empty((steps, batch, 4 * hid), acc, dev)
+            hs = _POOL.empty((steps + 1, batch, hid), acc, dev)  # hs[0] = h0, hs[t+1] = h_t
+            cs = _POOL.empty((steps + 1, batch, hid), acc, dev)  # cs[0] = c0
+            tcs = _POOL.empty((steps, batch, hid), acc, dev)  # tanh(c_t)
+            hs[0].copy_(h0)
+            cs[0].copy_(c0)
+            if mm is None:
+                # [X | 1], rows unpadded: measured faster for dgates^T [X | 1] than 16-aligned rows
+                xa = _POOL.empty((steps * batch, n_in + 1), acc, dev)
+                xa[:, :n_in].copy_(x.reshape(steps * batch, n_in))
+                xa[:, n_in].fill_(1.0)
+                wa = torch.cat([weight_ih.to(acc), bias.to(acc).unsqueeze(1)], dim=1)  # [4H, E+1]
+                torch.mm(xa, wa.t(), out=gates.view(steps * batch, 4 * hid))
+            else:
+                xa = x
+                gates.view(steps * batch, -1).copy_(torch.mm(x.reshape(steps * batch, n_in).to(mm), weight_ih.to(mm).t()))
+                gates.add_(bias.to(acc))
+            _forward_loop(gates, hs, cs, tcs, weight_hh, mm, compile_fwd)
+        ctx.save_for_backward(xa, weight_ih, weight_hh, gates, hs, cs, tcs)
+        ctx.lowp = mm
+        ctx.use_compile = use_compile
+        ctx.dtypes = (x.dtype, h0.dtype, weight_ih.dtype, weight_hh.dtype, bias.dtype)
+        return hs[1:], cs[steps].clone()
+
+    @staticmethod
+    def backward(ctx, dy, dc_last):  # type: ignore[override]
+        xa, weight_ih, weight_hh, gates, hs, cs, tcs = ctx.saved_tensors
+        _, compile_bwd = _compile_steps(ctx.use_compile, dy.device.type)
+        mm = ctx.lowp
+        x_dtype, h_dtype, wi_dtype, wh_dtype, b_dtype = ctx.dtypes
+        need_x, need_h0, need_c0, need_wi, need_wh, need_b = ctx.needs_input_grad[:6]
+        dx = dh0 = dw_ih = dw_hh = db = None
+        with torch.autocast(dy.device.type, enabled=False):
+            acc = gates.dtype
+            steps, batch, four_h = gates.shape
+            hid = four_h // 4
+            n_in = weight_ih.shape[1]
+            dy = dy.to(acc)  # may be an expanded view (e.g. from a sum); only read per step
+            dgates = _POOL.empty(tuple(gates.shape), acc, gates.device)
+            dc = dc_last.to(acc).clone()
+            mdt = acc if mm is None else mm
+            u = weight_hh.to(mdt)
+            _backward_loop(gates, cs, tcs, dy, dc, dgates, weight_hh, mm, compile_bwd)
+            # the weight gradients: single products over all T*B rows of the window
+            dg2 = dgates.view(steps * batch, four_h)
+            dg_m = dg2 if mm is None else dg2.to(mm)
+            if need_x:
+                dx = torch.mm(dg_m, weight_ih.to(mdt)).view(steps, batch, n_in)
+            if need_h0:
+                dh0 = torch.mm(dg_m[:batch], u)
+            if need_wh:
+                dw_hh = torch.mm(dg_m.t(), hs[:steps].view(steps * batch, hid).to(mdt))
+            if mm is None:
+                if need_wi or need_b:
+                    # [X | 1]^T dgates = [dW | db]^T ([E+1, 4H]); this operand order measured
+                    # 10-15% faster than dgates^T [X | 1] here. dW is handed back as a transposed view.
+                    dwa_t = torch.mm(xa.t(), dg2)
+                    dw_ih, db = dwa_t[:n_in].t(), dwa_t[n_in]
+            else:
+                if need_wi:
+                    dw_ih = torch.mm(dg_m.t(), xa.reshape(steps * batch, n_in).to(mm))
+                if need_b:
+                    db = dg2.sum(0)
+        cast = lambda g, dt: None if g is None else g.to(dt)  # noqa: E731
+        return (
+            cast(dx, x_dtype),
+            cast(dh0, h_dtype),
+            cast(dc, h_dtype) if need_c0 else None,
+            cast(dw_ih, wi_dtype) if need_wi else None,
+            cast(dw_hh, wh_dtype),
+            cast(db, b_dtype) if need_b else None,
+            None,
+            None,
+        )
+
+
+def lstm_layer_fast(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias: Tensor,
+    use_compile: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """A layer over a window with the hand-written backward: x [T,B,E] -> (y [T,B,H], h_T, c_T)."""
+    lowp = _lowp_dtype(x.device)
+    y, c_last = LSTMWindow.apply(x, h0, c0, weight_ih, weight_hh, bias, lowp, use_compile)
+    return y, y[-1], c_last
+
