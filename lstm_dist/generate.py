@@ -23,7 +23,6 @@ samples (the continuations), settings, checkpoint, step, chars_per_s.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from .errors import UserError, run_cli
 from .distributed import DEVICES, pick_device
 from .inference import ArgumentParser, load_model, read_utf8
-from .sampling import TextDecoder, generate
+from .sampling import TextDecoder, check_settings, generate
 
 DEFAULT_PROMPT = "I plan to make the world a better place by"
 
@@ -76,12 +75,10 @@ def read_prompt(args) -> str:
 def check_args(args) -> None:
     if args.length < 0:
         raise UserError(f"--length must be >= 0, got {args.length}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UserError(f"--temperature must be a number >= 0 (0 is greedy), got {args.temperature}")
-    if args.top_k < 0:
-        raise UserError(f"--top-k must be >= 0 (0 keeps every character), got {args.top_k}")
-    if not 0.0 < args.top_p <= 1.0:  # also refuses NaN
-        raise UserError(f"--top-p must be in (0, 1] (1 keeps every character), got {args.top_p}")
+    try:
+        check_settings(args.temperature, args.top_k, args.top_p, names=("--temperature", "--top-k", "--top-p"))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.threads < 0:

@@ -16,8 +16,9 @@ generator ahead of time. The chosen ids are written into a preallocated buffer a
 from __future__ import annotations
 
 import codecs
+import math
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -38,21 +39,31 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the mass before it already reaches top_p; the most likely always stays.
-        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        drop = torch.zeros_like(sorted_logits, dtype=torch.bool).scatter(-1, order, outside_top_p(sorted_logits, top_p))
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
-def check_settings(temperature: float, top_k: int, top_p: float) -> None:
-    if not temperature >= 0.0:  # also refuses NaN
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+def outside_top_p(sorted_scaled_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """True for the ids outside the nucleus, given logits (already divided by the temperature) sorted
+    largest first: an id is dropped when the mass before it already reaches top_p, so the most likely
+    always stays."""
+    probs = torch.softmax(sorted_scaled_logits, dim=-1)
+    return (torch.cumsum(probs, dim=-1) - probs) >= top_p
+
+
+SETTING_NAMES = ("temperature", "top_k", "top_p")
+
+
+def check_settings(temperature: float, top_k: int, top_p: float, names: tuple[str, str, str] = SETTING_NAMES) -> None:
+    """Refuse settings that draw nothing sensible, naming them as the caller calls them (`names`:
+    the keyword arguments, or the command-line flags)."""
+    if not temperature >= 0.0 or not math.isfinite(temperature):  # also refuses NaN and inf
+        raise ValueError(f"{names[0]} must be a number >= 0 (0 is greedy), got {temperature}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 keeps every character), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 keeps every character), got {top_p}")
+        raise ValueError(f"{names[1]} must be >= 0 (0 keeps every character), got {top_k}")
+    if not 0.0 < top_p <= 1.0:  # also refuses NaN
+        raise ValueError(f"{names[2]} must be in (0, 1] (1 keeps every character), got {top_p}")
 
 
 class Sampler:
@@ -104,10 +115,7 @@ class Sampler:
             values, order = torch.sort(logits, dim=-1, descending=True)
         values = values.float()
         if self.top_p < 1.0:
-            probs = torch.softmax(values / self.temperature, dim=-1)
-            # drop an id when the mass before it already reaches top_p; the most likely always stays
-            drop = (torch.cumsum(probs, dim=-1) - probs) >= self.top_p
-            values = values.masked_fill_(drop, float("-inf"))
+            values = values.masked_fill_(outside_top_p(values / self.temperature, self.top_p), float("-inf"))
         # the noise is iid per candidate, so it may be added in sorted order
         pick = torch.argmax(values.add_(noise), dim=-1, out=self._choice)
         return torch.gather(order, 1, pick.unsqueeze(1), out=out.unsqueeze(1)).squeeze(1)
@@ -173,7 +181,7 @@ class TextDecoder:
 
 
 def sample_text(model: torch.nn.Module, vocab, prompt: str, length: int, *, temperature: float = 0.8,
-                seed: int = 0, on_text: Callable[[str], None] | None = None) -> str:
+                seed: int = 0) -> str:
     """One sample as text (used for the training log): the `length` ids after `prompt`, decoded."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
@@ -181,7 +189,4 @@ def sample_text(model: torch.nn.Module, vocab, prompt: str, length: int, *, temp
     chunks = list(generate(model, list(map(int, vocab.encode(prompt))), length, temperature=temperature,
                            generator=gen))
     ids = torch.cat(chunks)[:, 0].tolist() if chunks else []
-    text = vocab.decode(ids)
-    if on_text is not None:
-        on_text(text)
-    return text
+    return vocab.decode(ids)

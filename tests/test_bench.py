@@ -26,9 +26,6 @@ def test_bench_json_through_the_entry_point():
     r = json.loads(proc.stdout)
     for key in ("fast_ms", "reference_ms", "torch_lstm_ms"):
         assert isinstance(r[key], float) and r[key] > 0, key
-    assert r["ratio_fast_vs_torch_lstm"] == pytest.approx(r["fast_ms"] / r["torch_lstm_ms"], rel=1e-12)
-    for name in ("fast", "reference", "torch_lstm"):
-        assert r[f"{name}_chars_per_s"] == pytest.approx(2 * 3 / (r[f"{name}_ms"] / 1e3))
     assert (r["batch"], r["bptt"], r["embedding"], r["hidden"], r["layers"]) == (2, 3, 4, 8, 2)
     assert r["device"] == "cpu" and r["threads"] == 1 and r["compile"] is False
     assert r["flops_per_window"] == window_flops(2, 3, 4, 8, 2)

@@ -186,3 +186,16 @@ def test_the_real_command_line(bytes_run, tmp_path):
     bad = subprocess.run(evaluate_cmd(1, "--checkpoint", str(tmp_path / "missing.pt")), cwd=tmp_path,
                          env=child_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "missing.pt" in bad.stderr
+
+
+def test_max_windows_caps_each_rank_to_its_first_windows(bytes_run):
+    """`train.eval_max_windows`: the first k windows of every segment, not the whole split."""
+    from lstm_dist.scoring import split_bits
+
+    model, _, cfg = load_model(bytes_run)[:3]
+    data = Corpus(cfg.data.path).split("valid")
+    segments = np.diff(eval_segments(len(data), 4))
+    whole_bits, whole = split_bits(model, data, rank=0, world=1, batch=4, bptt=16, device=torch.device("cpu"))
+    bits, count = split_bits(model, data, rank=0, world=1, batch=4, bptt=16, device=torch.device("cpu"), max_windows=2)
+    assert whole == len(data) - 1 and count == int(np.minimum(segments, 2 * 16).sum()) < whole
+    assert 0 < bits < whole_bits

@@ -115,11 +115,17 @@ def test_ids_come_out_in_chunks_as_they_are_made(bytes_run):
     assert sum(c.shape[0] for c in list(generate(model, [65], 2500))) == 2500
 
 
-def test_sample_text_for_the_training_log(chars_run):
+def test_sample_text_for_the_training_log_leaves_the_model_mode_and_the_global_rng_alone(chars_run):
     model, vocab = load_model(chars_run)[:2]
     text = sample_text(model, vocab, "The ", 50, seed=3)
     assert len(text) == 50 and text == sample_text(model, vocab, "The ", 50, seed=3)
     assert model.training is False
+    model.train()  # as during training: sampling switches to eval for the draw, then back
+    torch.manual_seed(11)
+    rng = torch.get_rng_state()
+    sample_text(model, vocab, "The ", 50, seed=4)
+    assert model.training is True
+    assert torch.equal(torch.get_rng_state(), rng)  # the training run's generator (dropout) did not move
 
 
 # ------------------------------------------------------------------------------------- decoding
