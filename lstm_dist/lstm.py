@@ -80,17 +80,23 @@ USE_MKL_PACKED = True  # MKL's packed-weight GEMM for the recurrent product wher
 # ----------------------------------------------------------------------------------------------
 
 
-def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor) -> State:
-    """One step of the cell: (x [B,E], h [B,H], c [B,H]) -> (h', c'). The module docstring's equations."""
-    gates = (F.linear(x, weight_ih) + F.linear(h, weight_hh)).to(c.dtype) + bias.to(c.dtype)
+def cell_update(gates: Tensor, c: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The module docstring's equations from the pre-activations [B,4H] and c [B,H]:
+    (i, f, g, o, c', tanh(c')). The reference path, `step()` and the compiled forward step all use it."""
     gi, gf, gg, go = gates.chunk(4, dim=1)
     i = torch.sigmoid(gi)
     f = torch.sigmoid(gf)
     g = torch.tanh(gg)
     o = torch.sigmoid(go)
     c_next = f * c + i * g
-    h_next = o * torch.tanh(c_next)
-    return h_next, c_next
+    return i, f, g, o, c_next, torch.tanh(c_next)
+
+
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor) -> State:
+    """One step of the cell: (x [B,E], h [B,H], c [B,H]) -> (h', c')."""
+    gates = (F.linear(x, weight_ih) + F.linear(h, weight_hh)).to(c.dtype) + bias.to(c.dtype)
+    _, _, _, o, c_next, tanh_c = cell_update(gates, c)
+    return o * tanh_c, c_next
 
 
 def lstm_layer_reference(
@@ -105,7 +111,6 @@ def lstm_layer_reference(
     return torch.stack(ys), h, c
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The fast layer: whole-window Function with a hand-written backward.
 # ----------------------------------------------------------------------------------------------
@@ -114,13 +119,7 @@ def lstm_layer_reference(
 def _fwd_pointwise(gates: Tensor, c_prev: Tensor, c_out: Tensor, tc_out: Tensor, h_out: Tensor) -> None:
     """Step t of the forward, for torch.compile to fuse: gates (pre-activations [B,4H]) become the
     activations; writes c', tanh(c'), h'. The eager form is the in-place ops in `_forward_loop`."""
-    gi, gf, gg, go = gates.chunk(4, dim=1)
-    i = torch.sigmoid(gi)
-    f = torch.sigmoid(gf)
-    g = torch.tanh(gg)
-    o = torch.sigmoid(go)
-    c = f * c_prev + i * g
-    tc = torch.tanh(c)
+    i, f, g, o, c, tc = cell_update(gates, c_prev)
     gates.copy_(torch.cat([i, f, g, o], dim=1))
     c_out.copy_(c)
     tc_out.copy_(tc)
