@@ -96,10 +96,11 @@ def format_value(value: Any) -> str:
 
 
 def format_rate(value: float) -> str:
-    """47713.26 -> '47.7k', 1.2e6 -> '1.20M', 512 -> '512'."""
+    """47713.26 -> '47.7k', 18000 -> '18.0k', 1.25e6 -> '1.25M', 512 -> '512'."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}"
+            scaled = value / scale
+            return (f"{scaled:.0f}" if abs(scaled) >= 100 else f"{scaled:#.3g}") + suffix
     return f"{value:.0f}"
 
 

@@ -444,3 +444,13 @@ def test_eval_on_a_memmap_with_partial_last_window(tmp_path):
     # 99 targets in 2 segments (49 and 50): two windows, the second partial
     assert len(batches) == 2 and int(sum(b.mask.sum() for b in batches)) == 99
     assert bytes(batches[0].x[0, :5].tolist()) == b"01234" and bytes(batches[0].y[0, :5].tolist()) == b"12345"
+
+
+def test_the_training_path_imports_nothing_of_preparation():
+    """Reading (corpus, streams) is apart from preparing (prepare, wikitext): the trainer loads only the former."""
+    code = ("import sys, lstm_dist.train, lstm_dist.evaluate, lstm_dist.generate; "
+            "print(sorted(m for m in sys.modules if m in ('lstm_dist.prepare', 'lstm_dist.wikitext', 'lstm_dist.data')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -293,3 +293,16 @@ def test_console_reads_as_a_person_reads_it_and_reserved_keys(tmp_path):
     m.close()
     row = strict_rows(tmp_path / "run" / "metrics.jsonl")[0]
     assert row["loss"] == 1.0 and row["chars_per_s"] == 47713.2622  # the file keeps full precision
+
+
+def test_installed_wandb_meets_the_floors_pyproject_declares():
+    """The package needs wandb >= the `dependencies` floor, these tests >= the `dev` one; below them
+    the failures above would be obscure (a missing keyword, a missing --json), so say it here."""
+    import re
+    from importlib.metadata import version
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floors = [tuple(map(int, f.split("."))) for f in re.findall(r'"wandb>=([0-9.]+)"', text)]
+    installed = tuple(int(x) for x in re.findall(r"\d+", version("wandb"))[:3])
+    assert len(floors) == 2 and floors[0] <= floors[1]  # the package's floor, then the tests'
+    assert installed >= max(floors), f"wandb {version('wandb')} is older than pyproject.toml's floor {max(floors)}"
