@@ -88,6 +88,28 @@ class NonFiniteStop(Exception):
     pass
 
 
+class NonFinite:
+    """Steps skipped for a non-finite loss or gradient: in all (kept in checkpoints) and in a row."""
+
+    def __init__(self, limit: int, total: int = 0) -> None:
+        self.limit, self.total, self.run = limit, total, 0
+
+    def ok(self) -> None:
+        self.run = 0
+
+    def skipped(self, step: int, loss: float, norm: float) -> str:
+        """Count a skipped step; returns the warning to print."""
+        self.total += 1
+        self.run += 1
+        return (f"warning: step {step}: non-finite loss or gradient (loss {loss:.4g}, grad norm {norm:.4g}); "
+                f"optimizer step skipped on every rank ({self.run} in a row, {self.total} in all)")
+
+    def check(self) -> None:
+        if self.run >= self.limit:
+            raise NonFiniteStop(f"{self.run} consecutive non-finite steps (train.max_nonfinite={self.limit}); "
+                                "lower train.lr or train.clip_norm and resume from the last checkpoint, which is untouched")
+
+
 # ---------------------------------------------------------------------------------------- seeds
 # Every generator a run draws from, and its seed (`run.seed` = s):
 #   - model initialisation: s on every rank, so all ranks start from the same weights;
@@ -141,6 +163,35 @@ def open_corpus(cfg: Config, env: DistEnv, say) -> Corpus:
 # ---------------------------------------------------------------------------------------- trainer
 
 
+def agree(loss: torch.Tensor, preempt_flag: float, world: int) -> tuple[float, bool, bool]:
+    """One small all-reduce per step: (the mean loss over ranks, whether any rank saw a non-finite
+    loss, whether any rank was asked to stop). The gradient norm is already the same on every rank."""
+    bad = 0.0 if torch.isfinite(loss) else 1.0
+    flags = torch.tensor([bad, preempt_flag], device=loss.device)
+    total = all_reduce_sum(torch.cat([loss.detach().float().reshape(1), flags]).to(torch.float64)).tolist()
+    return total[0] / world, total[1] > 0, total[2] > 0
+
+
+def describe(trainer: "Trainer") -> str:
+    t = trainer.cfg.train
+    return (f"training {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.env.world} "
+            f"process(es) × {t.batch_size} streams × bptt {t.bptt} ({trainer.device.type}, "
+            f"{'bf16' if trainer.bf16 else 'fp32'}, {torch.get_num_threads()} threads/process); "
+            f"steps {trainer.step + 1}..{t.steps}; run directory {trainer.run_dir}")
+
+
+def open_metrics(cfg: Config, resumed_at: int | None) -> Metrics:
+    """Rank 0's metrics: the resolved config next to them, and no rows past the step resumed from."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.run_dir / "config.yaml", cfg.to_yaml())
+    w = cfg.log.wandb
+    metrics = Metrics(cfg.run_dir, cfg.to_dict(), wandb_mode=w.mode, project=w.project, entity=w.entity or None,
+                      run_name=cfg.run.name, init_timeout=w.init_timeout)
+    if resumed_at is not None:
+        metrics.truncate_after(resumed_at)
+    return metrics
+
+
 class Trainer:
     """One rank's run: the corpus, model and optimizer, the step, evaluations and checkpoints."""
 
@@ -161,20 +212,13 @@ class Trainer:
         seed_everything(init_seed(cfg.run.seed))
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
-        self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+        self.step = 0
+        self.nonfinite = NonFinite(t.max_nonfinite)
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
         resumed = self._resume()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
                     if env.distributed else self.model)
-        self.metrics = NO_METRICS
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
-            w = cfg.log.wandb
-            self.metrics = Metrics(self.run_dir, cfg.to_dict(), wandb_mode=w.mode, project=w.project,
-                                   entity=w.entity or None, run_name=cfg.run.name, init_timeout=w.init_timeout)
-            if resumed:
-                self.metrics.truncate_after(self.step)
+        self.metrics = open_metrics(cfg, self.step if resumed else None) if env.is_main else NO_METRICS
         barrier()
 
     def say(self, text: str) -> None:
@@ -193,7 +237,7 @@ class Trainer:
                 self.say(f"no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}: starting fresh")
             seed_everything(rank_seed(seed, rank))
             return False
-        self.step, self.nonfinite_total, self.state = r.step, r.nonfinite_total, r.hidden
+        self.step, self.nonfinite.total, self.state = r.step, r.nonfinite_total, r.hidden
         if r.exact:
             self.say(f"resumed from {r.path} at step {self.step}")
         else:
@@ -207,7 +251,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
         path = ckpt.save_training(self.cfg, self.env, self.vocab, self.step, self.model, self.optimizer,
-                                  self.stream, self.state, self.nonfinite_total)
+                                  self.stream, self.state, self.nonfinite.total)
         if path is not None:
             self.say(f"checkpoint {path} ({time.perf_counter() - t0:.2f}s)")
 
@@ -246,45 +290,30 @@ class Trainer:
         loss.backward()
         self._sync()
         t2 = time.perf_counter()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf)
-        local_bad = 0.0 if torch.isfinite(loss) else 1.0
-        # One small all-reduce per step: the mean loss, whether any rank saw a non-finite loss, and
-        # whether any rank was asked to stop. The gradient norm is already the same on every rank.
-        agreed = all_reduce_sum(torch.stack([loss.detach().float(), torch.tensor(local_bad, device=self.device),
-                                             torch.tensor(preempt_flag, device=self.device)]).to(torch.float64))
-        agreed = agreed.tolist()
-        norm_value = float(norm)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf))
+        mean_loss, any_bad, stop = agree(loss, preempt_flag, self.env.world)
         self.step += 1
-        if agreed[1] > 0 or not math.isfinite(norm_value):
-            self._skip_step(agreed[0] / self.env.world, norm_value)
+        if any_bad or not math.isfinite(norm):
+            self._skip_step(mean_loss, norm)
         else:
             set_lr(self.optimizer, lr_at(self.step, t))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_run = 0
+            self.nonfinite.ok()
             self.state = (new_state[0].detach(), new_state[1].detach())
         self._sync()
         t3 = time.perf_counter()
-        return agreed[0] / self.env.world, norm_value, agreed[2] > 0, [t1 - t0, t2 - t1, t3 - t2]
+        return mean_loss, norm, stop, [t1 - t0, t2 - t1, t3 - t2]
 
     def _skip_step(self, loss: float, norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.state = None  # a non-finite forward poisons the carried state: every rank restarts from zeros
-        self.nonfinite_total += 1
-        self.nonfinite_run += 1
-        self.say(f"warning: step {self.step}: non-finite loss or gradient (loss {loss:.4g}, grad norm {norm:.4g}); "
-                 f"optimizer step skipped on every rank ({self.nonfinite_run} in a row, {self.nonfinite_total} in all)")
-        limit = self.cfg.train.max_nonfinite
-        if self.nonfinite_run >= limit:
-            raise NonFiniteStop(f"{self.nonfinite_run} consecutive non-finite steps (train.max_nonfinite={limit}); "
-                                "lower train.lr or train.clip_norm and resume from the last checkpoint, which is untouched")
+        self.say(self.nonfinite.skipped(self.step, loss, norm))
+        self.nonfinite.check()
 
     def run(self, preemption: Preemption) -> int:
         cfg, t = self.cfg, self.cfg.train
-        self.say(f"training {sum(p.numel() for p in self.model.parameters()):,} parameters on {self.env.world} "
-                 f"process(es) × {t.batch_size} streams × bptt {t.bptt} ({self.device.type}, "
-                 f"{'bf16' if self.bf16 else 'fp32'}, {torch.get_num_threads()} threads/process); "
-                 f"steps {self.step + 1}..{t.steps}; run directory {self.run_dir}")
+        self.say(describe(self))
         window = Window(self.env.world * t.batch_size * t.bptt)
         every = lambda n: n and self.step % n == 0 and self.step < t.steps  # noqa: E731  (not at the end)
         while self.step < t.steps:
@@ -303,7 +332,7 @@ class Trainer:
             if every(t.eval_every):
                 self.periodic_eval()
             # No periodic checkpoint inside a run of non-finite steps: the newest ones stay healthy ones.
-            if every(cfg.checkpoint.every) and self.nonfinite_run == 0:
+            if every(cfg.checkpoint.every) and self.nonfinite.run == 0:
                 self.save_checkpoint()
         return self.finish()
 
@@ -326,8 +355,8 @@ class Trainer:
         loss, timing = window.take(self.cfg.train.steps - self.step)
         values = {"epoch": self.stream.epoch, "loss": loss, "bpc": loss / LN2, "lr": lr_at(self.step, self.cfg.train),
                   "grad_norm": norm, **timing}
-        if self.nonfinite_total:
-            values["nonfinite_steps"] = self.nonfinite_total
+        if self.nonfinite.total:
+            values["nonfinite_steps"] = self.nonfinite.total
         self.metrics.log(self.step, values)
 
     def close(self) -> None:
