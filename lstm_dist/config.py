@@ -39,7 +39,7 @@ class RunConfig:
     name: str = "smoke"
     #: parent directory of run directories
     dir: str = "runs"
-    #: base random seed: model init uses `seed` on every rank, then rank r's generators (dropout) `seed + 1000·r + 1`; text samples `seed + step` (train.py lists them all)
+    #: base random seed: model init uses `seed` on every rank, then rank r's generators (dropout) `seed + 1000·r + 1`; text samples `seed + step` (seeds.py lists them all)
     seed: int = 1234
 
 

@@ -29,14 +29,12 @@ import argparse
 import gc
 import math
 import os
-import random
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -53,6 +51,7 @@ from .model import CharLSTM
 from .optim import build_optimizer, lr_at, set_lr
 from .sampling import sample_text
 from .scoring import LN2, split_bits
+from .seeds import init_seed, rank_seed, recut_seed, sample_seed, seed_everything
 from .streams import TokenStream
 from .timing import Window
 
@@ -108,35 +107,6 @@ class NonFinite:
         if self.run >= self.limit:
             raise NonFiniteStop(f"{self.run} consecutive non-finite steps (train.max_nonfinite={self.limit}); "
                                 "lower train.lr or train.clip_norm and resume from the last checkpoint, which is untouched")
-
-
-# ---------------------------------------------------------------------------------------- seeds
-# Every generator a run draws from, and its seed (`run.seed` = s):
-#   - model initialisation: s on every rank, so all ranks start from the same weights;
-#   - each rank's own stream (dropout masks) from then on: s + 1000·rank + 1 (the +1 keeps rank 0's
-#     stream apart from the initialisation's; ranks 1000 apart per seed value);
-#   - after a re-cut resume at step k: that plus 7919·k, so the continued run does not replay the
-#     dropout masks of its first steps (7919, a prime, keeps step offsets off the rank offsets);
-#   - the text sample at step k: s + k, in its own torch.Generator (`sampling`), never these;
-#   - the epoch offsets of the training streams: numpy's default_rng([s, epoch]) (`streams`).
-
-
-def init_seed(seed: int) -> int:
-    return seed
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    return seed + 1000 * rank + 1
-
-
-def recut_seed(seed: int, rank: int, step: int) -> int:
-    return rank_seed(seed, rank) + 7919 * step
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------- pieces
@@ -271,7 +241,7 @@ class Trainer:
         """A short generated text (rank 0, its own generator: the training RNG is untouched)."""
         if self.env.is_main and self.cfg.train.sample_chars:
             text = sample_text(self.model, self.vocab, SAMPLE_PROMPT, self.cfg.train.sample_chars,
-                               seed=self.cfg.run.seed + self.step)
+                               seed=sample_seed(self.cfg.run.seed, self.step))
             self.metrics.log_text(self.step, "sample", SAMPLE_PROMPT + text)
 
     def train_step(self, preempt_flag: float) -> tuple[float, float, bool, list[float]]:
