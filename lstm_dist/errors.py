@@ -17,10 +17,14 @@ class UserError(Exception):
     """A problem in the user's input (a path, a key, a value, a file) with a message saying the fix."""
 
 
-def fail(message: str) -> NoReturn:
+def print_error(message: str) -> None:
     # Under torchrun every rank meets the same mistake; one line from rank 0 says it once.
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: str) -> NoReturn:
+    print_error(message)
     raise SystemExit(EXIT_USER_ERROR)
 
 

@@ -49,8 +49,8 @@ from .atomic import atomic_write_text
 from . import config as config_mod
 from . import data as data_mod
 from .config import Config
-from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, setup
-from .errors import UserError, run_cli
+from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, placement, setup
+from .errors import EXIT_USER_ERROR, UserError, print_error, run_cli
 from .metrics import Metrics
 from .model import CharLSTM
 from .sampling import sample_text
@@ -388,8 +388,9 @@ class Trainer:
     def run(self, preemption: Preemption) -> int:
         cfg, t = self.cfg, self.cfg.train
         chars_per_step = self.env.world * t.batch_size * t.bptt
+        where = placement()  # a collective: every rank takes part
         self.say(f"training {sum(p.numel() for p in self.model.parameters()):,} parameters on {self.env.world} "
-                 f"process(es) × {t.batch_size} streams × bptt {t.bptt} ({self.device.type}, "
+                 f"process(es) ({where}) × {t.batch_size} streams × bptt {t.bptt} ({self.device.type}, "
                  f"{'bf16' if self.bf16 else 'fp32'}, {torch.get_num_threads()} threads/process); "
                  f"steps {self.step + 1}..{t.steps}; run directory {self.run_dir}")
         window = {"loss": 0.0, "n": 0, "times": [0.0, 0.0, 0.0], "wall": 0.0, "steps": 0}
@@ -470,16 +471,25 @@ class Trainer:
             self.metrics.close()
 
 
-def _report_exit(env: DistEnv | None, code: int) -> None:
-    """Tell a wrapping script how the run ended. torchrun reports a worker's failure as its own exit
-    status 1 (and dies of the SIGTERM it forwards), so launch/torchrun.sh and slurm/train.sh pass a
-    file in LSTM_DIST_EXIT_FILE and exit with the status rank 0 wrote there."""
+def _report_exit(code: int) -> bool:
+    """Tell a wrapping script how the run ended; True when it was told.
+
+    torchrun reports a worker's failure as its own exit status 1, prints a traceback of it, and may
+    restart the workers; so the launch scripts and slurm/train.sh pass a file in LSTM_DIST_EXIT_FILE
+    and exit with the status written there. Local rank 0 of every node writes it (each node's script
+    reads its own), and every process then exits 0 for a run that ended in order (done, user error,
+    non-finite stop, preempted): torchrun ends quietly, and restarts nothing that a restart cannot fix.
+    A crash still exits non-zero, as torchrun expects."""
     path = os.environ.get("LSTM_DIST_EXIT_FILE")
-    if path and (env is None or env.is_main):
+    if not path:
+        return False
+    if os.environ.get("LOCAL_RANK", "0") == "0":
         try:
             atomic_write_text(Path(path), f"{code}\n")
         except OSError as exc:
             print(f"warning: cannot write the exit status to LSTM_DIST_EXIT_FILE={path}: {exc}", file=sys.stderr)
+            return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,7 +497,6 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Exit status: 0 done, 2 user error, 3 non-finite stop, 75 preempted.")
     config_mod.add_arguments(parser)
     args = parser.parse_args(argv)
-    env: DistEnv | None = None
     try:
         cfg = config_mod.load(args.config, args.overrides)
         if args.print_config:
@@ -512,11 +521,12 @@ def main(argv: list[str] | None = None) -> int:
                 trainer = None
                 gc.collect()
                 preemption.restore()
-    except UserError:
-        _report_exit(env, 2)
-        raise
-    _report_exit(env, code)
-    return code
+    except UserError as exc:
+        if not _report_exit(EXIT_USER_ERROR):
+            raise
+        print_error(str(exc))
+        return 0
+    return 0 if _report_exit(code) else code
 
 
 if __name__ == "__main__":
