@@ -414,7 +414,7 @@ class Trainer:
                 window["wall"] += time.perf_counter() - w0
             step_times.append(time.perf_counter() - w0)
             if stop:
-                self.say(f"stop requested (signal {preemption.signal if preemption.requested else 'on another rank'}):"
+                self.say(f"stop requested ({signal.Signals(preemption.signal).name if preemption.requested else 'on another rank'}):"
                          f" checkpointing at step {self.step} and exiting with {EXIT_PREEMPTED}; "
                          "run the same command to resume")
                 self.save_checkpoint()
