@@ -84,6 +84,9 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
 SchedulerType=sched/builtin
+# Test every pending job each second (the default is every 60 s), so that a requeued job made eligible
+# with StartTime=now starts at once.
+SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 JobRequeue=1

@@ -136,8 +136,14 @@ def standalone(corpus: Path, run_dir: Path, steps: int, *extra: str) -> dict[str
 
 
 
+@pytest.fixture(scope="module")
+def plain_60(tmp_path_factory, tiny_corpus) -> dict[str, torch.Tensor]:
+    """The final weights of `torchrun --standalone --nproc_per_node=2` after 60 steps: what every job must match."""
+    return standalone(tiny_corpus, tmp_path_factory.mktemp("plain") / "runs" / "plain", 60)
+
+
 @pytest.mark.slow
-def test_two_nodes_train_like_one_torchrun_and_the_log_ends_cleanly(slurm, tmp_path, tiny_corpus):
+def test_two_nodes_train_like_one_torchrun_and_the_log_ends_cleanly(slurm, tmp_path, tiny_corpus, plain_60):
     job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, tmp_path / "runs" / "slurm", 60), nproc=1, nodes=2)
     info = wait_for(slurm, job, finished, "finished")
     text = log.read_text()
@@ -148,20 +154,18 @@ def test_two_nodes_train_like_one_torchrun_and_the_log_ends_cleanly(slurm, tmp_p
     # A clean end: no traceback of any node, no error line, and the script's own last word.
     assert "Traceback" not in text and "error" not in text.lower(), text
     assert text.rstrip().splitlines()[-1] == "[slurm/train.sh] training finished"
-    assert_same_weights(final_weights(tmp_path / "runs" / "slurm", 60),
-                        standalone(tiny_corpus, tmp_path / "plain" / "slurm", 60))
+    assert_same_weights(final_weights(tmp_path / "runs" / "slurm", 60), plain_60)
 
 
 @pytest.mark.slow
-def test_the_same_script_runs_two_processes_on_one_node(slurm, tmp_path, tiny_corpus):
-    job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, tmp_path / "runs" / "one", 30), nproc=2, nodes=1)
+def test_the_same_script_runs_two_processes_on_one_node(slurm, tmp_path, tiny_corpus, plain_60):
+    job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, tmp_path / "runs" / "one", 60), nproc=2, nodes=1)
     info = wait_for(slurm, job, finished, "finished")
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
     assert "1 node(s) (node1) × 2 process(es)" in text
     assert "(node1: ranks 0-1)" in text
-    assert_same_weights(final_weights(tmp_path / "runs" / "one", 30),
-                        standalone(tiny_corpus, tmp_path / "plain" / "one", 30))
+    assert_same_weights(final_weights(tmp_path / "runs" / "one", 60), plain_60)
 
 
 def warn_when_training(slurm_env: dict, job: str, log: Path, run_dir: Path, after_step: int = 20) -> None:
@@ -179,7 +183,7 @@ def warn_when_training(slurm_env: dict, job: str, log: Path, run_dir: Path, afte
 
 @pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_ends_bit_identical(slurm, tmp_path, tiny_corpus):
-    steps = 400
+    steps = 200
     run_dir = tmp_path / "runs" / "pre"
     extra = ["checkpoint.every=0", "log.wandb.mode=offline"]
     job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, run_dir, steps, *extra), nproc=1, nodes=2)
@@ -229,7 +233,7 @@ def test_a_user_error_is_not_requeued_and_ends_the_log_in_one_line(slurm, tmp_pa
 @pytest.mark.slow
 def test_requeues_stop_at_the_cap_with_a_clear_line(slurm, tmp_path, tiny_corpus):
     run_dir = tmp_path / "runs" / "cap"
-    job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, run_dir, 400, "checkpoint.every=0"), nproc=1, nodes=2,
+    job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, run_dir, 200, "checkpoint.every=0"), nproc=1, nodes=2,
                       MAX_REQUEUES="0")
     warn_when_training(slurm, job, log, run_dir)
     info = wait_for(slurm, job, finished, "finished")
