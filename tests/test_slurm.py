@@ -251,3 +251,22 @@ def test_the_rendezvous_store_refuses_bad_arguments_in_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: usage: python -m lstm_dist.rendezvous HOST PORT (this node's address for "
                                    "the other nodes, and a TCP port number, 1-65535)")
+
+
+@pytest.mark.slow
+def test_scancel_checkpoints_every_rank_and_is_not_requeued(slurm, tmp_path, tiny_corpus):
+    run_dir = tmp_path / "runs" / "cancel"
+    job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, run_dir, 5000, "checkpoint.every=0"), nproc=1, nodes=2)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 20):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.2)
+    subprocess.run(["scancel", job], env=slurm, check=True, timeout=30)  # SIGTERM to every process of the job
+    info = wait_for(slurm, job, finished, "finished")
+    text = log.read_text()
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), text
+    stopped = int(re.search(r"stop requested \(SIGTERM\): checkpointing at step (\d+)", text).group(1))
+    saved = load_ckpt(run_dir / "checkpoints" / f"step_{stopped:08d}.pt")
+    assert len({(r["stream"]["epoch"], r["stream"]["window"]) for r in saved["ranks"]}) == 1
+    assert text.rstrip().splitlines()[-1].startswith("[slurm/train.sh] stopped by SIGTERM after writing a checkpoint; "
+                                                    "not requeued by this script")
