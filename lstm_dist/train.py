@@ -471,15 +471,17 @@ class Trainer:
             self.metrics.close()
 
 
-def _report_exit(code: int) -> bool:
-    """Tell a wrapping script how the run ended; True when it was told.
+def _report_exit(code: int, agreed: bool = True) -> bool:
+    """Tell a wrapping script how the run ended; True when this process may then exit 0.
 
     torchrun reports a worker's failure as its own exit status 1, prints a traceback of it, and may
     restart the workers; so the launch scripts and slurm/train.sh pass a file in LSTM_DIST_EXIT_FILE
-    and exit with the status written there. Local rank 0 of every node writes it (each node's script
-    reads its own), and every process then exits 0 for a run that ended in order (done, user error,
-    non-finite stop, preempted): torchrun ends quietly, and restarts nothing that a restart cannot fix.
-    A crash still exits non-zero, as torchrun expects."""
+    and exit with the status written there (local rank 0 of every node writes it: each node's script
+    reads its own). An ending every rank reached together (done, a non-finite stop or a preemption
+    the ranks agreed on, a mistake in the config that every rank read alike) then exits 0, so that
+    torchrun ends quietly and restarts nothing a restart cannot fix. An ending this rank may have
+    met alone keeps its status: torchrun must see it to stop the other ranks, which would otherwise
+    wait for this one in a collective."""
     path = os.environ.get("LSTM_DIST_EXIT_FILE")
     if not path:
         return False
@@ -489,7 +491,7 @@ def _report_exit(code: int) -> bool:
         except OSError as exc:
             print(f"warning: cannot write the exit status to LSTM_DIST_EXIT_FILE={path}: {exc}", file=sys.stderr)
             return False
-    return True
+    return agreed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -497,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Exit status: 0 done, 2 user error, 3 non-finite stop, 75 preempted.")
     config_mod.add_arguments(parser)
     args = parser.parse_args(argv)
+    started = False  # whether this process joined the process group (after that, errors may be its own)
     try:
         cfg = config_mod.load(args.config, args.overrides)
         if args.print_config:
@@ -505,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         preemption = Preemption()
         preemption.install()
         with setup(cfg.train.device) as env:
+            started = True
             trainer = None
             try:
                 trainer = Trainer(cfg, env)
@@ -522,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                 gc.collect()
                 preemption.restore()
     except UserError as exc:
-        if not _report_exit(EXIT_USER_ERROR):
+        if not _report_exit(EXIT_USER_ERROR, agreed=not started):
             raise
         print_error(str(exc))
         return 0
