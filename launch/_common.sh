@@ -1,4 +1,5 @@
 # Sourced by the launch scripts.
+# shellcheck shell=bash
 
 # require_config FILE: the config must exist.
 require_config() {
@@ -18,8 +19,10 @@ default_nproc() {
 }
 
 # run_with_status CMD...: run a torchrun line, forward SIGTERM/SIGUSR1 to it as SIGTERM (torchrun passes
-# it to every worker, which checkpoints at the next step boundary), and exit with the status that rank 0
-# wrote to LSTM_DIST_EXIT_FILE, since torchrun itself reports any worker failure, a preemption included, as 1.
+# it to every worker, which checkpoints at the next step boundary), and exit with the status that the
+# training wrote to LSTM_DIST_EXIT_FILE: with that file set, the workers exit 0 after a run that ended in
+# order (done 0, user error 2, non-finite stop 3, preempted 75), so torchrun ends without a traceback of
+# its own, and only a crash reaches torchrun, which reports it as 1.
 run_with_status() {
   echo "+ $*" >&2
   export LSTM_DIST_EXIT_FILE

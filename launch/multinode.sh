@@ -17,6 +17,7 @@ for var in NNODES NODE_RANK MASTER_ADDR; do
     exit 2
   fi
 done
+# shellcheck source=launch/_common.sh
 source "$(dirname "$0")/_common.sh"
 require_config "$config"
 default_nproc

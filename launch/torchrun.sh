@@ -11,6 +11,7 @@ if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
   exit 2
 fi
 config=$1; shift
+# shellcheck source=launch/_common.sh
 source "$(dirname "$0")/_common.sh"
 require_config "$config"
 default_nproc

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -155,3 +156,23 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def placement() -> str:
+    """Which host each rank runs on, as rank 0 tells it: 'node1: rank 0; node2: rank 1' ('' on other ranks)."""
+    hosts = gather_objects(socket.gethostname())
+    if hosts is None:
+        return ""
+    by_host: dict[str, list[list[int]]] = {}  # host -> runs of consecutive ranks [first, last]
+    for rank, host in enumerate(hosts):
+        runs = by_host.setdefault(host, [])
+        if runs and runs[-1][1] == rank - 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    parts = []
+    for host, runs in by_host.items():
+        many = len(runs) > 1 or runs[0][0] != runs[0][1]
+        spans = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+        parts.append(f"{host}: rank{'s' if many else ''} {spans}")
+    return "; ".join(parts)

@@ -24,10 +24,14 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return (lines[0] if lines else type(exc).__name__)[:limit]
 
 
-def fail(message: str) -> NoReturn:
+def print_error(message: str) -> None:
     # Under torchrun every rank meets the same mistake; one line from rank 0 says it once.
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: str) -> NoReturn:
+    print_error(message)
     raise SystemExit(EXIT_USER_ERROR)
 
 

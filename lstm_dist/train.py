@@ -44,8 +44,8 @@ from . import config as config_mod
 from .atomic import atomic_write_text
 from .config import Config
 from .corpus import Corpus, builtin_source_for
-from .distributed import DistEnv, all_reduce_sum, autocast, barrier, cpu_threads, setup
-from .errors import UserError, run_cli
+from .distributed import DistEnv, all_reduce_sum, autocast, barrier, cpu_threads, placement, setup
+from .errors import EXIT_USER_ERROR, UserError, print_error, run_cli
 from .metrics import NO_METRICS, Metrics
 from .model import CharLSTM
 from .optim import build_optimizer, lr_at, set_lr
@@ -142,10 +142,10 @@ def agree(loss: torch.Tensor, preempt_flag: float, world: int) -> tuple[float, b
     return total[0] / world, total[1] > 0, total[2] > 0
 
 
-def describe(trainer: "Trainer") -> str:
+def describe(trainer: "Trainer", where: str) -> str:
     t = trainer.cfg.train
     return (f"training {sum(p.numel() for p in trainer.model.parameters()):,} parameters on {trainer.env.world} "
-            f"process(es) × {t.batch_size} streams × bptt {t.bptt} ({trainer.device.type}, "
+            f"process(es) ({where}) × {t.batch_size} streams × bptt {t.bptt} ({trainer.device.type}, "
             f"{'bf16' if trainer.bf16 else 'fp32'}, {torch.get_num_threads()} threads/process); "
             f"steps {trainer.step + 1}..{t.steps}; run directory {trainer.run_dir}")
 
@@ -283,7 +283,7 @@ class Trainer:
 
     def run(self, preemption: Preemption) -> int:
         cfg, t = self.cfg, self.cfg.train
-        self.say(describe(self))
+        self.say(describe(self, placement()))  # placement() is a collective: every rank takes part
         window = Window(self.env.world * t.batch_size * t.bptt)
         every = lambda n: n and self.step % n == 0 and self.step < t.steps  # noqa: E731  (not at the end)
         while self.step < t.steps:
@@ -294,7 +294,7 @@ class Trainer:
                 self._log(window, norm)
             window.end()
             if stop:
-                self.say(f"stop requested (signal {preemption.signal if preemption.requested else 'on another rank'}):"
+                self.say(f"stop requested ({signal.Signals(preemption.signal).name if preemption.requested else 'on another rank'}):"
                          f" checkpointing at step {self.step} and exiting with {EXIT_PREEMPTED}; "
                          "run the same command to resume")
                 self.save_checkpoint()
@@ -333,16 +333,27 @@ class Trainer:
         self.metrics.close()
 
 
-def _report_exit(env: DistEnv | None, code: int) -> None:
-    """Tell a wrapping script how the run ended. torchrun reports a worker's failure as its own exit
-    status 1 (and dies of the SIGTERM it forwards), so launch/torchrun.sh and slurm/train.sh pass a
-    file in LSTM_DIST_EXIT_FILE and exit with the status rank 0 wrote there."""
+def _report_exit(code: int, agreed: bool = True) -> bool:
+    """Tell a wrapping script how the run ended; True when this process may then exit 0.
+
+    torchrun reports a worker's failure as its own exit status 1, prints a traceback of it, and may
+    restart the workers; so the launch scripts and slurm/train.sh pass a file in LSTM_DIST_EXIT_FILE
+    and exit with the status written there (local rank 0 of every node writes it: each node's script
+    reads its own). An ending every rank reached together (done, a non-finite stop or a preemption
+    the ranks agreed on, a mistake in the config that every rank read alike) then exits 0, so that
+    torchrun ends quietly and restarts nothing a restart cannot fix. An ending this rank may have
+    met alone keeps its status: torchrun must see it to stop the other ranks, which would otherwise
+    wait for this one in a collective."""
     path = os.environ.get("LSTM_DIST_EXIT_FILE")
-    if path and (env is None or env.is_main):
+    if not path:
+        return False
+    if os.environ.get("LOCAL_RANK", "0") == "0":
         try:
             atomic_write_text(Path(path), f"{code}\n")
         except OSError as exc:
             print(f"warning: cannot write the exit status to LSTM_DIST_EXIT_FILE={path}: {exc}", file=sys.stderr)
+            return False
+    return agreed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Exit status: 0 done, 2 user error, 3 non-finite stop, 75 preempted.")
     config_mod.add_arguments(parser)
     args = parser.parse_args(argv)
-    env: DistEnv | None = None
+    started = False  # whether this process joined the process group (after that, errors may be its own)
     try:
         cfg = config_mod.load(args.config, args.overrides)
         if args.print_config:
@@ -359,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         preemption = Preemption()
         preemption.install()
         with setup(cfg.train.device) as env:
+            started = True
             trainer = None
             try:
                 trainer = Trainer(cfg, env)
@@ -375,11 +387,12 @@ def main(argv: list[str] | None = None) -> int:
                 trainer = None
                 gc.collect()
                 preemption.restore()
-    except UserError:
-        _report_exit(env, 2)
-        raise
-    _report_exit(env, code)
-    return code
+    except UserError as exc:
+        if not _report_exit(EXIT_USER_ERROR, agreed=not started):
+            raise
+        print_error(str(exc))
+        return 0
+    return 0 if _report_exit(code) else code
 
 
 if __name__ == "__main__":

@@ -54,3 +54,15 @@ def test_launchers_refuse_bad_input_in_one_line(tmp_path, script, env, expected)
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == expected
+
+
+def test_a_user_error_through_the_launcher_is_one_line_and_its_status(tmp_path):
+    # The config exists, so the launcher starts torchrun; training refuses the key. torchrun must not
+    # bury that line under its own report of a failed worker, and the script exits 2, not torchrun's 1.
+    proc = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), str(ROOT / "configs" / "smoke.yaml"), "model.hiden=8"],
+                          cwd=tmp_path, env={**child_env(), "NPROC": "2"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("+ ")]
+    assert lines[-1] == "error: unknown key 'model.hiden'; did you mean 'model.hidden'?", proc.stderr
+    assert proc.stderr.count("model.hiden") == 2  # the echoed command and the one error line
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
