@@ -24,8 +24,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
-    """Call `write(binary_file)` on a temporary file, then rename it to `path`."""
+def atomic_write(path: str | Path, write: Callable[[Any], None], before_rename: Callable[[], None] | None = None) -> None:
+    """Call `write(binary_file)` on a temporary file, then rename it to `path` (`before_rename` runs
+    between the two: the tests kill the process there)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
@@ -33,6 +34,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

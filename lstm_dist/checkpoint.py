@@ -16,18 +16,24 @@ state or the new one, never a half file under a real name. Retention deletes onl
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import re
+import shutil
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 
+from . import faults
 from .atomic import atomic_write
 from .corpus import Vocab
-from .distributed import DistEnv, barrier, broadcast_object, gather_objects
-from .errors import UserError, first_line
+from .distributed import DistEnv, agreed, broadcast_object, gather_objects
+from .errors import AgreedError, UserError, first_line
 from .streams import Restore, TokenStream
 
 FORMAT = 1  # bump when the layout of the dict changes incompatibly
@@ -47,14 +53,42 @@ def file_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of all tensors in a nested payload: within a few per cent of its file's size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> Path:
-    """Write `payload` as the checkpoint of `step`, point `latest` at it, keep the newest `keep`."""
+    """Write `payload` as the checkpoint of `step`, point `latest` at it, keep the newest `keep`.
+
+    A full disk (or quota) ends in a CheckpointError that names the directory, the bytes needed and
+    free, and the checkpoint still in place; the temporary file is removed, nothing else is touched."""
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "step": step, **payload}
     path = d / file_name(step)
-    atomic_write(path, lambda fh: torch.save(payload, fh))
-    atomic_write(d / LATEST, lambda fh: fh.write(path.name.encode() + b"\n"))
+    need = _tensor_bytes(payload)
+    try:
+        if shutil.disk_usage(d).free < need:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        atomic_write(path, lambda fh: torch.save(payload, fh),
+                     before_rename=lambda: faults.at("checkpoint-before-rename", step))
+        faults.at("checkpoint-before-latest", step)
+        atomic_write(d / LATEST, lambda fh: fh.write(path.name.encode() + b"\n"))
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        if getattr(exc, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and "No space left" not in str(exc):
+            raise
+        kept = candidates(run_dir)
+        last = f"the last checkpoint, {kept[0].name}, is intact" if kept else "no checkpoint was written before"
+        raise CheckpointError(f"cannot write checkpoint {path.name} in {d}: no space left on device (it needs about "
+                              f"{need:,} bytes, {shutil.disk_usage(d).free:,} are free); {last}; free space there or "
+                              "move run.dir to a larger disk, then run the same command to resume") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -99,17 +133,22 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     """Load a checkpoint safely (tensors and plain values only), or raise a one-line CheckpointError."""
     p = Path(path)
     try:
-        data = torch.load(p, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            data = torch.load(p, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {p} does not exist; pass a checkpoint file or a run directory") from None
     except PermissionError:
         raise CheckpointError(f"checkpoint {p} is not readable (permission denied); fix its permissions") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged or hostile file
-        reason = first_line(exc)
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "UnpicklingError" in type(exc).__name__:
+        # torch.save writes a zip archive; anything else was cut short or overwritten. Inside an
+        # archive, the weights-only unpickler names the global it refused to call.
+        if not zipfile.is_zipfile(p):
+            cause = "it is truncated or not a checkpoint (not the zip archive torch.save writes)"
+        elif "unsupported global" in str(exc).lower():
             cause = "it holds objects other than tensors and plain values and was refused (it could run code when loaded)"
         else:
-            cause = f"it is truncated or not a checkpoint ({reason[:160]})"
+            cause = f"it is truncated or not a checkpoint ({first_line(exc, 160)})"
         raise CheckpointError(f"checkpoint {p} cannot be loaded: {cause}; use another checkpoint") from None
     if not isinstance(data, dict) or "format" not in data or "model" not in data:
         raise CheckpointError(f"checkpoint {p} is not an lstm_dist checkpoint (no format/model entries)")
@@ -197,21 +236,29 @@ class Resumed(NamedTuple):
 
 
 def restore(cfg: Any, env: DistEnv, vocab: Vocab, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            stream: TokenStream, say: Callable[[str], None]) -> Resumed | None:
+            stream: TokenStream, say: Callable[[str], None], claim: Callable[[], None] | None = None) -> Resumed | None:
     """Load the checkpoint rank 0 picks into the model, optimizer and stream (and, on an exact resume,
-    this rank's generators); None when there is none to resume from."""
-    found = find_resume(cfg, vocab, say) if env.is_main else None
+    this rank's generators); None when there is none to resume from. `claim` (collective) runs once the
+    choice is made and before any rank reads the file: choosing writes nothing, so a run refused for
+    its checkpoint leaves the run directory as it was."""
+    found = agreed(lambda: find_resume(cfg, vocab, say) if env.is_main else None)
     name = broadcast_object(str(found[0]) if found else None)
+    if claim is not None:
+        claim()  # the run directory is ours, and shared, before any other rank reads from it
     if name is None:
         return None
     path = Path(name)
-    saved = found[1] if found else load(path)
-    try:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {first_line(exc)}; "
-                              "use the config it was written with") from None
+    saved = agreed(lambda: found[1] if found else load(path))
+
+    def load_states() -> None:
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {first_line(exc)}; "
+                                  "use the config it was written with") from None
+
+    agreed(load_states)
     ranks = saved["ranks"]
     old = ranks[0]["stream"]
     same_processes = len(ranks) == env.world and old["batch"] == cfg.train.batch_size and old["bptt"] == cfg.train.bptt
@@ -234,15 +281,20 @@ def save_training(cfg: Any, env: DistEnv, vocab: Vocab, step: int, model: torch.
     (and returns its path); all ranks leave together."""
     hidden = None if hidden is None else (hidden[0].detach().cpu(), hidden[1].detach().cpu())
     ranks = gather_objects({"stream": stream.state_dict(), "hidden": hidden, "rng": rng_state(env.device)})
-    path = None
+    path, error = None, None
     if env.is_main:
-        path = save(cfg.run_dir, step, {
-            "config": cfg.to_dict(),
-            "vocab": vocab.to_dict(),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
-            "nonfinite_total": nonfinite_total,
-            "ranks": ranks,
-        }, keep=cfg.checkpoint.keep)
-    barrier()
+        try:
+            path = save(cfg.run_dir, step, {
+                "config": cfg.to_dict(),
+                "vocab": vocab.to_dict(),
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "nonfinite_total": nonfinite_total,
+                "ranks": ranks,
+            }, keep=cfg.checkpoint.keep)
+        except CheckpointError as exc:
+            error = str(exc)
+    error = broadcast_object(error)  # also the point where all ranks leave together
+    if error is not None:
+        raise AgreedError(error)  # no rank trains on without the checkpoints it would need
     return path

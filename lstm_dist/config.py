@@ -101,6 +101,8 @@ class TrainConfig:
     eval_max_windows: int = 0
     #: stop the run after this many consecutive steps with a non-finite loss or gradient (each one is skipped on every rank)
     max_nonfinite: int = 5
+    #: seconds a collective waits for the slowest rank before the job fails with an error (the process-group timeout): a rank that hangs or died stops the others after this long
+    collective_timeout: float = 600.0
     #: arithmetic: `fp32`, `bf16` (autocast on CUDA; state and cell update stay fp32), or `auto` (bf16 on CUDA, fp32 on CPU)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     #: device: `auto` (CUDA when available, one GPU per local rank), `cpu` or `cuda`
@@ -188,6 +190,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.sample_chars": (lambda v: v >= 0, ">= 0"),
     "log.every": (lambda v: v > 0, "> 0"),
     "log.wandb.init_timeout": (lambda v: v > 0, "> 0 seconds"),
+    "train.collective_timeout": (lambda v: v > 0, "> 0 seconds"),
     "checkpoint.every": (lambda v: v >= 0, ">= 0 (0 writes only at the end and on preemption)"),
     "checkpoint.keep": (lambda v: v > 0, "> 0"),
     "checkpoint.resume": (lambda v: bool(v), "'auto', 'never' or a checkpoint path"),

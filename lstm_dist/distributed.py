@@ -13,12 +13,14 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import AgreedError, UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -176,3 +178,22 @@ def placement() -> str:
         spans = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
         parts.append(f"{host}: rank{'s' if many else ''} {spans}")
     return "; ".join(parts)
+
+
+def agreed(fn: Callable[[], T]) -> T:
+    """Run `fn` (no collectives inside) on every rank; if any rank met a user error, every rank raises
+    it together as an AgreedError (the lowest rank's message), so that no rank waits for one that left."""
+    result, error = None, None
+    try:
+        result = fn()
+    except UserError as exc:
+        error = str(exc)
+    if _active():
+        errors: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    else:
+        errors = [error]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise AgreedError(first)
+    return result  # type: ignore[return-value]

@@ -17,6 +17,11 @@ class UserError(Exception):
     """A problem in the user's input (a path, a key, a value, a file) with a message saying the fix."""
 
 
+class AgreedError(UserError):
+    """A user error that every rank raises together (rank 0 decided, or all ranks checked the same
+    thing and shared what they found): one line from rank 0 says it, and no rank waits for another."""
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type's name when it has none), at most `limit`
     characters: enough to say what went wrong inside a one-line message of our own."""

@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +41,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
+from . import faults
 from . import config as config_mod
 from .atomic import atomic_write_text
 from .config import Config
 from .corpus import Corpus, builtin_source_for
-from .distributed import DistEnv, all_reduce_sum, autocast, barrier, cpu_threads, placement, setup
-from .errors import EXIT_USER_ERROR, UserError, print_error, run_cli
+from .distributed import DistEnv, agreed, all_reduce_sum, autocast, cpu_threads, placement, setup
+from .errors import EXIT_USER_ERROR, AgreedError, UserError, print_error, run_cli
 from .metrics import NO_METRICS, Metrics
 from .model import CharLSTM
 from .optim import build_optimizer, lr_at, set_lr
+from .rundir import RunDirectory
 from .sampling import sample_text
 from .scoring import LN2, split_bits
 from .seeds import init_seed, rank_seed, recut_seed, sample_seed, seed_everything
@@ -113,9 +116,13 @@ class NonFinite:
 
 
 def open_corpus(cfg: Config, env: DistEnv, say) -> Corpus:
-    """The prepared corpus; a built-in source's default location is prepared by rank 0 on first use."""
+    """The prepared corpus; a built-in source's default location is prepared by rank 0 on first use.
+    Every rank checks the same things; a problem any of them finds stops all of them together."""
     path = Path(cfg.data.path)
-    if not path.exists():
+
+    def prepare_if_missing() -> None:
+        if path.exists():
+            return
         source = builtin_source_for(path)
         if source is None:
             raise UserError(f"data.path {path} does not exist; prepare a corpus there first "
@@ -126,8 +133,9 @@ def open_corpus(cfg: Config, env: DistEnv, say) -> Corpus:
             from .prepare import prepare  # only here: a run on a prepared corpus imports nothing of preparation
 
             prepare(source, path, vocab=cfg.data.vocab)
-        barrier()
-    return Corpus(path)
+
+    agreed(prepare_if_missing)  # the other ranks wait here for rank 0's preparation
+    return agreed(lambda: Corpus(path))
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -174,6 +182,7 @@ class Trainer:
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads(t.threads, env.local_world))
         self.run_dir = cfg.run_dir
+        self.run_directory = RunDirectory(cfg.run_dir)  # locked and checked for sharing by _resume
         corpus = open_corpus(cfg, env, self.say)
         self.vocab = corpus.vocab
         self.splits = {name: corpus.split(name) for name in ("train", "valid", "test")}
@@ -183,13 +192,13 @@ class Trainer:
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
         self.step = 0
+        self.saved_at: int | None = None  # the step of the checkpoint last written or resumed from
         self.nonfinite = NonFinite(t.max_nonfinite)
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
         resumed = self._resume()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
                     if env.distributed else self.model)
-        self.metrics = open_metrics(cfg, self.step if resumed else None) if env.is_main else NO_METRICS
-        barrier()
+        self.metrics = agreed(lambda: open_metrics(cfg, self.step if resumed else None) if env.is_main else NO_METRICS)
 
     def say(self, text: str) -> None:
         if self.env.is_main:
@@ -201,13 +210,15 @@ class Trainer:
 
     def _resume(self) -> bool:
         seed, rank = self.cfg.run.seed, self.env.rank
-        r = ckpt.restore(self.cfg, self.env, self.vocab, self.model, self.optimizer, self.stream, self.say)
+        r = ckpt.restore(self.cfg, self.env, self.vocab, self.model, self.optimizer, self.stream, self.say,
+                         claim=lambda: self.run_directory.claim(self.env))
         if r is None:
             if self.cfg.checkpoint.resume == "auto":
                 self.say(f"no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}: starting fresh")
             seed_everything(rank_seed(seed, rank))
             return False
         self.step, self.nonfinite.total, self.state = r.step, r.nonfinite_total, r.hidden
+        self.saved_at = r.step
         if r.exact:
             self.say(f"resumed from {r.path} at step {self.step}")
         else:
@@ -222,6 +233,7 @@ class Trainer:
         t0 = time.perf_counter()
         path = ckpt.save_training(self.cfg, self.env, self.vocab, self.step, self.model, self.optimizer,
                                   self.stream, self.state, self.nonfinite.total)
+        self.saved_at = self.step
         if path is not None:
             self.say(f"checkpoint {path} ({time.perf_counter() - t0:.2f}s)")
 
@@ -257,6 +269,8 @@ class Trainer:
         with autocast(self.device, self.bf16):
             logits, new_state = self.ddp(x, self.state)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        if faults.armed("nonfinite", self.step + 1):
+            loss = loss * float("nan")
         loss.backward()
         self._sync()
         t2 = time.perf_counter()
@@ -289,6 +303,7 @@ class Trainer:
         while self.step < t.steps:
             window.begin()
             loss, norm, stop, phases = self.train_step(1.0 if preemption.requested else 0.0)
+            faults.after_step(self.step)
             window.add(loss, phases)
             if self.step % cfg.log.every == 0 or self.step == t.steps:
                 self._log(window, norm)
@@ -307,7 +322,7 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> int:
-        if not (ckpt.checkpoint_dir(self.run_dir) / ckpt.file_name(self.step)).exists():
+        if self.saved_at != self.step:  # not a file's existence: a damaged file of that name is no checkpoint
             self.save_checkpoint()
         t0 = time.perf_counter()
         valid_bpc, valid_chars = self.evaluate("valid")
@@ -331,6 +346,7 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        self.run_directory.release()
 
 
 def _report_exit(code: int, agreed: bool = True) -> bool:
@@ -338,8 +354,8 @@ def _report_exit(code: int, agreed: bool = True) -> bool:
 
     torchrun reports a worker's failure as its own exit status 1, prints a traceback of it, and may
     restart the workers; so the launch scripts and slurm/train.sh pass a file in LSTM_DIST_EXIT_FILE
-    and exit with the status written there (local rank 0 of every node writes it: each node's script
-    reads its own). An ending every rank reached together (done, a non-finite stop or a preemption
+    and exit with the status written there (local rank 0 of every node writes it, each node's script
+    reading its own, or the rank that met an ending alone). An ending every rank reached together (done, a non-finite stop or a preemption
     the ranks agreed on, a mistake in the config that every rank read alike) then exits 0, so that
     torchrun ends quietly and restarts nothing a restart cannot fix. An ending this rank may have
     met alone keeps its status: torchrun must see it to stop the other ranks, which would otherwise
@@ -347,7 +363,7 @@ def _report_exit(code: int, agreed: bool = True) -> bool:
     path = os.environ.get("LSTM_DIST_EXIT_FILE")
     if not path:
         return False
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if not agreed or os.environ.get("LOCAL_RANK", "0") == "0":  # an ending of its own: this rank tells it
         try:
             atomic_write_text(Path(path), f"{code}\n")
         except OSError as exc:
@@ -369,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         preemption = Preemption()
         preemption.install()
-        with setup(cfg.train.device) as env:
+        with setup(cfg.train.device, timeout_minutes=cfg.train.collective_timeout / 60) as env:
             started = True
             trainer = None
             try:
@@ -388,10 +404,17 @@ def main(argv: list[str] | None = None) -> int:
                 gc.collect()
                 preemption.restore()
     except UserError as exc:
-        if not _report_exit(EXIT_USER_ERROR, agreed=not started):
-            raise
-        print_error(str(exc))
-        return 0
+        # Before the process group every rank read the same config; after it, an AgreedError is every
+        # rank's, and any other user error may be this rank's alone: it says so, and keeps its status.
+        together = not started or isinstance(exc, AgreedError)
+        if os.environ.get("LSTM_DIST_DEBUG") == "1":
+            traceback.print_exc()
+        rank = int(os.environ.get("RANK", "0"))
+        if together:
+            print_error(str(exc))
+        else:
+            print(f"error: {f'rank {rank}: ' if rank else ''}{exc}", file=sys.stderr, flush=True)
+        return 0 if _report_exit(EXIT_USER_ERROR, together) else EXIT_USER_ERROR
     return 0 if _report_exit(code) else code
 
 
