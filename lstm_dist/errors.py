@@ -2,12 +2,15 @@
 
 Anything raised as `UserError` ends a command with a single line on stderr (the cause and the fix)
 and exit status 2, never a traceback. Bugs stay ordinary exceptions with their traceback.
+With `LSTM_DIST_DEBUG=1` in the environment the traceback of the user error is printed too, before
+its line (to see where in the code a message came from).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from typing import Callable, NoReturn
 
 EXIT_USER_ERROR = 2
@@ -32,6 +35,8 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 def print_error(message: str) -> None:
     # Under torchrun every rank meets the same mistake; one line from rank 0 says it once.
     if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("LSTM_DIST_DEBUG") == "1" and sys.exc_info()[1] is not None:
+            traceback.print_exc(file=sys.stderr)  # the exception being handled, where the line comes from
         print(f"error: {message}", file=sys.stderr, flush=True)
 
 
