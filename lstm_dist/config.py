@@ -375,6 +375,16 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def check_consistent(cfg: Config) -> Config:
+    """Settings valid one by one that contradict each other. Checked on `load` (a config a user is
+    about to run), not on `from_dict`, so a checkpoint written before a check existed still loads."""
+    t = cfg.train
+    if t.warmup_steps > t.steps:
+        raise UserError(f"train.warmup_steps={t.warmup_steps} is longer than the run (train.steps={t.steps}), so the "
+                        "learning rate would never reach train.lr; set train.warmup_steps to at most train.steps")
+    return cfg
+
+
 def from_dict(data: dict[str, Any], source: str = "a dict") -> Config:
     cfg = Config()
     _apply_mapping(cfg, data, source)
@@ -389,7 +399,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise UserError(f"config file {p} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
     return data or {}
 
@@ -423,7 +433,7 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
         if tp is str or get_origin(tp) is Literal:
             value = text.split("=", 1)[1]  # strings are taken verbatim ('0123', 'on' stay as typed)
         _set(cfg, key, _coerce(key, tp, value, "the command line"))
-    return validate(cfg)
+    return check_consistent(validate(cfg))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
