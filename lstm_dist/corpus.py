@@ -170,6 +170,10 @@ class Corpus:
         self.vocab = load_vocab(p)
         if kind is not None and kind != self.vocab.kind:
             raise UserError(f"{p}: meta.json says a {kind} vocabulary but vocab.json holds {self.vocab.kind}; re-prepare with: {redo}")
+        size = self.meta.get("vocab", {}).get("size")
+        if size is not None and size != self.vocab.size:  # e.g. a vocab.json copied from another corpus: ids would not fit
+            raise UserError(f"{p}: vocab.json has {self.vocab.size} ids but the splits were encoded with {size} (meta.json); "
+                            f"it belongs to another corpus; re-prepare with: {redo}")
         itemsize = np.dtype(self.vocab.dtype).itemsize
         self.sizes: dict[str, int] = {}
         for split in SPLITS:
