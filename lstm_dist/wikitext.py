@@ -170,6 +170,8 @@ def download(
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the cache directory {cache} ({exc.strerror}); pass --cache-dir or set LSTM_DIST_CACHE")
+    if not os.access(cache, os.W_OK | os.X_OK):
+        raise UserError(f"the cache directory {cache} is not writable; pass --cache-dir or set LSTM_DIST_CACHE to a writable directory")
     final, part = cache / name, cache / (name + ".part")
     if final.exists():
         if sha256 is None or sha256_file(final) == sha256.lower():
@@ -188,6 +190,10 @@ def download(
             if attempt >= retries:
                 have = part.stat().st_size if part.exists() else 0
                 reason = getattr(exc, "reason", None) or exc
+                if have == 0 and isinstance(exc, urllib.error.URLError):  # never connected: nothing to resume
+                    part.unlink(missing_ok=True)
+                    raise UserError(f"cannot download {url} ({reason}); check --url and the network, "
+                                    "or pass --zip with a local copy of the archive")
                 raise UserError(
                     f"downloading {url} was interrupted ({reason}) with {have} bytes kept in {part}; "
                     "run the same command again to resume"
