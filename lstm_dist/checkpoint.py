@@ -121,6 +121,13 @@ def resolve(path: str | Path) -> Path:
     if p.is_file():
         return p
     if p.is_dir():
+        run_dir = p.parent if p.name == "checkpoints" and not checkpoint_dir(p).is_dir() else p
+        pointer = checkpoint_dir(run_dir) / LATEST
+        if pointer.is_file():  # a pointer naming a missing file: the newest checkpoint is gone, do not guess another
+            named = checkpoint_dir(run_dir) / pointer.read_text().strip()
+            if not named.is_file():
+                raise CheckpointError(f"{pointer} names {named.name}, which does not exist; pass one of the checkpoint "
+                                      f"files in {checkpoint_dir(run_dir)} instead, or fix {pointer}")
         found = candidates(p) or (candidates(p.parent) if p.name == "checkpoints" else [])
         if not found:
             raise CheckpointError(f"{p} holds no checkpoints (no checkpoints/step_*.pt); pass a run directory "
