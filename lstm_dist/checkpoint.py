@@ -224,10 +224,13 @@ def find_resume(cfg: Any, vocab: Vocab, say: Callable[[str], None]) -> tuple[Pat
     for path in candidates(cfg.run_dir):
         try:
             saved = load(path)
-            check_compatible(saved, cfg, vocab, path)
-            return path, saved
         except CheckpointError as exc:
             say(f"warning: {exc}; falling back to the previous checkpoint")
+            continue
+        # Another model or vocabulary is a mistake in this config, not a damaged file: the older
+        # checkpoints of the run are of the same model, and starting fresh would write over the run.
+        check_compatible(saved, cfg, vocab, path)
+        return path, saved
     return None
 
 
