@@ -33,7 +33,7 @@ def test_defaults_yaml_then_overrides_win_in_order(tmp_path):
 
 
 def test_saved_config_loads_back_equal(tmp_path):
-    cfg = C.load(None, ["train.steps=9", "model.layers=3", "log.wandb.mode=disabled", "checkpoint.resume=never"])
+    cfg = C.load(None, ["train.steps=9", "train.warmup_steps=3", "model.layers=3", "log.wandb.mode=disabled", "checkpoint.resume=never"])
     f = tmp_path / "config.yaml"
     f.write_text(cfg.to_yaml())
     assert C.load(f) == cfg
@@ -98,7 +98,7 @@ def test_missing_config_file_names_it(tmp_path):
 
 
 def test_print_config_is_loadable_yaml(tmp_path):
-    proc = run_config("train.steps=42", "model.hidden=96")
+    proc = run_config("train.steps=42", "train.warmup_steps=10", "model.hidden=96")
     assert proc.returncode == 0, proc.stderr
     f = tmp_path / "printed.yaml"
     f.write_text(proc.stdout)
