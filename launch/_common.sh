@@ -9,12 +9,17 @@ require_config() {
   fi
 }
 
-# NPROC defaults to the number of visible GPUs, or 2 on a machine without one.
+# NPROC defaults to the number of visible GPUs, or 2 on a machine without one. A value given must be a
+# positive integer (or one of torchrun's own words gpu, cpu, auto), checked here rather than by torchrun's traceback.
 default_nproc() {
   if [[ -z "${NPROC:-}" ]]; then
     local gpus
     gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
     NPROC=$(( gpus > 0 ? gpus : 2 ))
+  fi
+  if [[ ! "$NPROC" =~ ^([1-9][0-9]*|gpu|cpu|auto)$ ]]; then
+    echo "error: NPROC=$NPROC is not a number of processes per node; set NPROC to a positive integer (e.g. NPROC=2) or leave it unset for one per GPU" >&2
+    exit 2
   fi
 }
 
