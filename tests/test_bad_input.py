@@ -175,6 +175,12 @@ CASES = [
     Case("launch-streams-do-not-fit", "launch/torchrun.sh", launch("train.batch_size=64"),
          "error: the split has 1000 characters but world_size*batch*(bptt+1) + bptt-1 = 2*64*17 + 15 = 2191 are needed",
          RUNS, env={"NPROC": "2"}, noise=ECHO),
+    Case("launch-truncated-train-bin", "launch/torchrun.sh", launch("data.path={corpus_truncated}"),
+         "error: {corpus_truncated}/train.bin holds 999 uint8 tokens but meta.json says 1000", ("runs", "corpus_truncated"),
+         env={"NPROC": "2"}, noise=ECHO),
+    Case("launch-checkpoint-other-shape", "launch/torchrun.sh", launch("model.hidden=48"),
+         "error: checkpoint {runs}/b/checkpoints/step_00000002.pt is of another model (model.hidden=32, this run has 48)",
+         RUNS, env={"NPROC": "2"}, noise=ECHO),
     Case("launch-nproc-not-a-number-torchrun", "launch/torchrun.sh", launch(),
          "error: NPROC=two is not a number of processes per node; set NPROC to a positive integer", RUNS,
          env={"NPROC": "two"}),
@@ -188,7 +194,8 @@ CASES = [
          env={"NPROC": "1", "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}),
 ]
 
-SLOW = {"launch-streams-do-not-fit"}  # starts torchrun with two workers: seconds, not milliseconds
+# These start torchrun with two workers: seconds each, not milliseconds.
+SLOW = {"launch-streams-do-not-fit", "launch-truncated-train-bin", "launch-checkpoint-other-shape"}
 
 
 # ------------------------------------------------------------------------------------------ running
