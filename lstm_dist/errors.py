@@ -32,12 +32,15 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return (lines[0] if lines else type(exc).__name__)[:limit]
 
 
-def print_error(message: str) -> None:
-    # Under torchrun every rank meets the same mistake; one line from rank 0 says it once.
-    if os.environ.get("RANK", "0") == "0":
-        if os.environ.get("LSTM_DIST_DEBUG") == "1" and sys.exc_info()[1] is not None:
-            traceback.print_exc(file=sys.stderr)  # the exception being handled, where the line comes from
-        print(f"error: {message}", file=sys.stderr, flush=True)
+def print_error(message: str, every_rank: bool = True) -> None:
+    """The one line. A mistake every rank meets alike is said once, by rank 0; one that this rank met
+    alone (`every_rank=False`) is said by this rank, which names itself when it is not rank 0."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if every_rank and rank != 0:
+        return
+    if os.environ.get("LSTM_DIST_DEBUG") == "1" and sys.exc_info()[1] is not None:
+        traceback.print_exc(file=sys.stderr)  # the exception being handled, where the line comes from
+    print(f"error: {f'rank {rank}: ' if rank and not every_rank else ''}{message}", file=sys.stderr, flush=True)
 
 
 def fail(message: str) -> NoReturn:

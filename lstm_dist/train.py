@@ -32,7 +32,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +185,8 @@ class Trainer:
         corpus = open_corpus(cfg, env, self.say)
         self.vocab = corpus.vocab
         self.splits = {name: corpus.split(name) for name in ("train", "valid", "test")}
-        self.stream = TokenStream(self.splits["train"], env.rank, env.world, t.batch_size, t.bptt,
-                                  seed=cfg.run.seed, random_offset=cfg.data.random_offset)
+        self.stream = agreed(lambda: TokenStream(self.splits["train"], env.rank, env.world, t.batch_size, t.bptt,
+                                                 seed=cfg.run.seed, random_offset=cfg.data.random_offset))
         seed_everything(init_seed(cfg.run.seed))
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
@@ -407,13 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before the process group every rank read the same config; after it, an AgreedError is every
         # rank's, and any other user error may be this rank's alone: it says so, and keeps its status.
         together = not started or isinstance(exc, AgreedError)
-        if os.environ.get("LSTM_DIST_DEBUG") == "1":
-            traceback.print_exc()
-        rank = int(os.environ.get("RANK", "0"))
-        if together:
-            print_error(str(exc))
-        else:
-            print(f"error: {f'rank {rank}: ' if rank else ''}{exc}", file=sys.stderr, flush=True)
+        print_error(str(exc), every_rank=together)
         return 0 if _report_exit(EXIT_USER_ERROR, together) else EXIT_USER_ERROR
     return 0 if _report_exit(code) else code
 
