@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,9 +66,34 @@ def train_cmd(nproc: int, *overrides: str) -> list[str]:
             "-m", "lstm_dist.train", *overrides]
 
 
-def run_train(nproc: int, *overrides: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(nproc, *overrides), cwd=cwd, env=child_env(), capture_output=True, text=True,
-                          timeout=timeout)
+# A tiny run's launch takes seconds; a launch that runs over this has hung, and its whole process group
+# (torchrun, its workers, a launch script's children) is killed so that nothing outlives the test.
+LAUNCH_TIMEOUT = 50.0
+
+
+def finish(proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> tuple[str, str]:
+    """Wait for a process started with start_new_session=True; on a timeout kill its group and fail."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, proc.args[:6]))}... ran over {timeout:.0f}s and was killed\n"
+                             f"stdout:\n{(out or '')[-3000:]}\nstderr:\n{(err or '')[-3000:]}") from None
+
+
+def run_group(cmd: list[str], cwd: Path, env: dict | None = None,
+              timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run `cmd` in a process group of its own, capturing its output; on a timeout kill the group and fail."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    out, err = finish(proc, timeout)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_train(nproc: int, *overrides: str, cwd: Path, timeout: float = LAUNCH_TIMEOUT,
+              check: bool = True) -> subprocess.CompletedProcess:
+    proc = run_group(train_cmd(nproc, *overrides), cwd=cwd, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc

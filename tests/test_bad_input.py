@@ -24,7 +24,6 @@ import pickle
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import zipfile
@@ -35,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, child_env, prepare_corpus
+from conftest import ROOT, TINY, child_env, prepare_corpus, run_group
 
 from lstm_dist.errors import run_cli  # the wrapper every `python -m lstm_dist.X` runs its main() in
 
@@ -227,7 +226,7 @@ def run_subprocess(cmd: str, argv: list[str], env: dict[str, str], cwd: Path) ->
     full["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     full.update(env)
     exe = [str(ROOT / cmd)] if cmd.startswith("launch/") else [sys.executable, "-m", f"lstm_dist.{cmd}"]
-    proc = subprocess.run(exe + argv, cwd=cwd, env=full, capture_output=True, text=True, timeout=300)
+    proc = run_group(exe + argv, cwd=cwd, env=full)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, child_env, load_ckpt, losses, read_metrics
+from conftest import LAUNCH_TIMEOUT, ROOT, TINY, child_env, load_ckpt, losses, read_metrics, run_group
 
 pytestmark = pytest.mark.slow
 IN_CI = os.environ.get("CI") == "true"
-TIMEOUT = 50  # seconds for one launch of a tiny model, on a loaded 2-core machine
+TIMEOUT = LAUNCH_TIMEOUT
 
 
 def overrides(tmp: Path, corpus: Path, name: str, *extra: str) -> list[str]:
@@ -44,19 +44,8 @@ def python(*args: str) -> list[str]:
 
 def launch(cmd: list[str], cwd: Path, fault: str | None = None, env: dict | None = None,
            timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    """Run `cmd` in a process group of its own; on a timeout the whole group is killed and the test fails."""
-    full_env = {**child_env(), **(env or {})}
-    if fault:
-        full_env["LSTM_DIST_FAULT"] = fault
-    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd[:6])}... ran over {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """Run `cmd` in a process group of its own (killed whole if it runs over), with the fault armed."""
+    return run_group(cmd, cwd, {**child_env(), **(env or {}), **({"LSTM_DIST_FAULT": fault} if fault else {})}, timeout)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

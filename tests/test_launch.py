@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, child_env, load_ckpt
+from conftest import LAUNCH_TIMEOUT, ROOT, TINY, child_env, load_ckpt, run_group
 
 pytestmark = pytest.mark.slow
 
@@ -26,15 +28,20 @@ def test_two_nodes_by_hand_train_like_one_node_with_two_processes(tmp_path, tiny
         subprocess.Popen([str(ROOT / "launch" / "multinode.sh"), *args, f"run.dir={tmp_path / 'nodes'}"], cwd=tmp_path,
                          env={**child_env(), "NNODES": "2", "NODE_RANK": str(r), "NPROC": "1",
                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         for r in (0, 1)
     ]
-    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    try:
+        outs = [p.communicate(timeout=LAUNCH_TIMEOUT)[0] for p in nodes]
+    except subprocess.TimeoutExpired:
+        for p in nodes:
+            os.killpg(p.pid, signal.SIGKILL)
+        raise
     assert [p.returncode for p in nodes] == [0, 0], outs
     assert "on 2 process(es)" in outs[0]
     assert outs[0].splitlines()[0].startswith("+ torchrun --nnodes=2 --nproc_per_node=1 --node_rank=0")
-    single = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *args, f"run.dir={tmp_path / 'single'}"],
-                            cwd=tmp_path, env={**child_env(), "NPROC": "2"}, capture_output=True, text=True, timeout=300)
+    single = run_group([str(ROOT / "launch" / "torchrun.sh"), *args, f"run.dir={tmp_path / 'single'}"],
+                       cwd=tmp_path, env={**child_env(), "NPROC": "2"})
     assert single.returncode == 0, single.stdout + single.stderr
     assert single.stderr.startswith("+ torchrun --standalone --nproc_per_node=2 -m lstm_dist.train")
     a = load_ckpt(tmp_path / "nodes" / "smoke" / "checkpoints" / "step_00000006.pt")
@@ -59,8 +66,8 @@ def test_launchers_refuse_bad_input_in_one_line(tmp_path, script, env, expected)
 def test_a_user_error_through_the_launcher_is_one_line_and_its_status(tmp_path):
     # The config exists, so the launcher starts torchrun; training refuses the key. torchrun must not
     # bury that line under its own report of a failed worker, and the script exits 2, not torchrun's 1.
-    proc = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), str(ROOT / "configs" / "smoke.yaml"), "model.hiden=8"],
-                          cwd=tmp_path, env={**child_env(), "NPROC": "2"}, capture_output=True, text=True, timeout=120)
+    proc = run_group([str(ROOT / "launch" / "torchrun.sh"), str(ROOT / "configs" / "smoke.yaml"), "model.hiden=8"],
+                     cwd=tmp_path, env={**child_env(), "NPROC": "2"})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if not line.startswith("+ ")]
     assert lines[-1] == "error: unknown key 'model.hiden'; did you mean 'model.hidden'?", proc.stderr

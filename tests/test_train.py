@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, child_env, load_ckpt, losses, read_metrics, run_train, train_cmd
+from conftest import ROOT, TINY, child_env, load_ckpt, losses, read_metrics, finish, run_group, run_train, train_cmd
 from lstm_dist import checkpoint as ckpt
 from lstm_dist.train import EXIT_NONFINITE, EXIT_PREEMPTED
 
@@ -137,16 +137,16 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resume_is_exact(tmp_path, ti
     # Through the documented launcher, which forwards the signal to torchrun and exits with the run's status.
     launcher = [str(ROOT / "launch" / "torchrun.sh"), str(ROOT / "configs" / "smoke.yaml"), *args]
     proc = subprocess.Popen(launcher, cwd=tmp_path, env={**child_env(), "NPROC": "2"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = tmp_path / "preempted" / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 60
     while time.time() < deadline:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = finish(proc)
     files = ckpt.list_checkpoints(tmp_path / "preempted")
     assert len(files) == 1, out
     stopped = load_ckpt(files[0])["step"]
@@ -158,13 +158,14 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resume_is_exact(tmp_path, ti
     # A plain process (world of one, as under srun without torchrun) exits with the code itself.
     single = subprocess.Popen(train_cmd(1, *common(tmp_path, tiny_corpus, "single", f"train.steps={steps}",
                                                     "checkpoint.every=0")),
-                              cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
     m1 = tmp_path / "single" / "metrics.jsonl"
     while not (m1.exists() and len(m1.read_text().splitlines()) >= 2):
         assert single.poll() is None, single.stdout.read()
         time.sleep(0.05)
     single.send_signal(signal.SIGUSR1)
-    single.communicate(timeout=60)
+    finish(single)
     assert single.returncode == EXIT_PREEMPTED
 
     # Resume the preempted run (same settings) to the end and compare with a run never stopped.
@@ -235,9 +236,8 @@ def test_non_finite_steps_are_skipped_then_stop_leaving_the_last_checkpoint(tmp_
 
 def test_missing_corpus_and_bad_config_are_one_line(tmp_path):
     status = tmp_path / "status"
-    proc = subprocess.run(train_cmd(2, *TINY, f"data.path={tmp_path / 'nowhere'}", f"run.dir={tmp_path}"), cwd=tmp_path,
-                          env={**child_env(), "LSTM_DIST_EXIT_FILE": str(status)}, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_group(train_cmd(2, *TINY, f"data.path={tmp_path / 'nowhere'}", f"run.dir={tmp_path}"), cwd=tmp_path,
+                     env={**child_env(), "LSTM_DIST_EXIT_FILE": str(status)})
     # every rank met it alike: all end in order (torchrun quiet, 0) and the run's own status, 2, is in the file
     assert proc.returncode == 0 and status.read_text() == "2\n"
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
