@@ -77,12 +77,16 @@ class TrainConfig:
     bptt: int = 128
     #: optimizer steps in the whole run (one step = one window on every rank)
     steps: int = 1000
-    #: peak learning rate, reached after warm-up
-    lr: float = 2e-3
+    #: peak learning rate at the reference global batch `lr_ref_batch`, reached after warm-up; other batches scale it by `lr_scaling`
+    lr: float = 1e-2
+    #: global batch (world_size × batch_size streams) at which `lr` is the peak rate as written
+    lr_ref_batch: int = 32
+    #: how the peak rate follows the global batch: `sqrt` (lr × sqrt(global / lr_ref_batch)), `linear`, or `none` (lr as written)
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
     #: final learning rate at the end of the decay, as a fraction of `lr`
     min_lr_ratio: float = 0.1
     #: steps of linear learning-rate warm-up from 0
-    warmup_steps: int = 50
+    warmup_steps: int = 0
     #: decay after warm-up: `cosine`, `linear` or `constant`
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     #: optimizer: `adamw` or `sgd` (with momentum)
@@ -175,6 +179,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.bptt": (lambda v: v > 0, "> 0"),
     "train.steps": (lambda v: v > 0, "> 0"),
     "train.lr": (lambda v: v > 0, "> 0"),
+    "train.lr_ref_batch": (lambda v: v > 0, "> 0 streams"),
     "train.min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "train.warmup_steps": (lambda v: v >= 0, ">= 0"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),

@@ -48,6 +48,7 @@ from . import checkpoint as ckpt
 from .atomic import atomic_write_text
 from . import config as config_mod
 from . import data as data_mod
+from . import lr_rule
 from .config import Config
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_object, gather_objects, setup
 from .errors import UserError, run_cli
@@ -88,18 +89,20 @@ class NonFiniteStop(Exception):
     pass
 
 
-def lr_at(step: int, t: config_mod.TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (1-based): linear warm-up, then the decay to lr·min_lr_ratio."""
+def lr_at(step: int, t: config_mod.TrainConfig, peak: float | None = None) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warm-up, then the decay to peak·min_lr_ratio.
+    `peak` is the rate lr_rule gives the run (default: t.lr as written)."""
+    top = t.lr if peak is None else peak
     if t.warmup_steps and step <= t.warmup_steps:
-        return t.lr * step / t.warmup_steps
+        return top * step / t.warmup_steps
     if t.schedule == "constant":
-        return t.lr
+        return top
     span = max(1, t.steps - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
-    low = t.lr * t.min_lr_ratio
+    low = top * t.min_lr_ratio
     if t.schedule == "linear":
-        return t.lr - (t.lr - low) * progress
-    return low + 0.5 * (t.lr - low) * (1.0 + math.cos(math.pi * progress))
+        return top - (top - low) * progress
+    return low + 0.5 * (top - low) * (1.0 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model: torch.nn.Module, t: config_mod.TrainConfig) -> torch.optim.Optimizer:
@@ -215,6 +218,7 @@ class Trainer:
         seed_everything(cfg.run.seed)  # the same initial weights on every rank
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
+        self.peak_lr = lr_rule.peak_lr(t, env.world)  # the documented rule: train.lr scaled to the global batch
         self.step = 0
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
         self.nonfinite_total = 0
@@ -302,7 +306,7 @@ class Trainer:
                 "vocab": self.vocab.to_dict(),
                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(),
-                "scheduler": {"step": self.step, "lr": lr_at(max(self.step, 1), self.cfg.train)},
+                "scheduler": {"step": self.step, "lr": lr_at(max(self.step, 1), self.cfg.train, self.peak_lr)},
                 "nonfinite_total": self.nonfinite_total,
                 "world_size": self.env.world,
                 "ranks": ranks,
@@ -374,7 +378,7 @@ class Trainer:
                                     f"{t.max_nonfinite}); lower train.lr or train.clip_norm and resume from the last "
                                     "checkpoint, which is untouched")
         else:
-            lr = lr_at(self.step, t)
+            lr = lr_at(self.step, t, self.peak_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
@@ -392,6 +396,8 @@ class Trainer:
                  f"process(es) × {t.batch_size} streams × bptt {t.bptt} ({self.device.type}, "
                  f"{'bf16' if self.bf16 else 'fp32'}, {torch.get_num_threads()} threads/process); "
                  f"steps {self.step + 1}..{t.steps}; run directory {self.run_dir}")
+        self.say(f"learning rate: {lr_rule.explain(t, self.env.world)}, warm-up {t.warmup_steps} steps, "
+                 f"{t.schedule} decay to {t.min_lr_ratio:g} of it")
         window = {"loss": 0.0, "n": 0, "times": [0.0, 0.0, 0.0], "wall": 0.0, "steps": 0}
         step_times: collections.deque[float] = collections.deque(maxlen=50)  # for the time-left estimate
         while self.step < t.steps:
@@ -449,7 +455,7 @@ class Trainer:
             "epoch": self.stream.state_dict()["epoch"],
             "loss": loss,
             "bpc": loss / LN2,
-            "lr": lr_at(self.step, self.cfg.train),
+            "lr": lr_at(self.step, self.cfg.train, self.peak_lr),
             "grad_norm": norm,
             "chars_per_s": chars_per_step * steps / wall if wall > 0 else 0.0,
             "data_ms": 1000 * data_s / steps,
@@ -492,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(args.config, args.overrides)
         if args.print_config:
             sys.stdout.write(cfg.to_yaml())
+            sys.stdout.write(lr_rule.print_config_note(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
             return 0
         preemption = Preemption()
         preemption.install()
