@@ -77,11 +77,13 @@ class TrainConfig:
     bptt: int = 128
     #: optimizer steps in the whole run (one step = one window on every rank)
     steps: int = 1000
-    #: peak learning rate at the reference global batch `lr_ref_batch`, reached after warm-up; other batches scale it by `lr_scaling`
-    lr: float = 1e-2
+    #: peak learning rate of a one-layer model `lr_ref_hidden` wide at a global batch of `lr_ref_batch` streams, reached after warm-up; `lr_scaling` gives other shapes theirs (lstm_dist/lr_rule.py)
+    lr: float = 5e-3
     #: global batch (world_size × batch_size streams) at which `lr` is the peak rate as written
     lr_ref_batch: int = 32
-    #: how the peak rate follows the global batch: `sqrt` (lr × sqrt(global / lr_ref_batch)), `linear`, or `none` (lr as written)
+    #: model.hidden at which `lr` is the peak rate as written
+    lr_ref_hidden: int = 256
+    #: the rule: `sqrt` (lr × sqrt(global / lr_ref_batch) × lr_ref_hidden / hidden / layers), `linear` (the batch term linear), or `none` (lr as written, whatever the shape)
     lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
     #: final learning rate at the end of the decay, as a fraction of `lr`
     min_lr_ratio: float = 0.1
@@ -180,6 +182,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.steps": (lambda v: v > 0, "> 0"),
     "train.lr": (lambda v: v > 0, "> 0"),
     "train.lr_ref_batch": (lambda v: v > 0, "> 0 streams"),
+    "train.lr_ref_hidden": (lambda v: v > 0, "> 0 units"),
     "train.min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "train.warmup_steps": (lambda v: v >= 0, ">= 0"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),

@@ -176,15 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result.rates[i]:>10.3g}  {result.smoothed[i]:>13.4f}  {result.smoothed[i] / LN2:>6.3f}{mark}")
     if result.stopped_early:
         print(f"stopped at rate {result.rates[-1]:.3g}: the smoothed loss left {args.stop_factor:g}× its lowest")
-    scale = lr_rule.scale_factor(t, args.world)
+    scale = lr_rule.scale_factor(cfg, args.world)
     print(f"lowest smoothed loss at rate {result.lowest:.3g}; suggested peak rate {result.suggested:.3g} "
           f"(lowest / {args.divisor:g}) in {time.perf_counter() - t0:.0f}s")
     if t.lr_scaling == "none":
         print(f"to use it: train.lr={result.suggested:.3g} (train.lr_scaling=none); the config now gives "
-              f"{lr_rule.peak_lr(t, args.world):.3g}")
+              f"{lr_rule.peak_lr(cfg, args.world):.3g}")
     else:
         print(f"to use it: train.lr={result.suggested / scale:.3g} (the rule multiplies train.lr by {scale:.3g} "
-              f"for {streams} streams); the config now gives {lr_rule.explain(t, args.world)}")
+              f"for {streams} streams); the config now gives {lr_rule.explain(cfg, args.world)}")
     if args.csv:
         with open(args.csv, "w", encoding="utf-8") as f:
             f.write("step,lr,loss,smoothed\n")

@@ -57,7 +57,7 @@ def cell_overrides(args: argparse.Namespace, hidden: int, layers: int, batch: in
 def rule_lr(overrides: list[str]) -> float:
     """The rate the current defaults and rule give a cell (one process: global batch = batch_size)."""
     cfg = config_mod.load(None, overrides)
-    return lr_rule.peak_lr(cfg.train, 1)
+    return lr_rule.peak_lr(cfg, 1)
 
 
 def run_key(overrides: list[str], lr: float) -> str:
@@ -138,8 +138,10 @@ def sweep_cell(args: argparse.Namespace, results: Results, hidden: int, layers: 
             scores[k] = train_once(args, results, overrides, center * 2.0 ** k, f"{cell}_lr{center * 2.0 ** k:.3g}")
         return scores[k]
 
-    for k in (0, -1, 1):
-        at(k)
+    # The rule's rate and half of it first; then outward on the side that is better, so that a cell
+    # whose best rate is far below the rule's does not spend a run on the (diverging) double.
+    at(0)
+    at(-1)
     while True:
         best = min(scores, key=scores.get)
         lo, hi = min(scores), max(scores)

@@ -218,7 +218,7 @@ class Trainer:
         seed_everything(cfg.run.seed)  # the same initial weights on every rank
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
-        self.peak_lr = lr_rule.peak_lr(t, env.world)  # the documented rule: train.lr scaled to the global batch
+        self.peak_lr = lr_rule.peak_lr(cfg, env.world)  # the documented rule: train.lr scaled to this run's batch, width, depth
         self.step = 0
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
         self.nonfinite_total = 0
@@ -396,7 +396,7 @@ class Trainer:
                  f"process(es) × {t.batch_size} streams × bptt {t.bptt} ({self.device.type}, "
                  f"{'bf16' if self.bf16 else 'fp32'}, {torch.get_num_threads()} threads/process); "
                  f"steps {self.step + 1}..{t.steps}; run directory {self.run_dir}")
-        self.say(f"learning rate: {lr_rule.explain(t, self.env.world)}, warm-up {t.warmup_steps} steps, "
+        self.say(f"learning rate: {lr_rule.explain(cfg, self.env.world)}, warm-up {t.warmup_steps} steps, "
                  f"{t.schedule} decay to {t.min_lr_ratio:g} of it")
         window = {"loss": 0.0, "n": 0, "times": [0.0, 0.0, 0.0], "wall": 0.0, "steps": 0}
         step_times: collections.deque[float] = collections.deque(maxlen=50)  # for the time-left estimate

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, child_env, prepare_corpus, read_metrics, run_train
+from conftest import child_env, read_metrics, run_train
 
 SMALL = ["model.embedding=16", "model.hidden=64", "model.layers=1", "model.compile=false", "train.batch_size=16",
          "train.bptt=32", "train.device=cpu", "train.threads=1"]
@@ -69,11 +69,15 @@ def test_range_test_runs_prints_a_table_and_writes_nothing_into_the_run_director
 
 @pytest.mark.slow
 def test_suggestion_lands_near_the_best_rate_of_a_small_real_sweep(tmp_path):
-    corpus = prepare_corpus(tmp_path / "corpus", train_chars=200_000, eval_chars=20_000)
+    from lstm_dist.data import prepare
+
+    # real prose-like text (the built-in corpus of standard-library docstrings), where the rate matters:
+    # generated word salad is learnt at almost any rate
+    corpus = prepare("stdlib-docs", tmp_path / "stdlib-docs", quiet=True)
     common = [*SMALL, f"data.path={corpus}", "train.eval_every=0", "train.sample_chars=0", "log.every=50",
               "log.wandb.mode=disabled", "checkpoint.every=0", f"run.dir={tmp_path / 'runs'}"]
-    # the real thing: whole runs at rates a factor of 3 apart, each with the defaults' schedule
-    rates = [0.001, 0.003, 0.01, 0.03, 0.1]
+    # the real thing: whole runs at rates about a factor of 3 apart, each with the defaults' schedule
+    rates = [0.003, 0.01, 0.03, 0.1]
     bpc = {}
     for lr in rates:
         run_train(1, *common, f"run.name=lr{lr}", f"train.lr={lr}", "train.lr_scaling=none", "train.steps=200",
