@@ -10,9 +10,10 @@ and a suggested peak rate, and the `train.lr` that gives that rate under the lea
 
 It writes nothing into a run directory: no checkpoint, no metrics, no W&B (only `--csv FILE`, if
 you ask for it). The suggestion is the rate where the smoothed loss is lowest, divided by
-`--divisor` (default 10, fastai's "minimum / 10"): at the lowest point the rate is already far
-too high for a whole run (the loss still falls there because the test is also training). See
-docs/lr_sweep.md for how the suggestion compares with the best rates of real 500-step runs.
+`--divisor` (default 5): at the lowest point the rate is already too high for a whole run (the
+loss still falls there because the test is also training). On the cells of docs/lr_sweep.md the
+lowest point sat 2 to 9 times above the best rate of real 500-step runs; 5 is the middle, so
+expect the best rate within about 2× of the suggestion, and sweep around it if it matters.
 
     python -m lstm_dist.lr_find --config configs/smoke.yaml --world 2
     python -m lstm_dist.lr_find model.hidden=256 train.batch_size=32 --steps 200 --csv /tmp/lr.csv
@@ -126,7 +127,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.stop_factor <= 1.0:
         raise UserError(f"--stop-factor must be above 1, got {args.stop_factor:g}; try --stop-factor 4")
     if args.divisor < 1.0:
-        raise UserError(f"--divisor must be at least 1, got {args.divisor:g}; try --divisor 10")
+        raise UserError(f"--divisor must be at least 1, got {args.divisor:g}; try --divisor 5")
     if args.world < 1:
         raise UserError(f"--world must be at least 1 (the processes of the real run), got {args.world}")
     if args.rows < 2:
@@ -148,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smooth", type=float, default=0.9, help="moving-average factor of the loss (default 0.9)")
     parser.add_argument("--stop-factor", type=float, default=4.0,
                         help="stop once the smoothed loss exceeds this × its lowest (default 4)")
-    parser.add_argument("--divisor", type=float, default=10.0,
-                        help="suggested rate = rate at the lowest smoothed loss / this (default 10)")
+    parser.add_argument("--divisor", type=float, default=5.0,
+                        help="suggested rate = rate at the lowest smoothed loss / this (default 5)")
     parser.add_argument("--rows", type=int, default=20, help="rows of the printed table (default 20)")
     parser.add_argument("--csv", metavar="FILE", help="also write every step (rate, loss, smoothed) to FILE")
     args = parser.parse_args(argv)

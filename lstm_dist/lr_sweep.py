@@ -12,6 +12,7 @@ N streams is the same global batch, for the rule, as world × streams.
     python -m lstm_dist.data prepare --source stdlib-docs --out /tmp/sweep/data
     python -m lstm_dist.lr_sweep run --data /tmp/sweep/data --out /tmp/sweep/out --jobs 2
     python -m lstm_dist.lr_sweep table --out /tmp/sweep/out
+    python -m lstm_dist.lr_sweep fit --out /tmp/sweep/out       # rules ranked against the sweep
 
 On bigger hardware widen the grid (`--widths 512,1024 --batches 64,256,1024 --bptt 128
 --device cuda`). Results go to OUT/results.jsonl, one line a run; a second `run` skips runs
@@ -207,12 +208,48 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Rank rules by how close they put every cell to its best swept rate. Only rules whose rate
+    for every cell was actually run are ranked (no interpolation): exponents that move the rate
+    by powers of 2 across the grid, and reference rates on the sweep's grid of rates."""
+    results = Results(Path(args.out))
+    cells: dict[tuple[int, int, int], dict[float, float]] = {}
+    for row in results.rows.values():
+        cells.setdefault((row["hidden"], row["layers"], row["batch"]), {})[row["lr"]] = row["valid_bpc"]
+    if not cells:
+        raise UserError(f"no results in {args.out}; run `python -m lstm_dist.lr_sweep run` first")
+    best = {c: min(v.values()) for c, v in cells.items()}
+    ranked = []
+    rates = sorted({lr for v in cells.values() for lr in v})
+    for a, b, d in itertools.product((0.0, 0.5, 1.0), (0.0, 0.5, 1.0, 2.0), (0.0, 1.0, 2.0)):
+        for lr in rates:
+            gaps = {}
+            for (hidden, layers, batch), runs in cells.items():
+                want = lr * (batch / args.ref_batch) ** a * (args.ref_hidden / hidden) ** b / layers ** d
+                hit = [r for r in runs if math.isclose(r, want, rel_tol=1e-3)]
+                if not hit:
+                    break
+                gaps[(hidden, layers, batch)] = runs[hit[0]] - best[(hidden, layers, batch)]
+            else:
+                # lr is the rate at (ref_batch, ref_hidden, 1 layer) only if that shape is in the grid;
+                # otherwise it is the reference rate the rule implies
+                ranked.append((sum(g > args.tolerance for g in gaps.values()), max(gaps.values()),
+                               sum(gaps.values()), a, b, d, lr))
+    ranked.sort()
+    print(f"| cells more than {args.tolerance} bpc from their best | worst gap | sum of gaps | batch exp. "
+          "| width exp. | depth exp. | train.lr |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for misses, worst, total, a, b, d, lr in ranked[:args.top]:
+        print(f"| {misses} of {len(cells)} | {worst:.3f} | {total:.3f} | {a:g} | {b:g} | {d:g} | {lr:.3g} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lstm_dist.lr_sweep", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "table"):
+    for name in ("run", "table", "fit"):
         p = sub.add_parser(name)
         p.add_argument("--out", required=True, help="directory for results.jsonl, logs/ and runs/")
         p.add_argument("--widths", default="128,256", help="model.hidden values")
@@ -230,8 +267,13 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--threads", type=int, default=1, help="torch threads per run")
             p.add_argument("--min-rates", type=int, default=4, help="rates per cell at least")
             p.add_argument("--max-doublings", type=int, default=4, help="never go further than 2^N from the rule")
+        if name == "fit":
+            p.add_argument("--ref-batch", type=int, default=32, help="lr_ref_batch of the rules ranked")
+            p.add_argument("--ref-hidden", type=int, default=256, help="lr_ref_hidden of the rules ranked")
+            p.add_argument("--tolerance", type=float, default=0.03, help="bpc a cell may be from its best")
+            p.add_argument("--top", type=int, default=10, help="rules to print")
     args = parser.parse_args(argv)
-    return cmd_run(args) if args.command == "run" else cmd_table(args)
+    return {"run": cmd_run, "table": cmd_table, "fit": cmd_fit}[args.command](args)
 
 
 if __name__ == "__main__":

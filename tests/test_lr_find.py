@@ -33,7 +33,7 @@ def suggested(stdout: str) -> float:
     (["--start", "1e-3", "--end", "1e-4"], "--end must be above --start (0.001), got 0.0001; try --end 1"),
     (["--steps", "5"], "--steps must be at least 20 to draw a curve, got 5; try --steps 100"),
     (["--smooth", "1"], "--smooth must be in [0, 1), got 1; try --smooth 0.9"),
-    (["--divisor", "0.5"], "--divisor must be at least 1, got 0.5; try --divisor 10"),
+    (["--divisor", "0.5"], "--divisor must be at least 1, got 0.5; try --divisor 5"),
     (["--world", "0"], "--world must be at least 1"),
     (["train.nope=1"], "unknown key 'train.nope'"),
 ])

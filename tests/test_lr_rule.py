@@ -16,9 +16,15 @@ from lstm_dist.train import lr_at
 
 from conftest import ROOT
 
+# The rates the defaults give (docs/lr_sweep.md): a change of the defaults must change these on purpose.
+EXPECTED = {"h128_l1": 0.02, "h128_l2": 0.005, "h64_l1": 0.04, "h64_l2": 0.01, "smoke": 0.01}
+
 
 def cfg(*overrides: str) -> C.Config:
-    return C.load(None, ["train.lr=0.004", "train.lr_ref_batch=32", "train.lr_ref_hidden=256", *overrides])
+    """The rule with the square-root batch term and inverse width and depth terms, whatever the defaults."""
+    return C.load(None, ["train.lr=0.004", "train.lr_scaling=rule", "train.lr_ref_batch=32", "train.lr_ref_hidden=256",
+                         "train.lr_batch_exponent=0.5", "train.lr_width_exponent=1", "train.lr_depth_exponent=1",
+                         *overrides])
 
 
 @pytest.mark.parametrize("world, batch, hidden, layers, expected", [
@@ -30,28 +36,40 @@ def cfg(*overrides: str) -> C.Config:
     (1, 32, 256, 2, 0.002),     # two layers: half the rate
     (16, 128, 2048, 2, 0.004 * 8 / 8 / 2),   # 2,048 streams, 2 × 2048: × 8 for the batch, ÷ 8 for the width, ÷ 2
 ])
-def test_sqrt_rule(world, batch, hidden, layers, expected):
+def test_rule_with_square_root_batch_and_inverse_width_and_depth(world, batch, hidden, layers, expected):
     c = cfg(f"train.batch_size={batch}", f"model.hidden={hidden}", f"model.layers={layers}")
     assert lr_rule.global_batch(c, world) == world * batch
     assert lr_rule.peak_lr(c, world) == pytest.approx(expected)
 
 
-def test_linear_and_none_rules():
-    c = cfg("train.lr_scaling=linear", "train.batch_size=64", "model.hidden=256", "model.layers=1")
-    assert lr_rule.peak_lr(c, 2) == pytest.approx(0.016)
-    c = cfg("train.lr_scaling=none", "train.batch_size=64", "model.hidden=64", "model.layers=3")
-    assert lr_rule.peak_lr(c, 2) == pytest.approx(0.004)  # as written, whatever the shape
+def test_each_exponent_is_its_own_setting():
+    base = ["train.batch_size=128", "model.hidden=64", "model.layers=2"]
+    assert lr_rule.peak_lr(cfg(*base, "train.lr_batch_exponent=1"), 1) == pytest.approx(0.004 * 4 * 4 / 2)
+    assert lr_rule.peak_lr(cfg(*base, "train.lr_batch_exponent=0"), 1) == pytest.approx(0.004 * 4 / 2)
+    assert lr_rule.peak_lr(cfg(*base, "train.lr_width_exponent=0"), 1) == pytest.approx(0.004 * 2 / 2)
+    assert lr_rule.peak_lr(cfg(*base, "train.lr_depth_exponent=2"), 1) == pytest.approx(0.004 * 2 * 4 / 4)
+    # none: as written, whatever the shape
+    assert lr_rule.peak_lr(cfg(*base, "train.lr_scaling=none"), 8) == pytest.approx(0.004)
 
 
-def test_the_defaults_give_train_lr_at_the_reference_shape_and_scale_from_there():
+def test_the_defaults_give_train_lr_at_the_reference_shape():
     d = C.Config()
-    assert d.train.lr_scaling == "sqrt"
+    assert d.train.lr_scaling == "rule"
     ref = C.load(None, [f"train.batch_size={d.train.lr_ref_batch}", f"model.hidden={d.train.lr_ref_hidden}",
                         "model.layers=1"])
     assert lr_rule.peak_lr(ref, 1) == pytest.approx(d.train.lr)
-    wide_batch = C.load(None, [f"train.batch_size={d.train.lr_ref_batch * 4}", f"model.hidden={d.train.lr_ref_hidden}",
-                               "model.layers=1"])
-    assert lr_rule.peak_lr(wide_batch, 1) == pytest.approx(2 * d.train.lr)
+    assert lr_rule.peak_lr(ref, 4) == pytest.approx(d.train.lr * 4 ** d.train.lr_batch_exponent)
+
+
+def test_the_defaults_rates_for_the_shapes_the_sweep_measured():
+    # docs/lr_sweep.md: the rates the defaults give the grid's cells, the smoke run and the cluster config
+    def rate(*o: str, world: int = 1) -> float:
+        return lr_rule.peak_lr(C.load(None, list(o)), world)
+    assert rate("model.hidden=128", "model.layers=1", "train.batch_size=128") == pytest.approx(EXPECTED["h128_l1"])
+    assert rate("model.hidden=128", "model.layers=2", "train.batch_size=32") == pytest.approx(EXPECTED["h128_l2"])
+    assert rate("model.hidden=64", "model.layers=1", "train.batch_size=8") == pytest.approx(EXPECTED["h64_l1"])
+    assert rate("model.hidden=64", "model.layers=2", "train.batch_size=8") == pytest.approx(EXPECTED["h64_l2"])
+    assert lr_rule.peak_lr(C.load(ROOT / "configs" / "smoke.yaml"), 2) == pytest.approx(EXPECTED["smoke"])
 
 
 def test_schedule_follows_the_rules_peak():
@@ -66,25 +84,28 @@ def test_schedule_follows_the_rules_peak():
 def test_explain_names_the_inputs():
     c = cfg("train.batch_size=64", "model.hidden=128", "model.layers=2")
     text = lr_rule.explain(c, 2)
-    assert text.startswith("peak lr 0.008 = train.lr 0.004 × sqrt(128 / 32) streams × (256 / 128) units / 2 layers")
+    assert text.startswith("peak lr 0.008 = train.lr 0.004 × (128 / 32 streams)^0.5 × (256 / 128 units)^1 / (2 layers)^1")
     c.train.lr_scaling = "none"
     assert lr_rule.explain(c, 2).startswith("peak lr 0.004")
 
 
-def test_reference_shape_must_be_positive():
+def test_bad_rule_settings_name_the_key():
     with pytest.raises(UserError, match=r"train.lr_ref_batch must be > 0"):
         C.load(None, ["train.lr_ref_batch=0"])
     with pytest.raises(UserError, match=r"train.lr_ref_hidden must be > 0"):
         C.load(None, ["train.lr_ref_hidden=-1"])
+    with pytest.raises(UserError, match=r"train.lr_batch_exponent must be in \[0, 1\]"):
+        C.load(None, ["train.lr_batch_exponent=2"])
     with pytest.raises(UserError, match=r"train.lr_scaling .* is not one of"):
-        C.load(None, ["train.lr_scaling=cubic"])
+        C.load(None, ["train.lr_scaling=sqrt"])
 
 
 def test_print_config_shows_the_rule_for_the_launch_world_size():
     env = dict(os.environ, WORLD_SIZE="4")
     proc = subprocess.run([sys.executable, "-m", "lstm_dist.train", "--print-config", "train.batch_size=32",
-                           "train.lr=0.003", "train.lr_ref_batch=32", "train.lr_ref_hidden=256", "model.hidden=256",
-                           "model.layers=1"], cwd=ROOT, env=env, capture_output=True, text=True)
+                           "train.lr=0.003", "train.lr_ref_batch=32", "train.lr_batch_exponent=0.5",
+                           "train.lr_ref_hidden=256", "model.hidden=256", "model.layers=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "lr_ref_batch: 32" in proc.stdout and "lr_scaling: sqrt" in proc.stdout
-    assert "world_size=4" in proc.stdout and "peak lr 0.006 = train.lr 0.003 × sqrt(128 / 32)" in proc.stdout
+    assert "lr_ref_batch: 32" in proc.stdout and "lr_scaling: rule" in proc.stdout
+    assert "world_size=4" in proc.stdout and "peak lr 0.006 = train.lr 0.003 × (128 / 32 streams)^0.5" in proc.stdout
