@@ -14,6 +14,9 @@ you ask for it). The suggestion is the rate where the smoothed loss is lowest, d
 loss still falls there because the test is also training). On the cells of docs/lr_sweep.md the
 lowest point sat 2 to 9 times above the best rate of real 500-step runs; 5 is the middle, so
 expect the best rate within about 2× of the suggestion, and sweep around it if it matters.
+It raises the rate slowly (a warm-up of its own), so it cannot see a model that fails when it
+starts at full rate: on the smoke config (bptt 128) it suggests 0.079 where a run without warm-up
+does best at 0.01 and much worse at 0.02. At long bptt, read it as an upper bound or warm up.
 
     python -m lstm_dist.lr_find --config configs/smoke.yaml --world 2
     python -m lstm_dist.lr_find model.hidden=256 train.batch_size=32 --steps 200 --csv /tmp/lr.csv
