@@ -91,7 +91,7 @@ class TrainConfig:
     lr_width_exponent: float = 1.0
     #: how the peak rate falls with the depth: the rate is divided by model.layers to this power
     lr_depth_exponent: float = 2.0
-    #: final learning rate at the end of the decay, as a fraction of `lr`
+    #: final learning rate at the end of the decay, as a fraction of the peak (`lr` after the rule)
     min_lr_ratio: float = 0.1
     #: steps of linear learning-rate warm-up from 0
     warmup_steps: int = 0
