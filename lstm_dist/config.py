@@ -77,12 +77,24 @@ class TrainConfig:
     bptt: int = 128
     #: optimizer steps in the whole run (one step = one window on every rank)
     steps: int = 1000
-    #: peak learning rate, reached after warm-up
-    lr: float = 2e-3
-    #: final learning rate at the end of the decay, as a fraction of `lr`
+    #: peak learning rate of one LSTM layer `lr_ref_hidden` units wide at a global batch of `lr_ref_batch` streams, reached after warm-up; `lr_scaling` gives other shapes theirs
+    lr: float = 1e-2
+    #: `rule`: peak = lr × (global / lr_ref_batch)^lr_batch_exponent × (lr_ref_hidden / hidden)^lr_width_exponent / layers^lr_depth_exponent (lstm_dist/lr_rule.py; global = world_size × batch_size streams); `none`: lr as written
+    lr_scaling: Literal["rule", "none"] = "rule"
+    #: global batch (streams) at which `lr` is the peak rate as written
+    lr_ref_batch: int = 32
+    #: how the peak rate follows the global batch: 0.5 is the square-root rule, 0 none (measured: 0, see docs/lr_sweep.md)
+    lr_batch_exponent: float = 0.0
+    #: model.hidden at which `lr` is the peak rate as written
+    lr_ref_hidden: int = 256
+    #: how the peak rate falls with the width: 1 is inverse to model.hidden
+    lr_width_exponent: float = 1.0
+    #: how the peak rate falls with the depth: the rate is divided by model.layers to this power
+    lr_depth_exponent: float = 2.0
+    #: final learning rate at the end of the decay, as a fraction of the peak (`lr` after the rule)
     min_lr_ratio: float = 0.1
     #: steps of linear learning-rate warm-up from 0
-    warmup_steps: int = 50
+    warmup_steps: int = 0
     #: decay after warm-up: `cosine`, `linear` or `constant`
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     #: optimizer: `adamw` or `sgd` (with momentum)
@@ -177,6 +189,11 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.bptt": (lambda v: v > 0, "> 0"),
     "train.steps": (lambda v: v > 0, "> 0"),
     "train.lr": (lambda v: v > 0, "> 0"),
+    "train.lr_ref_batch": (lambda v: v > 0, "> 0 streams"),
+    "train.lr_ref_hidden": (lambda v: v > 0, "> 0 units"),
+    "train.lr_batch_exponent": (lambda v: 0.0 <= v <= 1.0, "in [0, 1] (0.5 is the square-root rule)"),
+    "train.lr_width_exponent": (lambda v: 0.0 <= v <= 2.0, "in [0, 2] (1 is inverse to the width)"),
+    "train.lr_depth_exponent": (lambda v: 0.0 <= v <= 3.0, "in [0, 3]"),
     "train.min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "train.warmup_steps": (lambda v: v >= 0, ">= 0"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),

@@ -14,18 +14,20 @@ import torch
 from .config import TrainConfig
 
 
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (1-based): linear warm-up, then the decay to lr·min_lr_ratio."""
+def lr_at(step: int, t: TrainConfig, peak: float | None = None) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warm-up, then the decay to peak·min_lr_ratio.
+    `peak` is the rate lr_rule gives the run (default: t.lr as written)."""
+    top = t.lr if peak is None else peak
     if t.warmup_steps and step <= t.warmup_steps:
-        return t.lr * step / t.warmup_steps
+        return top * step / t.warmup_steps
     if t.schedule == "constant":
-        return t.lr
+        return top
     span = max(1, t.steps - t.warmup_steps)
     progress = min(1.0, (step - t.warmup_steps) / span)
-    low = t.lr * t.min_lr_ratio
+    low = top * t.min_lr_ratio
     if t.schedule == "linear":
-        return t.lr - (t.lr - low) * progress
-    return low + 0.5 * (t.lr - low) * (1.0 + math.cos(math.pi * progress))
+        return top - (top - low) * progress
+    return low + 0.5 * (top - low) * (1.0 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:

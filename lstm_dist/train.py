@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import faults
+from . import lr_rule
 from . import config as config_mod
 from .atomic import atomic_write_text
 from .config import Config
@@ -190,6 +191,7 @@ class Trainer:
         seed_everything(init_seed(cfg.run.seed))
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
+        self.peak_lr = lr_rule.peak_lr(cfg, env.world)  # the documented rule: train.lr scaled to this run's batch, width, depth
         self.step = 0
         self.saved_at: int | None = None  # the step of the checkpoint last written or resumed from
         self.nonfinite = NonFinite(t.max_nonfinite)
@@ -279,7 +281,7 @@ class Trainer:
         if any_bad or not math.isfinite(norm):
             self._skip_step(mean_loss, norm)
         else:
-            set_lr(self.optimizer, lr_at(self.step, t))
+            set_lr(self.optimizer, lr_at(self.step, t, self.peak_lr))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite.ok()
@@ -297,6 +299,8 @@ class Trainer:
     def run(self, preemption: Preemption) -> int:
         cfg, t = self.cfg, self.cfg.train
         self.say(describe(self, placement()))  # placement() is a collective: every rank takes part
+        self.say(f"learning rate: {lr_rule.explain(cfg, self.env.world)}, warm-up {t.warmup_steps} steps, "
+                 f"{t.schedule} decay to {t.min_lr_ratio:g} of it")
         window = Window(self.env.world * t.batch_size * t.bptt)
         every = lambda n: n and self.step % n == 0 and self.step < t.steps  # noqa: E731  (not at the end)
         while self.step < t.steps:
@@ -337,7 +341,7 @@ class Trainer:
 
     def _log(self, window: Window, norm: float) -> None:
         loss, timing = window.take(self.cfg.train.steps - self.step)
-        values = {"epoch": self.stream.epoch, "loss": loss, "bpc": loss / LN2, "lr": lr_at(self.step, self.cfg.train),
+        values = {"epoch": self.stream.epoch, "loss": loss, "bpc": loss / LN2, "lr": lr_at(self.step, self.cfg.train, self.peak_lr),
                   "grad_norm": norm, **timing}
         if self.nonfinite.total:
             values["nonfinite_steps"] = self.nonfinite.total
@@ -381,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(args.config, args.overrides)
         if args.print_config:
             sys.stdout.write(cfg.to_yaml())
+            sys.stdout.write(lr_rule.print_config_note(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
             return 0
         preemption = Preemption()
         preemption.install()

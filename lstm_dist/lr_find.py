@@ -1,0 +1,203 @@
+"""LR range test: `python -m lstm_dist.lr_find --config FILE [section.key=value ...]`.
+
+A short run on your corpus and model, before a long one (the test fastai and Lightning's `lr_find`
+made familiar): the learning rate rises exponentially from `--start` to `--end` over `--steps`
+optimizer steps, with the run's own optimizer, betas, weight decay, clipping and global batch,
+and the loss is smoothed with a bias-corrected moving average. It stops early once the smoothed
+loss climbs past `--stop-factor` times its lowest value. It prints a table of rate → smoothed loss
+and a suggested peak rate, and the `train.lr` that gives that rate under the learning-rate rule
+(`lstm_dist/lr_rule.py`) for the world size you will train with.
+
+It writes nothing into a run directory: no checkpoint, no metrics, no W&B (only `--csv FILE`, if
+you ask for it). The suggestion is the rate where the smoothed loss is lowest, divided by
+`--divisor` (default 5): at the lowest point the rate is already too high for a whole run (the
+loss still falls there because the test is also training). On the cells of docs/lr_sweep.md the
+lowest point sat 2 to 9 times above the best rate of real 500-step runs; 5 is the middle, so
+expect the best rate within about 2× of the suggestion, and sweep around it if it matters.
+It raises the rate slowly (a warm-up of its own), so it cannot see a model that fails when it
+starts at full rate: on the smoke config (bptt 128) it suggests 0.079 where a run without warm-up
+does best at 0.01 and much worse at 0.02. At long bptt, read it as an upper bound or warm up.
+
+    python -m lstm_dist.lr_find --config configs/smoke.yaml --world 2
+    python -m lstm_dist.lr_find model.hidden=256 train.batch_size=32 --steps 200 --csv /tmp/lr.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import config as config_mod
+from . import lr_rule
+from .distributed import DistEnv
+from .errors import UserError, run_cli
+from .model import CharLSTM
+from .scoring import LN2
+from .optim import build_optimizer
+from .seeds import seed_everything
+from .streams import TokenStream
+from .train import open_corpus
+
+
+@dataclass
+class RangeTest:
+    rates: list[float]
+    losses: list[float]  # raw loss (nats per character) of each step
+    smoothed: list[float]  # bias-corrected moving average of `losses`
+    suggested: float
+    lowest: float  # the rate where `smoothed` was lowest
+    stopped_early: bool
+
+
+def smooth(losses: list[float], beta: float) -> list[float]:
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses, 1):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+def suggest(rates: list[float], smoothed: list[float], divisor: float, skip: int) -> tuple[float, float]:
+    """(suggested rate, rate at the lowest smoothed loss); the first `skip` steps are ignored."""
+    start = min(skip, max(0, len(smoothed) - 1))
+    i = min(range(start, len(smoothed)), key=lambda j: smoothed[j])
+    return rates[i] / divisor, rates[i]
+
+
+def range_test(cfg: config_mod.Config, world: int, start: float, end: float, steps: int, beta: float,
+               stop_factor: float, divisor: float, device: torch.device, say=print) -> RangeTest:
+    t = cfg.train
+    streams = world * t.batch_size  # the real run's global batch, in one process
+    # one process, no process group: rank 0 of a world of 1 (a missing built-in corpus is prepared)
+    corpus = open_corpus(cfg, DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=device), say)
+    stream = TokenStream(corpus.split("train"), 0, 1, streams, t.bptt, seed=cfg.run.seed,
+                                  random_offset=cfg.data.random_offset)
+    seed_everything(cfg.run.seed)
+    model = CharLSTM.from_config(cfg.model, corpus.vocab.size).to(device)
+    optimizer = build_optimizer(model, t)
+    state = None
+    rates, losses = [], []
+    stopped = False
+    best = math.inf
+    for k in range(steps):
+        lr = start * (end / start) ** (k / max(1, steps - 1))
+        batch = stream.next()
+        x, y = batch.x.to(device), batch.y.to(device)
+        if batch.reset or state is None:
+            state = model.init_state(x.shape[0], device=device)
+        logits, new_state = model(x, state)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            stopped = True
+            break
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state = (new_state[0].detach(), new_state[1].detach())
+        rates.append(lr)
+        losses.append(value)
+        current = smooth(losses, beta)[-1]
+        best = min(best, current)
+        if k >= steps // 10 and current > stop_factor * best:
+            stopped = True
+            break
+    if len(losses) < 2:
+        raise UserError(f"the loss was not finite from the first step at lr {start:g}; lower --start "
+                        "(or check the model settings)")
+    smoothed = smooth(losses, beta)
+    suggested, lowest = suggest(rates, smoothed, divisor, skip=steps // 10)
+    return RangeTest(rates, losses, smoothed, suggested, lowest, stopped)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not (args.start > 0 and math.isfinite(args.start)):
+        raise UserError(f"--start must be a positive rate, got {args.start:g}; try --start 1e-5")
+    if not (args.end > args.start and math.isfinite(args.end)):
+        raise UserError(f"--end must be above --start ({args.start:g}), got {args.end:g}; try --end 1")
+    if args.steps < 20:
+        raise UserError(f"--steps must be at least 20 to draw a curve, got {args.steps}; try --steps 100")
+    if not 0.0 <= args.smooth < 1.0:
+        raise UserError(f"--smooth must be in [0, 1), got {args.smooth:g}; try --smooth 0.9")
+    if args.stop_factor <= 1.0:
+        raise UserError(f"--stop-factor must be above 1, got {args.stop_factor:g}; try --stop-factor 4")
+    if args.divisor < 1.0:
+        raise UserError(f"--divisor must be at least 1, got {args.divisor:g}; try --divisor 5")
+    if args.world < 1:
+        raise UserError(f"--world must be at least 1 (the processes of the real run), got {args.world}")
+    if args.rows < 2:
+        raise UserError(f"--rows must be at least 2, got {args.rows}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lstm_dist.lr_find", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--config", metavar="FILE", help="YAML file with settings (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="settings that win over the file")
+    parser.add_argument("--world", type=int, default=1,
+                        help="processes the real run will use: the test runs one process with world × batch_size "
+                             "streams, the same global batch (default 1)")
+    parser.add_argument("--start", type=float, default=1e-4, help="first learning rate (default 1e-4)")
+    parser.add_argument("--end", type=float, default=1.0, help="last learning rate (default 1)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the sweep (default 100)")
+    parser.add_argument("--smooth", type=float, default=0.9, help="moving-average factor of the loss (default 0.9)")
+    parser.add_argument("--stop-factor", type=float, default=4.0,
+                        help="stop once the smoothed loss exceeds this × its lowest (default 4)")
+    parser.add_argument("--divisor", type=float, default=5.0,
+                        help="suggested rate = rate at the lowest smoothed loss / this (default 5)")
+    parser.add_argument("--rows", type=int, default=20, help="rows of the printed table (default 20)")
+    parser.add_argument("--csv", metavar="FILE", help="also write every step (rate, loss, smoothed) to FILE")
+    args = parser.parse_args(argv)
+    _check(args)
+    cfg = config_mod.load(args.config, args.overrides)
+    t = cfg.train
+    device = torch.device("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(t.threads or len(os.sched_getaffinity(0)))
+    streams = args.world * t.batch_size
+    print(f"LR range test: {args.steps} steps, rate {args.start:g} → {args.end:g} (exponential), "
+          f"{streams} streams × bptt {t.bptt} (world {args.world} × batch_size {t.batch_size}), "
+          f"{cfg.model.layers} × {cfg.model.hidden} LSTM, {device.type}; nothing is written to {cfg.run_dir}",
+          flush=True)
+    t0 = time.perf_counter()
+    result = range_test(cfg, args.world, args.start, args.end, args.steps, args.smooth, args.stop_factor,
+                        args.divisor, device)
+    n = len(result.rates)
+    picks = sorted({round(i * (n - 1) / (args.rows - 1)) for i in range(args.rows)})
+    print(f"{'rate':>10}  {'smoothed loss':>13}  {'bpc':>6}")
+    for i in picks:
+        mark = "  ← lowest" if result.rates[i] == result.lowest else ""
+        print(f"{result.rates[i]:>10.3g}  {result.smoothed[i]:>13.4f}  {result.smoothed[i] / LN2:>6.3f}{mark}")
+    if result.stopped_early:
+        print(f"stopped at rate {result.rates[-1]:.3g}: the smoothed loss left {args.stop_factor:g}× its lowest")
+    scale = lr_rule.scale_factor(cfg, args.world)
+    print(f"lowest smoothed loss at rate {result.lowest:.3g}; suggested peak rate {result.suggested:.3g} "
+          f"(lowest / {args.divisor:g}) in {time.perf_counter() - t0:.0f}s")
+    if t.lr_scaling == "none":
+        print(f"to use it: train.lr={result.suggested:.3g} (train.lr_scaling=none); the config now gives "
+              f"{lr_rule.peak_lr(cfg, args.world):.3g}")
+    else:
+        print(f"to use it: train.lr={result.suggested / scale:.3g} (the rule multiplies train.lr by {scale:.3g} "
+              f"for {streams} streams); the config now gives {lr_rule.explain(cfg, args.world)}")
+    if args.csv:
+        with open(args.csv, "w", encoding="utf-8") as f:
+            f.write("step,lr,loss,smoothed\n")
+            for i, (r, loss, s) in enumerate(zip(result.rates, result.losses, result.smoothed), 1):
+                f.write(f"{i},{r:.6g},{loss:.6f},{s:.6f}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

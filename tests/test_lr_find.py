@@ -1,0 +1,92 @@
+"""The LR range test through its real entry point: bad input, what it prints and writes, and that
+its suggestion lands near the best rate of a small real sweep."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import child_env, read_metrics, run_train
+
+SMALL = ["model.embedding=16", "model.hidden=64", "model.layers=1", "model.compile=false", "train.batch_size=16",
+         "train.bptt=32", "train.device=cpu", "train.threads=1"]
+
+
+def lr_find(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lstm_dist.lr_find", *args], cwd=cwd, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def suggested(stdout: str) -> float:
+    m = re.search(r"suggested peak rate ([0-9.e+-]+)", stdout)
+    assert m, stdout
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--start", "0"], "--start must be a positive rate, got 0; try --start 1e-5"),
+    (["--start", "1e-3", "--end", "1e-4"], "--end must be above --start (0.001), got 0.0001; try --end 1"),
+    (["--steps", "5"], "--steps must be at least 20 to draw a curve, got 5; try --steps 100"),
+    (["--smooth", "1"], "--smooth must be in [0, 1), got 1; try --smooth 0.9"),
+    (["--divisor", "0.5"], "--divisor must be at least 1, got 0.5; try --divisor 5"),
+    (["--world", "0"], "--world must be at least 1"),
+    (["train.nope=1"], "unknown key 'train.nope'"),
+])
+def test_bad_arguments_end_in_one_line_and_exit_2(tmp_path, args, message):
+    proc = lr_find(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.slow
+def test_range_test_runs_prints_a_table_and_writes_nothing_into_the_run_directory(tmp_path, tiny_corpus):
+    run_dir = tmp_path / "runs"
+    csv = tmp_path / "lr.csv"
+    proc = lr_find(*SMALL, "train.batch_size=4", "train.bptt=16", f"data.path={tiny_corpus}", f"run.dir={run_dir}",
+                   "run.name=real", "--steps", "40", "--start", "1e-4", "--end", "1", "--world", "2",
+                   "--csv", str(csv), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "8 streams × bptt 16 (world 2 × batch_size 4)" in out
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+[0-9.e-]+\s+[0-9.]+\s+[0-9.]+", line)]
+    assert len(rows) >= 10
+    rates = [float(r[0]) for r in rows]
+    assert rates == sorted(rates) and rates[0] == pytest.approx(1e-4)
+    s = suggested(out)
+    assert math.isfinite(s) and 1e-4 <= s <= 1.0
+    assert "train.lr=" in out and "peak lr" in out
+    assert not run_dir.exists(), "the range test must not write into a run directory"
+    lines = csv.read_text().splitlines()
+    assert lines[0] == "step,lr,loss,smoothed" and 2 <= len(lines) - 1 <= 40
+
+
+@pytest.mark.slow
+def test_suggestion_lands_near_the_best_rate_of_a_small_real_sweep(tmp_path):
+    from lstm_dist.data import prepare
+
+    # real prose-like text (the built-in corpus of standard-library docstrings), where the rate matters:
+    # generated word salad is learnt at almost any rate
+    corpus = prepare("stdlib-docs", tmp_path / "stdlib-docs", quiet=True)
+    common = [*SMALL, f"data.path={corpus}", "train.eval_every=0", "train.sample_chars=0", "log.every=50",
+              "log.wandb.mode=disabled", "checkpoint.every=0", f"run.dir={tmp_path / 'runs'}"]
+    # the real thing: whole runs at rates about a factor of 3 apart, each with the defaults' schedule
+    rates = [0.003, 0.01, 0.03, 0.1]
+    bpc = {}
+    for lr in rates:
+        run_train(1, *common, f"run.name=lr{lr}", f"train.lr={lr}", "train.lr_scaling=none", "train.steps=200",
+                  cwd=tmp_path)
+        bpc[lr] = [m for m in read_metrics(tmp_path / "runs" / f"lr{lr}") if "test_bpc" in m][-1]["valid_bpc"]
+    best = min(bpc, key=bpc.get)
+    assert best not in (rates[0], rates[-1]), f"the sweep must bracket its best rate: {bpc}"
+    proc = lr_find(*common, "--steps", "100", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    s = suggested(proc.stdout)
+    # "near": within one step of the sweep's grid (a factor of 3) of its best rate
+    assert best / 3.01 <= s <= best * 3.01, f"suggested {s:.3g}, sweep {bpc}"
