@@ -32,7 +32,8 @@
 # the job (`scontrol requeue`), which starts again from that checkpoint in the same run directory, the same
 # W&B run and the same log file (`--open-mode=append`). A requeued job waits in the queue about two
 # minutes before it may start (Slurm's requeue delay); an operator makes it eligible at once with
-# `scontrol update JobId=JOBID StartTime=now`.
+# `scontrol update JobId=JOBID StartTime=now` (a second or more after the requeue: slurmd refuses a job
+# launched within the same second, "Job credential revoked").
 # SIGTERM (scancel, preemption by another job, the time limit itself) also checkpoints every rank at the
 # next step, but this script does not requeue then: scancel means stop, and a preempting Slurm requeues a
 # job itself where the partition's PreemptMode is REQUEUE.

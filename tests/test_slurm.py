@@ -200,7 +200,9 @@ def test_preempted_job_checkpoints_requeues_and_ends_bit_identical(slurm, tmp_pa
     assert [p.name for p in sorted((run_dir / "checkpoints").glob("step_*.pt"))] == [f"step_{stopped:08d}.pt"]
     assert f"requeueing job {job} (1 of at most 20)" in text
 
-    # Slurm holds a requeued job back about two minutes; start it now, as an operator would.
+    # Slurm holds a requeued job back about two minutes; start it now, as an operator would, but not within
+    # the second of the requeue: slurmd refuses a job launched then ("Job credential revoked") and it fails.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True, timeout=30)
     info = wait_for(slurm, job, finished, "finished")
     text = log.read_text()
