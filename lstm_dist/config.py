@@ -250,50 +250,6 @@ def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def field_docs() -> dict[str, str]:
-    """Dotted key -> the `#:` comment above the field in this file."""
-    import inspect
-
-    docs: dict[str, str] = {}
-
-    def walk(cls: type, prefix: str) -> None:
-        lines = inspect.getsource(cls).splitlines()
-        pending = ""
-        for line in lines:
-            s = line.strip()
-            if s.startswith("#:"):
-                pending = s[2:].strip()
-                continue
-            if ":" in s and not s.startswith(("class", "@", "#", "def", "return")) and pending:
-                name = s.split(":", 1)[0].strip()
-                docs[f"{prefix}{name}"] = pending
-            pending = ""
-        for name, tp in _hints(cls).items():
-            if _is_section(tp):
-                walk(tp, f"{prefix}{name}.")
-
-    walk(Config, "")
-    return docs
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " \\| ".join(f"`{a}`" for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def reference_markdown() -> str:
-    """The configuration reference as a Markdown table (README.md holds a copy; a test compares)."""
-    defaults = Config()
-    rows = ["| key | type | default | what it does |", "| --- | --- | --- | --- |"]
-    docs = field_docs()
-    for key, tp in leaf_fields().items():
-        value = _get(defaults, key)
-        shown = f"`{value}`" if value != "" else '`""`'
-        rows.append(f"| `{key}` | {_type_name(tp)} | {shown} | {docs[key]} |")
-    return "\n".join(rows) + "\n"
-
-
 # --------------------------------------------------------------------------------------------
 # Loading, overriding, validating.
 # --------------------------------------------------------------------------------------------
@@ -461,6 +417,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config_reference import reference_markdown  # the generator of README's table lives beside
+
     parser = argparse.ArgumentParser(prog="python -m lstm_dist.config", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     parser.add_argument("--reference", action="store_true", help="print the configuration reference (Markdown)")

@@ -33,7 +33,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +45,7 @@ from . import config as config_mod
 from .atomic import atomic_write_text
 from .config import Config
 from .corpus import Corpus, builtin_source_for
-from .distributed import DistEnv, agreed, all_reduce_sum, autocast, cpu_threads, placement, setup
+from .distributed import DistEnv, agreed, autocast, cpu_threads, placement, setup
 from .errors import EXIT_USER_ERROR, AgreedError, UserError, print_error, run_cli
 from .metrics import NO_METRICS, Metrics
 from .model import CharLSTM
@@ -55,61 +54,13 @@ from .rundir import RunDirectory
 from .sampling import sample_text
 from .scoring import LN2, split_bits
 from .seeds import init_seed, rank_seed, recut_seed, sample_seed, seed_everything
+from .stopping import NonFinite, NonFiniteStop, Preemption, agree
 from .streams import TokenStream
 from .timing import Window
 
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues on it
 SAMPLE_PROMPT = "The "
-
-
-class Preemption:
-    """SIGTERM/SIGUSR1 set a flag and do nothing else; the loop acts on it at a step boundary."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class NonFiniteStop(Exception):
-    pass
-
-
-class NonFinite:
-    """Steps skipped for a non-finite loss or gradient: in all (kept in checkpoints) and in a row."""
-
-    def __init__(self, limit: int, total: int = 0) -> None:
-        self.limit, self.total, self.run = limit, total, 0
-
-    def ok(self) -> None:
-        self.run = 0
-
-    def skipped(self, step: int, loss: float, norm: float) -> str:
-        """Count a skipped step; returns the warning to print."""
-        self.total += 1
-        self.run += 1
-        return (f"warning: step {step}: non-finite loss or gradient (loss {loss:.4g}, grad norm {norm:.4g}); "
-                f"optimizer step skipped on every rank ({self.run} in a row, {self.total} in all)")
-
-    def check(self) -> None:
-        if self.run >= self.limit:
-            raise NonFiniteStop(f"{self.run} consecutive non-finite steps (train.max_nonfinite={self.limit}); "
-                                "lower train.lr or train.clip_norm and resume from the last checkpoint, which is untouched")
 
 
 # ---------------------------------------------------------------------------------------- pieces
@@ -139,15 +90,6 @@ def open_corpus(cfg: Config, env: DistEnv, say) -> Corpus:
 
 
 # ---------------------------------------------------------------------------------------- trainer
-
-
-def agree(loss: torch.Tensor, preempt_flag: float, world: int) -> tuple[float, bool, bool]:
-    """One small all-reduce per step: (the mean loss over ranks, whether any rank saw a non-finite
-    loss, whether any rank was asked to stop). The gradient norm is already the same on every rank."""
-    bad = 0.0 if torch.isfinite(loss) else 1.0
-    flags = torch.tensor([bad, preempt_flag], device=loss.device)
-    total = all_reduce_sum(torch.cat([loss.detach().float().reshape(1), flags]).to(torch.float64)).tolist()
-    return total[0] / world, total[1] > 0, total[2] > 0
 
 
 def describe(trainer: "Trainer", where: str) -> str:

@@ -1,0 +1,52 @@
+"""The configuration reference: README's table of every setting, made from `config.py` itself (each
+field's type, default and the `#:` comment above it). `python -m lstm_dist.config --reference` prints
+it; a test keeps README's copy in step."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Literal, get_args, get_origin
+
+from .config import Config, _get, _hints, _is_section, leaf_fields
+
+
+def field_docs() -> dict[str, str]:
+    """Dotted key -> the `#:` comment above the field in this file."""
+    docs: dict[str, str] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        lines = inspect.getsource(cls).splitlines()
+        pending = ""
+        for line in lines:
+            s = line.strip()
+            if s.startswith("#:"):
+                pending = s[2:].strip()
+                continue
+            if ":" in s and not s.startswith(("class", "@", "#", "def", "return")) and pending:
+                name = s.split(":", 1)[0].strip()
+                docs[f"{prefix}{name}"] = pending
+            pending = ""
+        for name, tp in _hints(cls).items():
+            if _is_section(tp):
+                walk(tp, f"{prefix}{name}.")
+
+    walk(Config, "")
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " \\| ".join(f"`{a}`" for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def reference_markdown() -> str:
+    """The configuration reference as a Markdown table (README.md holds a copy; a test compares)."""
+    defaults = Config()
+    rows = ["| key | type | default | what it does |", "| --- | --- | --- | --- |"]
+    docs = field_docs()
+    for key, tp in leaf_fields().items():
+        value = _get(defaults, key)
+        shown = f"`{value}`" if value != "" else '`""`'
+        rows.append(f"| `{key}` | {_type_name(tp)} | {shown} | {docs[key]} |")
+    return "\n".join(rows) + "\n"
