@@ -3,7 +3,7 @@
 The fault-tolerance tests need a process to die, or a rank to go wrong, at an exact place that no
 outside timing can hit reliably: between a checkpoint's write and its rename, at step 12 on rank 1.
 Each point below is one line in the code it concerns; unset (always, outside the tests) it costs one
-dictionary lookup. A fault fires in the first attempt only (TORCHELASTIC_RESTART_COUNT unset or 0),
+cached lookup. A fault fires in the first attempt only (TORCHELASTIC_RESTART_COUNT unset or 0),
 so that workers restarted by torchrun run clean.
 
     kill                      SIGKILL this process after optimizer step S
@@ -18,6 +18,7 @@ so that workers restarted by torchrun run clean.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -29,6 +30,7 @@ POINTS = ("kill", "raise", "user-error", "preempt", "hang", "nonfinite", "checkp
 AFTER_STEP = ("kill", "raise", "user-error", "preempt", "hang")
 
 
+@functools.cache  # read once per process: `after_step` asks at every step
 def _spec() -> dict[str, str] | None:
     raw = os.environ.get("LSTM_DIST_FAULT")
     if not raw or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
