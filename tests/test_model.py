@@ -336,20 +336,23 @@ def test_bf16_autocast_on_cuda_matches_fp32():
 
 
 def test_ddp_wrapped_model_trains_like_the_plain_one(tmp_path):
-    """One-process gloo group: DDP's all-reduce hooks see every parameter's gradient from the Function."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+    """One-process gloo group: DDP's all-reduce hooks see every parameter's gradient from the Function.
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
+    In a process of its own, as training runs it: in the long-lived pytest process, torch 2.13 can
+    deadlock when the gloo group is destroyed while its worker thread still frees a finished
+    all-reduce that holds a Python object from the caller's thread state (seen in CI: the worker
+    waits for the GIL, the main thread holds it and joins the worker).
+    """
+    script = textwrap.dedent(f"""
+        import torch, torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        from lstm_dist.model import CharLSTM, detach_state
+        dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
         torch.manual_seed(0)
-        plain = CharLSTM(VOCAB, EMB, HID, 2, dropout=0.0)
-        wrapped = DistributedDataParallel(CharLSTM(VOCAB, EMB, HID, 2, dropout=0.0))
+        plain = CharLSTM({VOCAB}, {EMB}, {HID}, 2, dropout=0.0)
+        wrapped = DistributedDataParallel(CharLSTM({VOCAB}, {EMB}, {HID}, 2, dropout=0.0))
         wrapped.module.load_state_dict(plain.state_dict())
-        x = torch.randint(0, VOCAB, (BATCH, BPTT))
+        x = torch.randint(0, {VOCAB}, ({BATCH}, {BPTT}))
         state = None
         for _ in range(2):  # two windows, state detached between them as in training
             for net in (plain, wrapped):
@@ -359,10 +362,16 @@ def test_ddp_wrapped_model_trains_like_the_plain_one(tmp_path):
             out_a.sum().backward()
             out_b.sum().backward()
             for (name, p), q in zip(plain.named_parameters(), wrapped.module.parameters()):
+                assert q.grad is not None, name
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
             state = detach_state(s_a)
-    finally:
+        del wrapped
         dist.destroy_process_group()
+        print("grads agree")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "grads agree" in proc.stdout
 
 
 def test_fp32_paths_with_and_without_mkl_packed_gemm_agree(monkeypatch):
