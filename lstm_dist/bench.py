@@ -4,6 +4,12 @@
     python -m lstm_dist.bench --batch 128 --bptt 64 --embedding 256 --hidden 1024
     python -m lstm_dist.bench --device cuda --dtype bfloat16 --batch 256 --hidden 1024 --layers 2
     python -m lstm_dist.bench --json                            # one JSON object on stdout
+    python -m lstm_dist.bench --train                           # whole training step, grid of shapes
+    python -m lstm_dist.bench --train --shape 2,512,128,64      # one shape: layers,hidden,embedding,batch
+
+`--train` times a whole optimizer step (embedding, layers, head, loss, backward, clipping, AdamW) of
+CharLSTM against the same model on torch.nn.LSTM over a grid of shapes: `lstm_dist.bench_train`.
+Without it:
 
 What is timed, for each of `fast`, `reference` (lstm_dist.model) and `torch.nn.LSTM`, all with the
 same shapes and the same process: the LSTM layers only (no embedding, no head) over one window of
@@ -59,7 +65,16 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=990.0, help="peak for MFU (default 990 = H200 dense bf16)")
     p.add_argument("--skip-reference", action="store_true", help="do not time the (slow) reference")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--train", action="store_true",
+                   help="time a whole training step of CharLSTM vs the same model on torch.nn.LSTM over a grid of shapes")
+    p.add_argument("--shape", action="append", type=_shape, metavar="L,H,E,B",
+                   help="with --train: layers,hidden,embedding,batch (repeatable; default: the built-in grid)")
+    p.add_argument("--vocab", type=int, default=256, help="with --train: vocabulary size (default 256, the bytes vocabulary)")
     args = p.parse_args(argv)
+    if args.shape is not None and not args.train:
+        raise UserError("--shape goes with --train; for the layer bench use --layers/--hidden/--embedding/--batch")
+    if args.vocab < 2:
+        raise UserError(f"--vocab must be >= 2, got {args.vocab}")
     for name in ("batch", "bptt", "embedding", "hidden", "layers", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -70,6 +85,16 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     if args.peak_tflops <= 0:
         raise UserError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     return args
+
+
+def _shape(text: str):
+    try:
+        layers, hidden, embedding, batch = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layers,hidden,embedding,batch (e.g. 2,512,128,64), got {text!r}")
+    if min(layers, hidden, embedding, batch) < 1:
+        raise argparse.ArgumentTypeError(f"every number must be >= 1, got {text!r}")
+    return layers, hidden, embedding, batch
 
 
 def window_flops(batch: int, bptt: int, embedding: int, hidden: int, layers: int) -> float:
@@ -205,6 +230,15 @@ def format_table(r: dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.train:
+        from lstm_dist.bench_train import format_train_table, run_train_bench
+
+        device = pick_device(args.device, setting="--device ")
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        result = run_train_bench(args, device)
+        print(json.dumps(result) if args.json else format_train_table(result))
+        return 0
     result = run_bench(args)
     if args.json:
         print(json.dumps(result))

@@ -1,0 +1,178 @@
+"""`python -m lstm_dist.bench --train`: a whole training step of CharLSTM against the same model on
+torch.nn.LSTM, over the grid of shapes users train.
+
+What is timed, per shape, for both models in one process: one optimizer step of truncated BPTT as
+the trainer runs it (`lstm_dist.train.Trainer.train_step` without its data loading and bookkeeping):
+embedding, the LSTM layers, the head, the cross-entropy over the window, backward, global gradient
+clipping, AdamW (the default settings, `lstm_dist.optim.build_optimizer`) and zeroing the
+gradients, with the (h, c) state carried from window to window and detached. The baseline is the
+same module with one `torch.nn.LSTM(embedding, hidden, layers)` in place of our layers (time-major,
+as ours runs inside; the same weights), i.e. ATen's LSTM on the CPU and cuDNN's on CUDA. After
+--warmup untimed steps of each (ours compiles its pointwise step there), the two are timed in
+turn, interleaved, --repeats times; the table shows medians.
+
+Under --dtype bfloat16 both run inside `torch.autocast(dtype=bfloat16)` as the trainer does: our
+matrix products run in bf16 with the state and cell update in fp32; cuDNN's LSTM under autocast
+runs in fp16 (autocast's cast policy for `lstm`), which the table labels.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .distributed import autocast
+from .lstm import compile_available
+from .model import CharLSTM, State
+
+# (layers, hidden, embedding, batch): the shapes of the issue that asked for this, smoke model first
+GRID: Tuple[Tuple[int, int, int, int], ...] = (
+    (1, 256, 64, 64),
+    (2, 256, 64, 32),
+    (1, 512, 128, 64),
+    (2, 512, 128, 64),
+    (1, 1024, 256, 128),
+    (2, 1024, 256, 32),
+)
+
+
+class TorchLSTMModel(nn.Module):
+    """CharLSTM's embedding and head around one torch.nn.LSTM, with CharLSTM's weights copied in."""
+
+    def __init__(self, ours: CharLSTM) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(ours.vocab_size, ours.embedding_size)
+        self.lstm = nn.LSTM(ours.embedding_size, ours.hidden_size, ours.num_layers)
+        self.head = nn.Linear(ours.hidden_size, ours.vocab_size)
+        with torch.no_grad():
+            self.embed.weight.copy_(ours.embed.weight)
+            self.head.weight.copy_(ours.head.weight)
+            self.head.bias.copy_(ours.head.bias)
+            for k, cell in enumerate(ours.cells):
+                getattr(self.lstm, f"weight_ih_l{k}").copy_(cell.weight_ih)
+                getattr(self.lstm, f"weight_hh_l{k}").copy_(cell.weight_hh)
+                getattr(self.lstm, f"bias_ih_l{k}").copy_(cell.bias)
+                getattr(self.lstm, f"bias_hh_l{k}").zero_()
+
+    def forward(self, x: torch.Tensor, state: Optional[State] = None):
+        y, state = self.lstm(self.embed(x.t()), state)
+        return self.head(y).transpose(0, 1), state
+
+
+def _stepper(model: nn.Module, vocab: int, batch: int, bptt: int, device: torch.device,
+             bf16: bool, seed: int) -> Callable[[], None]:
+    """One training step of `model` per call, on fresh random windows, the state carried over."""
+    optimizer = _optimizer(model)
+    gen = torch.Generator().manual_seed(seed)
+    carried: List[Optional[State]] = [None]
+    clip = TrainConfig().clip_norm
+
+    def step() -> None:
+        tokens = torch.randint(0, vocab, (batch, bptt + 1), generator=gen).to(device)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        with autocast(device, bf16):
+            logits, state = model(x, carried[0])
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        carried[0] = (state[0].detach(), state[1].detach())
+
+    return step
+
+
+def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    from .optim import build_optimizer
+
+    return build_optimizer(model, TrainConfig())
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: int, vocab: int,
+                device: torch.device, bf16: bool, use_compile: bool, repeats: int, warmup: int) -> dict:
+    """Median step time of both models at one shape, interleaved."""
+    torch.manual_seed(0)
+    ours = CharLSTM(vocab, embedding, hidden, layers, compile=use_compile).to(device)
+    theirs = TorchLSTMModel(ours).to(device)
+    steps = {
+        "lstm_dist": _stepper(ours, vocab, batch, bptt, device, bf16, seed=1),
+        "torch_lstm": _stepper(theirs, vocab, batch, bptt, device, bf16, seed=1),
+    }
+    first: Dict[str, float] = {}
+    for name, fn in steps.items():
+        first[name] = _timed(fn, device)
+        for _ in range(warmup - 1):
+            _timed(fn, device)
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            times[name].append(_timed(fn, device))
+    row = {"layers": layers, "hidden": hidden, "embedding": embedding, "batch": batch, "bptt": bptt}
+    for name, ts in times.items():
+        ms = statistics.median(ts) * 1e3
+        row[f"{name}_ms"] = ms
+        row[f"{name}_min_ms"] = min(ts) * 1e3
+        row[f"{name}_chars_per_s"] = batch * bptt / (ms / 1e3)
+        row[f"{name}_first_step_s"] = first[name]
+    row["ratio"] = row["lstm_dist_ms"] / row["torch_lstm_ms"]
+    return row
+
+
+def run_train_bench(args, device: torch.device) -> dict:
+    shapes = GRID if args.shape is None else tuple(args.shape)
+    bf16 = args.dtype == "bfloat16"
+    use_compile = not args.no_compile
+    rows = [bench_shape(*shape, bptt=args.bptt, vocab=args.vocab, device=device, bf16=bf16,
+                        use_compile=use_compile, repeats=args.repeats, warmup=args.warmup)
+            for shape in shapes]
+    baseline_dtype = args.dtype if not bf16 else ("float16 (cuDNN under autocast)" if device.type == "cuda"
+                                                  else "bfloat16")
+    return {
+        "mode": "train",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "baseline_computes_in": baseline_dtype,
+        "threads": torch.get_num_threads(),
+        "vocab": args.vocab,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "compile": use_compile and compile_available(),
+        "torch_version": torch.__version__,
+        "rows": rows,
+        "worst_ratio": max(r["ratio"] for r in rows),
+    }
+
+
+def format_train_table(r: dict) -> str:
+    lines = [
+        f"lstm_dist.bench --train  device={r['device_name']}  dtype={r['dtype']} (torch.nn.LSTM computes in "
+        f"{r['baseline_computes_in']})  threads={r['threads']}  vocab={r['vocab']}  compile={r['compile']}  "
+        f"median of {r['repeats']}, interleaved",
+        f"{'layers':>6}{'hidden':>7}{'emb':>5}{'batch':>6}{'bptt':>5}"
+        f"{'lstm_dist ms':>14}{'nn.LSTM ms':>12}{'ratio':>7}{'lstm_dist chars/s':>19}{'nn.LSTM chars/s':>17}",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"{row['layers']:>6}{row['hidden']:>7}{row['embedding']:>5}{row['batch']:>6}{row['bptt']:>5}"
+            f"{row['lstm_dist_ms']:>14.1f}{row['torch_lstm_ms']:>12.1f}{row['ratio']:>7.3f}"
+            f"{row['lstm_dist_chars_per_s']:>19,.0f}{row['torch_lstm_chars_per_s']:>17,.0f}"
+        )
+    lines.append(f"worst ratio {r['worst_ratio']:.3f} (lstm_dist step time / torch.nn.LSTM step time; below 1 is faster)")
+    return "\n".join(lines)
