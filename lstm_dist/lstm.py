@@ -26,6 +26,9 @@ Two implementations of a layer over a window of T steps, same parameters and sam
       di = dc_t ⊙ g,  df = dc_t ⊙ c_{t-1},  dg = dc_t ⊙ i
       dgates_t = [di·i(1-i), df·f(1-f), dg·(1-g²), do·o(1-o)]     (through σ and tanh)
 
+  The factors that do not depend on the incoming gradient (σ', tanh', and the products with the
+  other gates: g·i(1-i), c_{t-1}·f(1-f), i·(1-g²), tanh(c_t)·o(1-o), o·(1-tanh²(c_t))) are computed
+  for the whole window before the loop, so a step is the recurrent product and 6 in-place ops;
   and after the loop the weight gradients as single products over all T·B rows of the window:
   dW = dgates^T X, dU = dgates^T [h_{-1}, …, h_{T-2}], db = Σ dgates, dX = dgates W. Gradients reach
   the initial state too: dh_{-1} = dgates_0 U, dc_{-1} = dc_0 ⊙ f_0.
@@ -34,8 +37,7 @@ The pointwise work of a step is written twice per direction, as it must be: a fu
 (`_fwd_pointwise`, `_bwd_pointwise`) that `torch.compile` fuses into one kernel (a small function
 with fixed shapes, never the time loop, so compile time does not grow with the window), and the
 in-place eager ops of the loops (no allocation per step), used with `compile=False`, where no
-compiler works (one warning, then eager), and for the forward step on CPU (see `_compile_steps`
-for the measurement behind that).
+compiler works (one warning, then eager), and on CPU (see `compile_steps` for the measurement).
 
 Where the CPU time goes, and what the fast path does about it (numbers: this repo's bench, 2 cores):
 - matrix products are ~80% of a window: the input product and the weight gradients are single big
@@ -47,7 +49,7 @@ Where the CPU time goes, and what the fast path does about it (numbers: this rep
 - the bias rides in the input GEMM as a column of ones ([X | 1] [W | b]^T), so neither a broadcast
   copy of the bias over the window nor a separate column sum for db is needed;
 - per step, views of the buffers are made once per window (unbind) and the pointwise update is a few
-  in-place ops (forward 7, backward 11) with no allocation.
+  in-place ops (forward 7, backward 6) with no allocation; `tests/test_fast_path.py` pins these counts.
 
 Precision: the recurrent state (h, c), the gates and the cell update are always fp32. Under
 `torch.autocast` (e.g. bf16 on CUDA) only the matrix products run in the autocast dtype.
@@ -71,7 +73,7 @@ from .errors import first_line
 State = Tuple[Tensor, Tensor]
 
 # Settings of the fast path, read at each window (tests flip them to cover the other paths here):
-COMPILE_FORWARD_ON_CPU = False  # see _compile_steps; CUDA always compiles both steps
+COMPILE_ON_CPU = False  # see compile_steps; CUDA always compiles both steps
 USE_MKL_PACKED = True  # MKL's packed-weight GEMM for the recurrent product where this torch has it
 
 
@@ -127,22 +129,6 @@ def _fwd_pointwise(gates: Tensor, c_prev: Tensor, c_out: Tensor, tc_out: Tensor,
 
 
 
-def _bwd_pointwise(
-    act: Tensor, tc: Tensor, c_prev: Tensor, dh: Tensor, dc: Tensor, dgates: Tensor, tmp: Tensor, ones: Tensor
-) -> None:
-    """Step t of the backward, for torch.compile to fuse: from dh_t and dc (= dc_{t+1} f_{t+1}) writes
-    dgates_t and leaves dc_{t-1} = dc_t f_t in dc. The eager form is the in-place ops in `_backward_loop`."""
-    i, f, g, o = act.chunk(4, dim=1)
-    dct = dc + dh * o * (1 - tc * tc)
-    di = dct * g * i * (1 - i)
-    df = dct * c_prev * f * (1 - f)
-    dg = dct * i * (1 - g * g)
-    do = dh * tc * o * (1 - o)
-    dgates.copy_(torch.cat([di, df, dg, do], dim=1))
-    dc.copy_(dct * f)
-
-
-
 _COMPILED: dict = {}
 _COMPILE_FAILED = False
 
@@ -152,17 +138,19 @@ def compile_available() -> bool:
     return not _COMPILE_FAILED
 
 
-def _compile_steps(use_compile: bool, device_type: str) -> Tuple[bool, bool]:
+def compile_steps(use_compile: bool, device_type: str) -> Tuple[bool, bool]:
     """Whether to run the (forward, backward) pointwise step compiled.
 
-    On CPU only the backward step is compiled: inductor's CPU kernels compute exp/tanh with 1-ulp
-    vector math that measured 2-3x slower than ATen's eager sigmoid_/tanh_ on these sizes, while the
-    backward (11 eager ops, no transcendentals) fuses into one loop. On CUDA both are compiled (each
-    eager op would be a kernel launch).
+    On CUDA both are (each eager op would be a kernel launch of its own). On CPU neither, measured
+    with `python -m lstm_dist.bench` on 2 cores: inductor's CPU kernels compute exp/tanh with 1-ulp
+    vector math 2-3x slower than ATen's eager sigmoid_/tanh_ at these sizes, and the backward step,
+    6 eager ops once its coefficients are computed for the whole window, lost to the ~40 µs a
+    compiled call costs per step (2 x 256, batch 32: 104 ms eager vs 114 ms compiled per window).
     """
     if not use_compile or _COMPILE_FAILED:
         return False, False
-    return device_type != "cpu" or COMPILE_FORWARD_ON_CPU, True
+    on = device_type != "cpu" or COMPILE_ON_CPU
+    return on, on
 
 
 def _compiled_or_eager(name: str, functional: Callable, eager: Callable[[int], None],
@@ -256,42 +244,69 @@ def _forward_loop(gates: Tensor, hs: Tensor, cs: Tensor, tcs: Tensor, weight_hh:
         pointwise(t)
 
 
+def _backward_coefficients(gates: Tensor, cs: Tensor, tcs: Tensor, coef: Tensor, dc_coef: Tensor) -> None:
+    """Everything of the backward step that does not depend on the incoming gradient, for the whole
+    window at once (a few large vector ops instead of per-step work). With a = (i, f, g, o) the
+    activations and tc = tanh(c_t), it writes
+
+        coef[t] = [g·i(1-i), c_{t-1}·f(1-f), i·(1-g²), tc·o(1-o)]     ([T,B,4H], gate order)
+        dc_coef[t] = o·(1 - tc²)                                       ([T,B,H])
+
+    so that the step is (di, df, dg)_t = dc_t ⊙ coef[t][:, :3H] (per gate), do_t = dh_t ⊙ coef[t][:, 3H:],
+    dc_t = dc_{t+1} f_{t+1} + dh_t ⊙ dc_coef[t]. The saved tensors are only read (backward may run
+    twice on one forward, as gradcheck does)."""
+    hid = gates.shape[2] // 4
+    i, f, g, o = gates.split(hid, dim=2)
+    k_i, k_f, k_g, k_o = coef.split(hid, dim=2)
+    torch.addcmul(i, i, i, value=-1.0, out=k_i).mul_(g)  # g i (1 - i)
+    torch.addcmul(f, f, f, value=-1.0, out=k_f).mul_(cs[:-1])  # c_{t-1} f (1 - f)
+    torch.mul(g, g, out=k_g)
+    torch.addcmul(i, i, k_g, value=-1.0, out=k_g)  # i (1 - g^2)
+    torch.addcmul(o, o, o, value=-1.0, out=k_o).mul_(tcs)  # tc o (1 - o)
+    torch.mul(tcs, tcs, out=dc_coef)
+    torch.addcmul(o, o, dc_coef, value=-1.0, out=dc_coef)  # o (1 - tc^2)
+
+
+def _bwd_pointwise(dh: Tensor, dc: Tensor, dc_coef: Tensor, coef: Tensor, f: Tensor, dgates: Tensor) -> None:
+    """Step t of the backward, for torch.compile to fuse: from dh_t and dc (= dc_{t+1} f_{t+1}) writes
+    dgates_t and leaves dc_t f_t in dc (`_backward_coefficients` has the coefficients). The eager form
+    is the in-place ops in `_backward_loop`."""
+    hid = dc.shape[1]
+    dct = dc + dh * dc_coef
+    dgates.copy_(torch.cat([(dct.unsqueeze(1) * coef[:, : 3 * hid].unflatten(1, (3, hid))).flatten(1),
+                            dh * coef[:, 3 * hid :]], dim=1))
+    dc.copy_(dct * f)
+
+
 def _backward_loop(gates: Tensor, cs: Tensor, tcs: Tensor, dy: Tensor, dc: Tensor, dgates: Tensor,
                    weight_hh: Tensor, mm, compiled: bool) -> None:
     """The reverse recurrence: fills dgates [T,B,4H] (gradient of the pre-activations); dc [B,H] goes
-    from dc_T to dc_{-1} in place. The eager step is 11 in-place ops on views made once per window."""
+    from dc_T to dc_{-1} in place. The coefficients of the step are computed first for the whole
+    window (`_backward_coefficients`, into pooled buffers); the eager step is then
+    6 in-place ops on views made once per window, plus the recurrent product."""
     steps, batch, four_h = gates.shape
     hid = four_h // 4
+    coef = _POOL.empty(tuple(gates.shape), gates.dtype, gates.device)
+    dc_coef = _POOL.empty(tuple(tcs.shape), gates.dtype, gates.device)
+    _backward_coefficients(gates, cs, tcs, coef, dc_coef)
     dh = torch.empty(batch, hid, device=dy.device, dtype=dy.dtype)
-    tmp = torch.empty(batch, four_h, device=dy.device, dtype=dy.dtype)  # the activations' derivatives
-    ones = torch.ones(batch, hid, device=dy.device, dtype=dy.dtype)
-    a_t, c_t, tc_t, dy_t, dg_t = gates.unbind(0), cs.unbind(0), tcs.unbind(0), dy.unbind(0), dgates.unbind(0)
-    i_t = gates[:, :, :hid].unbind(0)
+    dy_t, dg_t, k_t, a_t = dy.unbind(0), dgates.unbind(0), coef.unbind(0), dc_coef.unbind(0)
     f_t = gates[:, :, hid : 2 * hid].unbind(0)
-    gg_t = gates[:, :, 2 * hid : 3 * hid].unbind(0)
-    o_t = gates[:, :, 3 * hid :].unbind(0)
-    di_t = dgates[:, :, :hid].unbind(0)
-    df_t = dgates[:, :, hid : 2 * hid].unbind(0)
-    dgg_t = dgates[:, :, 2 * hid : 3 * hid].unbind(0)
-    do_t = dgates[:, :, 3 * hid :].unbind(0)
-    tmp_g = tmp[:, 2 * hid : 3 * hid]
+    # per gate: the gradient's views and its coefficient's (one broadcast product over [B,3,H]
+    # measured 2x slower than these three plain ones)
+    d_t = [dgates[:, :, k * hid : (k + 1) * hid].unbind(0) for k in range(4)]
+    c_t = [coef[:, :, k * hid : (k + 1) * hid].unbind(0) for k in range(4)]
 
     def eager(t: int) -> None:
-        torch.addcmul(a_t[t], a_t[t], a_t[t], value=-1.0, out=tmp)  # s - s^2 for i, f, o
-        torch.addcmul(ones, gg_t[t], gg_t[t], value=-1.0, out=tmp_g)  # 1 - g^2
-        df = df_t[t]  # scratch before it is written
-        torch.mul(tc_t[t], tc_t[t], out=df)
-        torch.addcmul(o_t[t], o_t[t], df, value=-1.0, out=df)  # o (1 - tanh^2 c)
-        dc.addcmul_(dh, df)  # dc_t = dc + dh o (1 - tanh^2 c_t)
-        torch.mul(dh, tc_t[t], out=do_t[t])
-        torch.mul(dc, gg_t[t], out=di_t[t])
-        torch.mul(dc, c_t[t], out=df)
-        torch.mul(dc, i_t[t], out=dgg_t[t])
-        dg_t[t].mul_(tmp)
+        dc.addcmul_(dh, a_t[t])  # dc_t = dc_{t+1} f_{t+1} + dh o (1 - tanh^2 c_t)
+        torch.mul(dc, c_t[0][t], out=d_t[0][t])  # di
+        torch.mul(dc, c_t[1][t], out=d_t[1][t])  # df
+        torch.mul(dc, c_t[2][t], out=d_t[2][t])  # dg
+        torch.mul(dh, c_t[3][t], out=d_t[3][t])  # do
         dc.mul_(f_t[t])
 
     pointwise = _compiled_or_eager("bwd", _bwd_pointwise, eager,
-                                   lambda t: (a_t[t], tc_t[t], c_t[t], dh, dc, dg_t[t], tmp, ones)) if compiled else eager
+                                   lambda t: (dh, dc, a_t[t], k_t[t], f_t[t], dg_t[t])) if compiled else eager
     product = _recurrent_product(weight_hh, False, batch, dy.dtype, mm)
     for t in range(steps - 1, -1, -1):
         if t == steps - 1:
@@ -314,7 +329,7 @@ class LSTMWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias, lowp, use_compile):  # type: ignore[override]
-        compile_fwd, _ = _compile_steps(use_compile, x.device.type)
+        compile_fwd, _ = compile_steps(use_compile, x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             acc = c0.dtype
             steps, batch, n_in = x.shape
@@ -348,7 +363,7 @@ class LSTMWindow(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dc_last):  # type: ignore[override]
         xa, weight_ih, weight_hh, gates, hs, cs, tcs = ctx.saved_tensors
-        _, compile_bwd = _compile_steps(ctx.use_compile, dy.device.type)
+        _, compile_bwd = compile_steps(ctx.use_compile, dy.device.type)
         mm = ctx.lowp
         x_dtype, h_dtype, wi_dtype, wh_dtype, b_dtype = ctx.dtypes
         need_x, need_h0, need_c0, need_wi, need_wh, need_b = ctx.needs_input_grad[:6]

@@ -26,12 +26,16 @@ def _compile_works() -> bool:
     x = torch.randn(2, 1, 3)
     h0, c0 = torch.zeros(1, 4), torch.zeros(1, 4)
     w, u, b = torch.randn(16, 3), torch.randn(16, 4), torch.randn(16)
-    lstm_layer_fast(x, h0, c0, w, u, b, use_compile=True)
+    saved, M.COMPILE_ON_CPU = M.COMPILE_ON_CPU, True
+    try:
+        lstm_layer_fast(x, h0, c0, w, u, b, use_compile=True)
+    finally:
+        M.COMPILE_ON_CPU = saved
     return M.compile_available()
 
 
-# (impl, compile, compile the forward step too): on CPU the default compiles only the backward step
-VARIANTS = [("reference", False, False), ("fast", False, False), ("fast", True, False), ("fast", True, True)]
+# (impl, compile, compile on CPU too): the compiled steps run on CUDA; here COMPILE_ON_CPU covers them
+VARIANTS = [("reference", False, False), ("fast", False, False), ("fast", True, True)]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,7 +96,7 @@ def two_windows(net, x1, y1, x2, y2, h0, c0):
 def test_parity_with_torch_lstm_over_two_carried_windows(layers, impl, use_compile, compile_fwd, monkeypatch):
     if use_compile and not _compile_works():
         pytest.skip("torch.compile does not work on this machine (eager fallback is tested separately)")
-    monkeypatch.setattr(M, "COMPILE_FORWARD_ON_CPU", compile_fwd)
+    monkeypatch.setattr(M, "COMPILE_ON_CPU", compile_fwd)
     torch.manual_seed(layers)
     ours = CharLSTM(VOCAB, EMB, HID, layers, impl=impl, compile=use_compile)
     with torch.no_grad():  # a non-trivial bias so a mistake in any gate's bias path shows
@@ -134,10 +138,16 @@ def test_gradcheck_hand_written_backward_float64_including_initial_state():
     assert torch.autograd.gradcheck(lambda *a: lstm_layer_fast(*a), args, eps=1e-6, atol=1e-6)
 
 
-def test_fast_equals_reference_in_float64_with_gradients():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-steps"])
+def test_fast_equals_reference_in_float64_with_gradients(compiled, monkeypatch):
+    """Both forms of the pointwise steps (eager in-place ops; the functional ones CUDA compiles)."""
+    if compiled and not _compile_works():
+        pytest.skip("torch.compile does not work on this machine (eager fallback is tested separately)")
+    monkeypatch.setattr(M, "COMPILE_ON_CPU", compiled)
     args = _window_args(steps=6, batch=3, inp=4, hid=7, seed=3)
     outs = []
-    for fn in (lstm_layer_reference, lstm_layer_fast):
+    fast = lambda *a: lstm_layer_fast(*a, use_compile=compiled)  # noqa: E731
+    for fn in (lstm_layer_reference, fast):
         leaves = [a.detach().clone().requires_grad_(True) for a in args]
         y, h, c = fn(*leaves)
         (y.pow(2).sum() + h.sum() * 0.3 + c.cos().sum()).backward()
@@ -283,7 +293,9 @@ def test_compile_falls_back_to_eager_with_one_warning_when_no_compiler_works(tmp
     script = textwrap.dedent(
         """
         import warnings, torch
+        import lstm_dist.lstm
         from lstm_dist.lstm import compile_available
+        lstm_dist.lstm.COMPILE_ON_CPU = True  # what CUDA does: compile both steps
         from lstm_dist.model import CharLSTM
         torch.manual_seed(0)
         ref = CharLSTM(11, 4, 6, 2, compile=False)
