@@ -151,6 +151,15 @@ def gather_objects(obj: Any) -> list[Any] | None:
     return out
 
 
+def all_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, as a list indexed by rank, on every rank."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if not _active():
@@ -188,12 +197,7 @@ def agreed(fn: Callable[[], T]) -> T:
         result = fn()
     except UserError as exc:
         error = str(exc)
-    if _active():
-        errors: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-    else:
-        errors = [error]
-    first = next((e for e in errors if e is not None), None)
+    first = next((e for e in all_objects(error) if e is not None), None)
     if first is not None:
         raise AgreedError(first)
     return result  # type: ignore[return-value]

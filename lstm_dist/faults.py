@@ -14,6 +14,7 @@ so that workers restarted by torchrun run clean.
     nonfinite                 make the loss of step S non-finite
     checkpoint-before-rename  SIGKILL once the checkpoint of step S is written, before it is renamed
     checkpoint-before-latest  SIGKILL once the checkpoint of step S is in place, before `latest` names it
+    compile-fails             this rank reports that torch.compile of the LSTM step failed (at start-up)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from .errors import UserError
 
 POINTS = ("kill", "raise", "user-error", "preempt", "hang", "nonfinite", "checkpoint-before-rename",
-          "checkpoint-before-latest")
+          "checkpoint-before-latest", "compile-fails")
 AFTER_STEP = ("kill", "raise", "user-error", "preempt", "hang")
 
 

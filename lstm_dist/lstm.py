@@ -174,6 +174,25 @@ def _compiled_or_eager(name: str, functional: Callable, eager: Callable[[int], N
     return step
 
 
+def probe_compile(batch: int, hidden: int, device: torch.device) -> Optional[str]:
+    """Compile the pointwise steps now, at the training shapes ([batch, 4·hidden]), on a 2-step window;
+    None if they work or this device runs them eager anyway (`compile_steps`), else why they failed.
+    The trainer gathers this from every rank so that all fall back together (one rank running eager
+    would make every step of the job wait for it)."""
+    if not any(compile_steps(True, device.type)):
+        return None
+    leaf = lambda *shape: torch.zeros(*shape, device=device, requires_grad=True)  # noqa: E731
+    x, w, u, b = leaf(2, batch, 1), leaf(4 * hidden, 1), leaf(4 * hidden, hidden), leaf(4 * hidden)
+    h0 = torch.zeros(batch, hidden, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, _, c = lstm_layer_fast(x, h0, h0, w, u, b, use_compile=True)
+        (y.sum() + c.sum()).backward()
+    if compile_available():
+        return None
+    return next((str(w.message) for w in caught if "LSTM pointwise" in str(w.message)), "torch.compile failed")
+
+
 _POOL = BufferPool()
 
 

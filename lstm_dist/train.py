@@ -45,9 +45,10 @@ from . import config as config_mod
 from .atomic import atomic_write_text
 from .config import Config
 from .corpus import Corpus, builtin_source_for
-from .distributed import DistEnv, agreed, autocast, cpu_threads, placement, setup
+from .distributed import DistEnv, agreed, all_objects, autocast, cpu_threads, placement, setup
 from .errors import EXIT_USER_ERROR, AgreedError, UserError, print_error, run_cli
 from .metrics import NO_METRICS, Metrics
+from .lstm import probe_compile
 from .model import CharLSTM
 from .optim import build_optimizer, lr_at, set_lr
 from .rundir import RunDirectory
@@ -132,6 +133,7 @@ class Trainer:
                                                  seed=cfg.run.seed, random_offset=cfg.data.random_offset))
         seed_everything(init_seed(cfg.run.seed))
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size).to(self.device)
+        self._agree_on_compile()
         self.optimizer = build_optimizer(self.model, t)
         self.peak_lr = lr_rule.peak_lr(cfg, env.world)  # the documented rule: train.lr scaled to this run's batch, width, depth
         self.step = 0
@@ -146,6 +148,20 @@ class Trainer:
     def say(self, text: str) -> None:
         if self.env.is_main:
             print(text, flush=True)
+
+    def _agree_on_compile(self) -> None:
+        """Compile the LSTM step on every rank now; if any rank cannot, every rank runs it eager and
+        rank 0 says which rank failed and why (one slow rank would slow every step of the job)."""
+        if not self.model.compile:
+            return
+        failure = ("injected by LSTM_DIST_FAULT=compile-fails" if faults.armed("compile-fails", 0)
+                   else probe_compile(self.cfg.train.batch_size, self.cfg.model.hidden, self.device))
+        failed = [(rank, why) for rank, why in enumerate(all_objects(failure)) if why is not None]
+        if failed:
+            self.model.compile = False
+            rank, why = failed[0]
+            self.say(f"warning: torch.compile of the LSTM step failed on rank {rank} ({why}); "
+                     f"every rank runs the eager step")
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

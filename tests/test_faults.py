@@ -299,3 +299,12 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_collective_timeout(
     assert proc.returncode != 0
     assert "timed out" in proc.stderr.lower(), proc.stderr[-3000:]
     assert time.monotonic() - t0 < TIMEOUT
+
+
+def test_a_rank_that_cannot_compile_makes_every_rank_fall_back_together(tmp_path, tiny_corpus):
+    proc = ok(launch(torchrun(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=2", "model.compile=true")),
+                     cwd=tmp_path, fault="compile-fails:rank=1"))
+    lines = [line for line in proc.stdout.splitlines() if "torch.compile of the LSTM step failed" in line]
+    assert lines == ["warning: torch.compile of the LSTM step failed on rank 1 (injected by "
+                     "LSTM_DIST_FAULT=compile-fails); every rank runs the eager step"], proc.stdout[-2000:]
+    assert final(tmp_path / "run", 2)["step"] == 2

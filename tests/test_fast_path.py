@@ -1,0 +1,105 @@
+"""The fast path's inner loop: how many operations one time step costs, and that it never waits on the host.
+
+The time loop runs B·H-sized ops one after another, so at the shapes users train a step's cost is
+mostly the number of ops in it (each is a dispatch, and on CUDA a kernel launch). These tests count
+what actually reaches the dispatcher for one step, forward and backward, so that a change adding
+work to the loop fails here rather than showing up weeks later as a slower benchmark.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lstm_dist import lstm as M
+from lstm_dist.lstm import lstm_layer_fast
+
+# Ops that make the host wait for the device (a value read back, a data-dependent shape or branch).
+HOST_SYNC_OPS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default",
+                 "aten.nonzero.default", "aten.equal.default", "aten.allclose.default", "aten.masked_select.default",
+                 "aten.unique.default", "aten._unique2.default"}
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_window(steps: int, bf16: bool = False) -> tuple[Counter, Counter]:
+    """Ops dispatched by the forward and by the backward of one layer over one window."""
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: (torch.randn(*s, generator=g) * 0.5).requires_grad_(True)  # noqa: E731
+    batch, inp, hid = 3, 5, 8
+    x, w, u, b = mk(steps, batch, inp), mk(4 * hid, inp), mk(4 * hid, hid), mk(4 * hid)
+    h0, c0 = mk(batch, hid), mk(batch, hid)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with CountOps() as fwd:
+            y, h, c = lstm_layer_fast(x, h0, c0, w, u, b)
+        loss = y.float().pow(2).sum() + c.sum()
+    with CountOps() as bwd:
+        loss.backward()
+    assert x.grad is not None and u.grad is not None and h0.grad is not None
+    return fwd.ops, bwd.ops
+
+
+def per_step(short: Counter, long: Counter, extra_steps: int) -> dict[str, float]:
+    return {op: (long[op] - short[op]) / extra_steps for op in long if long[op] != short[op]}
+
+
+# (recurrent product path, autocast) -> (forward ops per step, backward ops per step). The pointwise
+# cell update is 7 ops forward and 6 backward; the recurrent product adds 2 with MKL's packed GEMM
+# (product, add), 1 with addmm, and 3 under autocast (cast, low-precision product, add).
+BUDGET = {("mkl-packed", False): (9, 8), ("addmm", False): (8, 7), ("addmm", True): (10, 9)}
+
+
+@pytest.mark.parametrize("product,bf16", list(BUDGET), ids=[f"{p}{'-bf16' if b else ''}" for p, b in BUDGET])
+def test_one_time_step_costs_no_more_ops_than_its_budget(product, bf16, monkeypatch):
+    if product == "mkl-packed" and not torch._C.has_mkl:
+        pytest.skip("this torch has no MKL")
+    monkeypatch.setattr(M, "USE_MKL_PACKED", product == "mkl-packed")
+    f4, b4 = count_window(4, bf16)
+    f8, b8 = count_window(8, bf16)
+    fwd, bwd = per_step(f4, f8, 4), per_step(b4, b8, 4)
+    budget_fwd, budget_bwd = BUDGET[(product, bf16)]
+    assert sum(fwd.values()) <= budget_fwd, f"forward step: {fwd}"
+    assert sum(bwd.values()) <= budget_bwd, f"backward step: {bwd}"
+    # and nothing in the loop allocates per step: every pointwise op writes into a buffer made per window
+    assert not any(op.startswith(("aten.empty", "aten.zeros", "aten.clone", "aten.cat")) for op in {**fwd, **bwd}), (fwd, bwd)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_no_host_synchronisation_in_a_window(bf16):
+    """No op that reads a value back to the host, anywhere in forward or backward of a window: inside
+    the time loop such an op would stall the CUDA stream at every step."""
+    fwd, bwd = count_window(6, bf16)
+    assert not (set(fwd) | set(bwd)) & HOST_SYNC_OPS, sorted((set(fwd) | set(bwd)) & HOST_SYNC_OPS)
+
+
+def test_the_op_counter_sees_a_host_sync_and_an_extra_op():
+    """The two tests above can fail: an .item() in the loop and one more op per step are both caught."""
+    original = M._backward_loop
+
+    def with_a_sync(gates, cs, tcs, dy, dc, dgates, weight_hh, mm, compiled):
+        original(gates, cs, tcs, dy, dc, dgates, weight_hh, mm, compiled)
+        for t in range(gates.shape[0]):
+            if dc.abs().max().item() > 1e9:  # a data-dependent branch per step
+                dc.zero_()
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(M, "_backward_loop", with_a_sync)
+    try:
+        f4, b4 = count_window(4)
+        f8, b8 = count_window(8)
+    finally:
+        mp.undo()
+    bwd = per_step(b4, b8, 4)
+    assert "aten._local_scalar_dense.default" in bwd
+    assert sum(bwd.values()) > BUDGET[("mkl-packed" if torch._C.has_mkl else "addmm", False)][1]
