@@ -37,7 +37,7 @@ import torch
 
 from lstm_dist.distributed import DEVICES, pick_device
 from lstm_dist.errors import UserError, run_cli
-from lstm_dist.lstm import compile_available
+from lstm_dist.lstm import compile_available, compile_steps
 from lstm_dist.model import LSTMLayer
 
 IMPL_NAMES = ("fast", "reference", "torch_lstm")
@@ -67,12 +67,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--train", action="store_true",
                    help="time a whole training step of CharLSTM vs the same model on torch.nn.LSTM over a grid of shapes")
-    p.add_argument("--shape", action="append", type=_shape, metavar="L,H,E,B",
+    p.add_argument("--shape", action="append", metavar="L,H,E,B",
                    help="with --train: layers,hidden,embedding,batch (repeatable; default: the built-in grid)")
     p.add_argument("--vocab", type=int, default=256, help="with --train: vocabulary size (default 256, the bytes vocabulary)")
     args = p.parse_args(argv)
     if args.shape is not None and not args.train:
         raise UserError("--shape goes with --train; for the layer bench use --layers/--hidden/--embedding/--batch")
+    if args.shape is not None:
+        args.shape = [_shape(text) for text in args.shape]
     if args.vocab < 2:
         raise UserError(f"--vocab must be >= 2, got {args.vocab}")
     for name in ("batch", "bptt", "embedding", "hidden", "layers", "repeats"):
@@ -87,13 +89,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
-def _shape(text: str):
+def _shape(text: str) -> tuple:
     try:
         layers, hidden, embedding, batch = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layers,hidden,embedding,batch (e.g. 2,512,128,64), got {text!r}")
+        raise UserError(f"--shape expects layers,hidden,embedding,batch, got {text!r}; try --shape 2,512,128,64") from None
     if min(layers, hidden, embedding, batch) < 1:
-        raise argparse.ArgumentTypeError(f"every number must be >= 1, got {text!r}")
+        raise UserError(f"--shape numbers must be >= 1, got {text!r}; try --shape 2,512,128,64")
     return layers, hidden, embedding, batch
 
 
@@ -182,7 +184,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         "layers": args.layers,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "compile": (not args.no_compile) and compile_available(),
+        "compile": any(compile_steps(not args.no_compile, device.type)) and compile_available(),
+        "baseline_computes_in": baseline_dtype(args.dtype, device),
         "flops_per_window": flops,
         "torch_version": torch.__version__,
     }
@@ -203,12 +206,21 @@ def run_bench(args: argparse.Namespace) -> dict:
     return result
 
 
+def baseline_dtype(dtype: str, device: torch.device) -> str:
+    """What torch.nn.LSTM computes in under our --dtype: autocast's cast policy sends `lstm` to fp16
+    on CUDA (cuDNN), so a bf16 comparison there is ours in bf16 against cuDNN in fp16."""
+    if dtype == "bfloat16" and device.type == "cuda":
+        return "float16 (cuDNN under autocast)"
+    return dtype
+
+
 def format_table(r: dict) -> str:
     cuda = r["device"].startswith("cuda")
     lines = [
         f"lstm_dist.bench  device={r['device_name']}  dtype={r['dtype']}  threads={r['threads']}  "
         f"batch={r['batch']} bptt={r['bptt']} embedding={r['embedding']} hidden={r['hidden']} "
-        f"layers={r['layers']}  compile={r['compile']}  median of {r['repeats']}",
+        f"layers={r['layers']}  compile={r['compile']}  median of {r['repeats']}  "
+        f"(torch.nn.LSTM computes in {r['baseline_computes_in']})",
     ]
     header = f"{'impl':<12}{'ms/window':>12}{'min ms':>10}{'chars/s':>14}{'vs torch':>10}{'1st win s':>11}"
     if cuda:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .distributed import autocast
-from .lstm import compile_available
+from .lstm import compile_available, compile_steps
 from .model import CharLSTM, State
 
 # (layers, hidden, embedding, batch): the shapes of the issue that asked for this, smoke model first
@@ -135,25 +135,25 @@ def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: i
 
 
 def run_train_bench(args, device: torch.device) -> dict:
+    from .bench import baseline_dtype
+
     shapes = GRID if args.shape is None else tuple(args.shape)
     bf16 = args.dtype == "bfloat16"
     use_compile = not args.no_compile
     rows = [bench_shape(*shape, bptt=args.bptt, vocab=args.vocab, device=device, bf16=bf16,
                         use_compile=use_compile, repeats=args.repeats, warmup=args.warmup)
             for shape in shapes]
-    baseline_dtype = args.dtype if not bf16 else ("float16 (cuDNN under autocast)" if device.type == "cuda"
-                                                  else "bfloat16")
     return {
         "mode": "train",
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype,
-        "baseline_computes_in": baseline_dtype,
+        "baseline_computes_in": baseline_dtype(args.dtype, device),
         "threads": torch.get_num_threads(),
         "vocab": args.vocab,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "compile": use_compile and compile_available(),
+        "compile": any(compile_steps(use_compile, device.type)) and compile_available(),
         "torch_version": torch.__version__,
         "rows": rows,
         "worst_ratio": max(r["ratio"] for r in rows),

@@ -51,12 +51,14 @@ def test_window_flops_formula():
 
 def test_table_shows_mfu_on_cuda_only():
     r = {"device": "cuda:0", "device_name": "H200", "dtype": "bfloat16", "threads": 1, "batch": 1, "bptt": 1,
-         "embedding": 1, "hidden": 1, "layers": 1, "compile": True, "repeats": 1}
+         "embedding": 1, "hidden": 1, "layers": 1, "compile": True, "repeats": 1,
+         "baseline_computes_in": "float16 (cuDNN under autocast)"}
     for name, ms in (("fast", 1.0), ("reference", 4.0), ("torch_lstm", 2.0)):
         r.update({f"{name}_ms": ms, f"{name}_min_ms": ms, f"{name}_chars_per_s": 1e3 / ms,
                   f"{name}_first_window_s": 0.1, f"{name}_mfu": 0.25})
     text = format_table(r)
     assert "MFU" in text and "25.00%" in text
+    assert "torch.nn.LSTM computes in float16 (cuDNN under autocast)" in text.splitlines()[0]
     assert "0.500" in text.splitlines()[2]
 
 
@@ -68,3 +70,24 @@ def test_bad_options_end_in_one_line(args, needle):
     proc = run_bench(*args)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {needle}, got 0"]
+
+
+def test_train_bench_times_both_models_at_every_shape_asked():
+    proc = run_bench("--train", "--shape", "1,8,4,2", "--shape", "2,8,4,3", "--bptt", "5", "--vocab", "7",
+                     "--repeats", "2", "--warmup", "1", "--threads", "1", "--device", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["mode"] == "train" and r["vocab"] == 7 and r["baseline_computes_in"] == "float32"
+    assert [(row["layers"], row["hidden"], row["embedding"], row["batch"], row["bptt"]) for row in r["rows"]] == [
+        (1, 8, 4, 2, 5), (2, 8, 4, 3, 5)]
+    for row in r["rows"]:
+        assert row["lstm_dist_ms"] > 0 and row["torch_lstm_ms"] > 0
+        assert row["ratio"] == pytest.approx(row["lstm_dist_ms"] / row["torch_lstm_ms"])
+    assert r["worst_ratio"] == max(row["ratio"] for row in r["rows"])
+
+
+def test_train_bench_rejects_a_malformed_shape_in_one_line():
+    proc = run_bench("--train", "--shape", "2,512,128")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --shape expects layers,hidden,embedding,batch, got '2,512,128'; try --shape 2,512,128,64"]

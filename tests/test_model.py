@@ -323,28 +323,52 @@ def test_compile_falls_back_to_eager_with_one_warning_when_no_compiler_works(tmp
 
 
 @pytest.mark.cuda
-def test_bf16_autocast_on_cuda_matches_fp32():
+@pytest.mark.parametrize("impl,use_compile", [("reference", False), ("fast", False), ("fast", True)])
+def test_bf16_autocast_on_cuda_matches_fp32(impl, use_compile):
+    """What the cluster config runs (fast, compiled steps, bf16 autocast, 2 layers) against fp32."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here")
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    for impl in ("fast", "reference"):
-        net = CharLSTM(64, 32, 128, 2, impl=impl).to(dev)
-        x = torch.randint(0, 64, (8, 16), device=dev)
-        state = tuple(s * 0.5 for s in (torch.randn(2, 8, 128, device=dev), torch.randn(2, 8, 128, device=dev)))
-        ref, (rh, rc) = net(x, state)
-        ref.float().sum().backward()
-        g32 = [p.grad.clone() for p in net.parameters()]
-        net.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out, (h, c) = net(x, state)
-        assert h.dtype == torch.float32 and c.dtype == torch.float32  # state stays fp32
-        out.float().sum().backward()
-        torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
-        torch.testing.assert_close(c, rc, rtol=5e-2, atol=5e-2)
-        for p, g in zip(net.parameters(), g32):
-            assert p.grad.dtype == torch.float32
-            assert rel_err(p.grad, g) < 5e-2
+    net = CharLSTM(64, 32, 128, 2, impl=impl, compile=use_compile).to(dev)
+    x = torch.randint(0, 64, (8, 16), device=dev)
+    state = tuple(s * 0.5 for s in (torch.randn(2, 8, 128, device=dev), torch.randn(2, 8, 128, device=dev)))
+    ref, (rh, rc) = net(x, state)
+    ref.float().sum().backward()
+    g32 = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, (h, c) = net(x, state)
+    assert h.dtype == torch.float32 and c.dtype == torch.float32  # state stays fp32
+    out.float().sum().backward()
+    if use_compile:
+        assert M.compile_available(), "torch.compile of the pointwise steps failed on this GPU machine"
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(c, rc, rtol=5e-2, atol=5e-2)
+    for p, g in zip(net.parameters(), g32):
+        assert p.grad.dtype == torch.float32
+        assert rel_err(p.grad, g) < 5e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_a_cuda_window_never_synchronises_with_the_host(bf16):
+    """torch's sync debug mode raises on any host synchronisation inside forward + backward."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    dev = torch.device("cuda")
+    net = CharLSTM(64, 32, 128, 2, compile=True).to(dev)
+    x = torch.randint(0, 64, (8, 16), device=dev)
+    y = torch.randint(0, 64, (8, 16), device=dev)
+    for window in range(2):  # the first window compiles (untested); the second is the steady state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if window else "default")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                logits, _ = net(x)
+            F.cross_entropy(logits.float().reshape(-1, 64), y.reshape(-1)).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_ddp_wrapped_model_trains_like_the_plain_one(tmp_path):

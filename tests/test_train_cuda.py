@@ -14,11 +14,13 @@ pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
 
 def test_one_gpu_nccl_run_checkpoints_and_resumes(tmp_path, tiny_corpus):
+    """The path configs/wikitext103.yaml runs: NCCL, compiled LSTM steps, bf16 autocast, 2 layers."""
     base = [*TINY, f"data.path={tiny_corpus}", f"run.dir={tmp_path}", "train.device=cuda", "train.precision=bf16",
-            "train.steps=12", "checkpoint.every=6"]
+            "model.compile=true", "model.layers=2", "train.steps=12", "checkpoint.every=6"]
     # torchrun with one process: the process group (NCCL) and DDP are used as on a cluster
     proc = run_train(-1, *base, "run.name=straight", cwd=tmp_path)
     assert "(cuda, bf16" in proc.stdout
+    assert "torch.compile of the LSTM step failed" not in proc.stdout + proc.stderr
     half = tmp_path / "straight" / "checkpoints" / "step_00000006.pt"
     proc = run_train(-1, *base, "run.name=resumed", f"checkpoint.resume={half}", cwd=tmp_path)
     assert f"resumed from {half} at step 6" in proc.stdout
