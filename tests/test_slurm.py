@@ -23,7 +23,7 @@ import torch
 from conftest import ROOT, TINY, child_env, load_ckpt, read_metrics, run_train
 
 CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
-SCRIPTS = [ROOT / "slurm" / "train.sh", CLUSTER, *sorted((ROOT / "launch").glob("*.sh"))]
+SCRIPTS = [ROOT / "slurm" / "train.sh", CLUSTER, ROOT / "tests" / "gpu_check.sh", *sorted((ROOT / "launch").glob("*.sh"))]
 IN_CI = os.environ.get("CI") == "true"
 
 
