@@ -48,8 +48,9 @@ Where the CPU time goes, and what the fast path does about it (numbers: this rep
   window);
 - the bias rides in the input GEMM as a column of ones ([X | 1] [W | b]^T), so neither a broadcast
   copy of the bias over the window nor a separate column sum for db is needed;
-- per step, views of the buffers are made once per window (unbind) and the pointwise update is a few
-  in-place ops (forward 7, backward 6) with no allocation; `tests/test_fast_path.py` pins these counts.
+- the per-step views of the buffers are made once per pooled buffer (`BufferPool.steps`), not per
+  window, and the pointwise update is a few in-place ops (forward 7, backward 6) with no allocation,
+  written inline in the loops; `tests/test_fast_path.py` pins these counts.
 
 Precision: the recurrent state (h, c), the gates and the cell update are always fp32. Under
 `torch.autocast` (e.g. bf16 on CUDA) only the matrix products run in the autocast dtype.
@@ -233,40 +234,54 @@ def _forward_loop(gates: Tensor, hs: Tensor, cs: Tensor, tcs: Tensor, weight_hh:
     """The recurrence. gates [T,B,4H] holds x W^T + b; on return it holds the activations (i, f, g, o).
 
     hs/cs [T+1,B,H] (index 0 = the initial state), tcs [T,B,H] = tanh(c_t), weight_hh U [4H,H].
-    Views of the buffers are made once per window (unbind), which costs less Python per step than
-    slicing; the eager step is 7 in-place ops on them.
+    Per-step views of the buffers come from `BufferPool.steps` (made once per pooled buffer); the
+    eager step is 7 in-place ops on them.
     """
     steps, batch, four_h = gates.shape
     hid = four_h // 4
-    g_t, h_t, c_t, tc_t = gates.unbind(0), hs.unbind(0), cs.unbind(0), tcs.unbind(0)
-    if_t = gates[:, :, : 2 * hid].unbind(0)  # i and f: one sigmoid over both
-    i_t = gates[:, :, :hid].unbind(0)
-    f_t = gates[:, :, hid : 2 * hid].unbind(0)
-    gg_t = gates[:, :, 2 * hid : 3 * hid].unbind(0)
-    o_t = gates[:, :, 3 * hid :].unbind(0)
+    steps_of = _POOL.steps
+    g_t, h_t, c_t, tc_t = steps_of(gates), steps_of(hs), steps_of(cs), steps_of(tcs)
+    if_t = steps_of(gates, 0, 2 * hid)  # i and f: one sigmoid over both
+    i_t, f_t, gg_t, o_t = (steps_of(gates, k * hid, (k + 1) * hid) for k in range(4))
 
-    def eager(t: int) -> None:
-        if_t[t].sigmoid_()
-        gg_t[t].tanh_()
-        o_t[t].sigmoid_()
-        c = c_t[t + 1]
-        torch.mul(f_t[t], c_t[t], out=c)
-        c.addcmul_(i_t[t], gg_t[t])
-        torch.tanh(c, out=tc_t[t])
-        torch.mul(o_t[t], tc_t[t], out=h_t[t + 1])
-
-    pointwise = _compiled_or_eager("fwd", _fwd_pointwise, eager,
-                                   lambda t: (g_t[t], c_t[t], c_t[t + 1], tc_t[t], h_t[t + 1])) if compiled else eager
     product = _recurrent_product(weight_hh, True, batch, gates.dtype, mm)
-    for t in range(steps):
-        product(h_t[t], g_t[t], g_t[t])
-        pointwise(t)
+    if compiled:
+        pointwise = _compiled_or_eager("fwd", _fwd_pointwise, lambda t: _fwd_eager(*views[t]),
+                                       lambda t: (g_t[t], c_t[t], c_t[t + 1], tc_t[t], h_t[t + 1]))
+        views = list(zip(if_t, gg_t, o_t, i_t, f_t, c_t[:-1], c_t[1:], tc_t, h_t[1:]))
+        for t in range(steps):
+            product(h_t[t], g_t[t], g_t[t])
+            pointwise(t)
+        return
+    # eager: the step's views zipped once per window, the ops inline (a Python call less per step)
+    for g, i_f, gg, o, i, f, c_prev, c, tc, h_prev, h in zip(g_t, if_t, gg_t, o_t, i_t, f_t, c_t[:-1], c_t[1:],
+                                                           tc_t, h_t[:-1], h_t[1:]):
+        product(h_prev, g, g)
+        i_f.sigmoid_()
+        gg.tanh_()
+        o.sigmoid_()
+        torch.mul(f, c_prev, out=c)
+        c.addcmul_(i, gg)
+        torch.tanh(c, out=tc)
+        torch.mul(o, tc, out=h)
 
 
-def _backward_coefficients(gates: Tensor, cs: Tensor, tcs: Tensor, coef: Tensor, dc_coef: Tensor) -> None:
+def _fwd_eager(i_f, gg, o, i, f, c_prev, c, tc, h) -> None:
+    """The eager forward step on one step's views (what the inline loop of `_forward_loop` does), for
+    the step after compiling failed."""
+    i_f.sigmoid_()
+    gg.tanh_()
+    o.sigmoid_()
+    torch.mul(f, c_prev, out=c)
+    c.addcmul_(i, gg)
+    torch.tanh(c, out=tc)
+    torch.mul(o, tc, out=h)
+
+
+def _backward_coefficients(gates: Tensor, hs: Tensor, cs: Tensor, tcs: Tensor, coef: Tensor, dc_coef: Tensor) -> None:
     """Everything of the backward step that does not depend on the incoming gradient, for the whole
-    window at once (a few large vector ops instead of per-step work). With a = (i, f, g, o) the
-    activations and tc = tanh(c_t), it writes
+    window at once (8 large vector ops instead of per-step work). With a = (i, f, g, o) the
+    activations, tc = tanh(c_t) and h_t = o·tc, it writes
 
         coef[t] = [g·i(1-i), c_{t-1}·f(1-f), i·(1-g²), tc·o(1-o)]     ([T,B,4H], gate order)
         dc_coef[t] = o·(1 - tc²)                                       ([T,B,H])
@@ -281,9 +296,9 @@ def _backward_coefficients(gates: Tensor, cs: Tensor, tcs: Tensor, coef: Tensor,
     torch.addcmul(f, f, f, value=-1.0, out=k_f).mul_(cs[:-1])  # c_{t-1} f (1 - f)
     torch.mul(g, g, out=k_g)
     torch.addcmul(i, i, k_g, value=-1.0, out=k_g)  # i (1 - g^2)
-    torch.addcmul(o, o, o, value=-1.0, out=k_o).mul_(tcs)  # tc o (1 - o)
-    torch.mul(tcs, tcs, out=dc_coef)
-    torch.addcmul(o, o, dc_coef, value=-1.0, out=dc_coef)  # o (1 - tc^2)
+    h = hs[1:]
+    torch.addcmul(h, h, o, value=-1.0, out=k_o)  # tc o (1 - o) = h - h o
+    torch.addcmul(o, h, tcs, value=-1.0, out=dc_coef)  # o (1 - tc^2) = o - h tc
 
 
 def _bwd_pointwise(dh: Tensor, dc: Tensor, dc_coef: Tensor, coef: Tensor, f: Tensor, dgates: Tensor) -> None:
@@ -297,7 +312,7 @@ def _bwd_pointwise(dh: Tensor, dc: Tensor, dc_coef: Tensor, coef: Tensor, f: Ten
     dc.copy_(dct * f)
 
 
-def _backward_loop(gates: Tensor, cs: Tensor, tcs: Tensor, dy: Tensor, dc: Tensor, dgates: Tensor,
+def _backward_loop(gates: Tensor, hs: Tensor, cs: Tensor, tcs: Tensor, dy: Tensor, dc: Tensor, dgates: Tensor,
                    weight_hh: Tensor, mm, compiled: bool) -> None:
     """The reverse recurrence: fills dgates [T,B,4H] (gradient of the pre-activations); dc [B,H] goes
     from dc_T to dc_{-1} in place. The coefficients of the step are computed first for the whole
@@ -307,32 +322,52 @@ def _backward_loop(gates: Tensor, cs: Tensor, tcs: Tensor, dy: Tensor, dc: Tenso
     hid = four_h // 4
     coef = _POOL.empty(tuple(gates.shape), gates.dtype, gates.device)
     dc_coef = _POOL.empty(tuple(tcs.shape), gates.dtype, gates.device)
-    _backward_coefficients(gates, cs, tcs, coef, dc_coef)
+    _backward_coefficients(gates, hs, cs, tcs, coef, dc_coef)
     dh = torch.empty(batch, hid, device=dy.device, dtype=dy.dtype)
-    dy_t, dg_t, k_t, a_t = dy.unbind(0), dgates.unbind(0), coef.unbind(0), dc_coef.unbind(0)
-    f_t = gates[:, :, hid : 2 * hid].unbind(0)
+    steps_of = _POOL.steps
+    dy_t, dg_t, k_t, a_t = dy.unbind(0), steps_of(dgates), steps_of(coef), steps_of(dc_coef)
+    f_t = steps_of(gates, hid, 2 * hid)
     # per gate: the gradient's views and its coefficient's (one broadcast product over [B,3,H]
     # measured 2x slower than these three plain ones)
-    d_t = [dgates[:, :, k * hid : (k + 1) * hid].unbind(0) for k in range(4)]
-    c_t = [coef[:, :, k * hid : (k + 1) * hid].unbind(0) for k in range(4)]
+    d_t = [steps_of(dgates, k * hid, (k + 1) * hid) for k in range(4)]
+    c_t = [steps_of(coef, k * hid, (k + 1) * hid) for k in range(4)]
 
-    def eager(t: int) -> None:
-        dc.addcmul_(dh, a_t[t])  # dc_t = dc_{t+1} f_{t+1} + dh o (1 - tanh^2 c_t)
-        torch.mul(dc, c_t[0][t], out=d_t[0][t])  # di
-        torch.mul(dc, c_t[1][t], out=d_t[1][t])  # df
-        torch.mul(dc, c_t[2][t], out=d_t[2][t])  # dg
-        torch.mul(dh, c_t[3][t], out=d_t[3][t])  # do
-        dc.mul_(f_t[t])
-
-    pointwise = _compiled_or_eager("bwd", _bwd_pointwise, eager,
-                                   lambda t: (dh, dc, a_t[t], k_t[t], f_t[t], dg_t[t])) if compiled else eager
     product = _recurrent_product(weight_hh, False, batch, dy.dtype, mm)
-    for t in range(steps - 1, -1, -1):
-        if t == steps - 1:
-            dh.copy_(dy_t[t])
+    nexts = (None,) + dg_t[:0:-1]  # dgates_{t+1} for t = T-1 .. 0 (none after the last step)
+    per_step = list(zip(nexts, dy_t[::-1], a_t[::-1], f_t[::-1], *(v[::-1] for v in c_t), *(v[::-1] for v in d_t)))
+    if compiled:
+        pointwise = _compiled_or_eager("bwd", _bwd_pointwise, lambda t: _bwd_eager(dh, dc, *per_step[steps - 1 - t][2:]),
+                                       lambda t: (dh, dc, a_t[t], k_t[t], f_t[t], dg_t[t]))
+        for t in range(steps - 1, -1, -1):
+            if t == steps - 1:
+                dh.copy_(dy_t[t])
+            else:
+                product(dg_t[t + 1], dy_t[t], dh)
+            pointwise(t)
+        return
+    # eager: the step's views zipped once per window, the ops inline (a Python call less per step)
+    for nxt, dy_step, a, f, k_i, k_f, k_g, k_o, d_i, d_f, d_g, d_o in per_step:
+        if nxt is None:
+            dh.copy_(dy_step)
         else:
-            product(dg_t[t + 1], dy_t[t], dh)
-        pointwise(t)
+            product(nxt, dy_step, dh)  # dh_t = dy_t + dgates_{t+1} U
+        dc.addcmul_(dh, a)  # dc_t = dc_{t+1} f_{t+1} + dh o (1 - tanh^2 c_t)
+        torch.mul(dc, k_i, out=d_i)
+        torch.mul(dc, k_f, out=d_f)
+        torch.mul(dc, k_g, out=d_g)
+        torch.mul(dh, k_o, out=d_o)
+        dc.mul_(f)
+
+
+def _bwd_eager(dh, dc, a, f, k_i, k_f, k_g, k_o, d_i, d_f, d_g, d_o) -> None:
+    """The eager backward step on one step's views (what the inline loop of `_backward_loop` does),
+    for the step after compiling failed."""
+    dc.addcmul_(dh, a)
+    torch.mul(dc, k_i, out=d_i)
+    torch.mul(dc, k_f, out=d_f)
+    torch.mul(dc, k_g, out=d_g)
+    torch.mul(dh, k_o, out=d_o)
+    dc.mul_(f)
 
 
 class LSTMWindow(torch.autograd.Function):
@@ -397,7 +432,7 @@ class LSTMWindow(torch.autograd.Function):
             dc = dc_last.to(acc).clone()
             mdt = acc if mm is None else mm
             u = weight_hh.to(mdt)
-            _backward_loop(gates, cs, tcs, dy, dc, dgates, weight_hh, mm, compile_bwd)
+            _backward_loop(gates, hs, cs, tcs, dy, dc, dgates, weight_hh, mm, compile_bwd)
             # the weight gradients: single products over all T*B rows of the window
             dg2 = dgates.view(steps * batch, four_h)
             dg_m = dg2 if mm is None else dg2.to(mm)
