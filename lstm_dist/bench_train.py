@@ -94,19 +94,11 @@ def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return build_optimizer(model, TrainConfig())
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: int, vocab: int,
                 device: torch.device, bf16: bool, use_compile: bool, repeats: int, warmup: int) -> dict:
     """Median step time of both models at one shape, interleaved."""
+    from .bench import _timed
+
     torch.manual_seed(0)
     ours = CharLSTM(vocab, embedding, hidden, layers, compile=use_compile).to(device)
     theirs = TorchLSTMModel(ours).to(device)

@@ -49,8 +49,8 @@ Where the CPU time goes, and what the fast path does about it (numbers: this rep
 - the bias rides in the input GEMM as a column of ones ([X | 1] [W | b]^T), so neither a broadcast
   copy of the bias over the window nor a separate column sum for db is needed;
 - the per-step views of the buffers are made once per pooled buffer (`BufferPool.steps`), not per
-  window, and the pointwise update is a few in-place ops (forward 7, backward 6) with no allocation,
-  written inline in the loops; `tests/test_fast_path.py` pins these counts.
+  window, and the pointwise update is a few in-place ops (forward 7, backward 6) with no allocation;
+  `tests/test_fast_path.py` pins these counts.
 
 Precision: the recurrent state (h, c), the gates and the cell update are always fp32. Under
 `torch.autocast` (e.g. bf16 on CUDA) only the matrix products run in the autocast dtype.
@@ -248,30 +248,22 @@ def _forward_loop(gates: Tensor, hs: Tensor, cs: Tensor, weight_hh: Tensor, mm,
     i_t, f_t, gg_t, o_t = (steps_of(gates, k * hid, (k + 1) * hid) for k in range(4))
 
     product = _recurrent_product(weight_hh, True, batch, gates.dtype, mm)
+    # the step's views, zipped once per window
+    views = list(zip(if_t, gg_t, o_t, i_t, f_t, c_t[:-1], c_t[1:], itertools.repeat(tc), h_t[1:]))
     if compiled:
         pointwise = _compiled_or_eager("fwd", _fwd_pointwise, lambda t: _fwd_eager(*views[t]),
                                        lambda t: (g_t[t], c_t[t], c_t[t + 1], h_t[t + 1]))
-        views = list(zip(if_t, gg_t, o_t, i_t, f_t, c_t[:-1], c_t[1:], itertools.repeat(tc), h_t[1:]))
         for t in range(steps):
             product(h_t[t], g_t[t], g_t[t])
             pointwise(t)
         return
-    # eager: the step's views zipped once per window, the ops inline (a Python call less per step)
-    for g, i_f, gg, o, i, f, c_prev, c, h_prev, h in zip(g_t, if_t, gg_t, o_t, i_t, f_t, c_t[:-1], c_t[1:],
-                                                       h_t[:-1], h_t[1:]):
+    for g, h_prev, step_views in zip(g_t, h_t, views):
         product(h_prev, g, g)
-        i_f.sigmoid_()
-        gg.tanh_()
-        o.sigmoid_()
-        torch.mul(f, c_prev, out=c)
-        c.addcmul_(i, gg)
-        torch.tanh(c, out=tc)
-        torch.mul(o, tc, out=h)
+        _fwd_eager(*step_views)
 
 
 def _fwd_eager(i_f, gg, o, i, f, c_prev, c, tc, h) -> None:
-    """The eager forward step on one step's views (what the inline loop of `_forward_loop` does), for
-    the step after compiling failed."""
+    """The eager forward step on one step's views: 7 in-place ops, no allocation."""
     i_f.sigmoid_()
     gg.tanh_()
     o.sigmoid_()
@@ -349,28 +341,22 @@ def _backward_loop(gates: Tensor, hs: Tensor, cs: Tensor, dy: Tensor, dc: Tensor
                 product(dg_t[t + 1], dy_t[t], dh)
             pointwise(t)
         return
-    # eager: the step's views zipped once per window, the ops inline (a Python call less per step)
-    for nxt, dy_step, a, f, k_i, k_f, k_g, k_o, d_i, d_f, d_g, d_o in per_step:
+    for nxt, dy_step, *step_views in per_step:
         if nxt is None:
             dh.copy_(dy_step)
         else:
             product(nxt, dy_step, dh)  # dh_t = dy_t + dgates_{t+1} U
-        dc.addcmul_(dh, a)  # dc_t = dc_{t+1} f_{t+1} + dh o (1 - tanh^2 c_t)
-        torch.mul(dc, k_i, out=d_i)
-        torch.mul(dc, k_f, out=d_f)
-        torch.mul(dc, k_g, out=d_g)
-        torch.mul(dh, k_o, out=d_o)
-        dc.mul_(f)
+        _bwd_eager(dh, dc, *step_views)
 
 
 def _bwd_eager(dh, dc, a, f, k_i, k_f, k_g, k_o, d_i, d_f, d_g, d_o) -> None:
-    """The eager backward step on one step's views (what the inline loop of `_backward_loop` does),
-    for the step after compiling failed."""
-    dc.addcmul_(dh, a)
-    torch.mul(dc, k_i, out=d_i)
-    torch.mul(dc, k_f, out=d_f)
-    torch.mul(dc, k_g, out=d_g)
-    torch.mul(dh, k_o, out=d_o)
+    """The eager backward step on one step's views: 6 in-place ops, no allocation. From dh_t and dc
+    (= dc_{t+1} f_{t+1}) it writes dgates_t and leaves dc_t f_t in dc."""
+    dc.addcmul_(dh, a)  # dc_t = dc_{t+1} f_{t+1} + dh o (1 - tanh^2 c_t)
+    torch.mul(dc, k_i, out=d_i)  # di
+    torch.mul(dc, k_f, out=d_f)  # df
+    torch.mul(dc, k_g, out=d_g)  # dg
+    torch.mul(dh, k_o, out=d_o)  # do
     dc.mul_(f)
 
 
