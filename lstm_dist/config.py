@@ -65,7 +65,7 @@ class ModelConfig:
     dropout: float = 0.0
     #: LSTM implementation: `fast` (hand-written backward) or `reference` (step-by-step autograd)
     impl: Literal["fast", "reference"] = "fast"
-    #: fuse the pointwise gate math with torch.compile (fixed shapes; falls back to eager with a warning where no compiler works)
+    #: on CUDA, fuse each time step's pointwise gate math into one kernel with torch.compile (the CPU runs its eager ops, measured faster there); if any rank cannot compile, every rank runs eager and the log says which
     compile: bool = True
 
 
