@@ -30,6 +30,12 @@ def lr_at(step: int, t: TrainConfig, peak: float | None = None) -> float:
     return low + 0.5 * (top - low) * (1.0 + math.cos(math.pi * progress))
 
 
+def schedule_phrase(t: TrainConfig) -> str:
+    """The schedule in words, for the line that starts training."""
+    after = "then constant" if t.schedule == "constant" else f"{t.schedule} decay to {t.min_lr_ratio:g} of it"
+    return f"warm-up {t.warmup_steps} steps, {after}"
+
+
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (or SGD with momentum `beta1`) with two groups: the matrices decayed, the rest not."""
     # Weight decay on the matrices of the LSTM and the head; not on biases, nor on the embedding

@@ -50,7 +50,7 @@ from .errors import EXIT_USER_ERROR, AgreedError, UserError, print_error, run_cl
 from .metrics import NO_METRICS, Metrics
 from .lstm import probe_compile
 from .model import CharLSTM
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, lr_at, schedule_phrase, set_lr
 from .rundir import RunDirectory
 from .sampling import sample_text
 from .scoring import LN2, split_bits
@@ -257,8 +257,7 @@ class Trainer:
     def run(self, preemption: Preemption) -> int:
         cfg, t = self.cfg, self.cfg.train
         self.say(describe(self, placement()))  # placement() is a collective: every rank takes part
-        self.say(f"learning rate: {lr_rule.explain(cfg, self.env.world)}, warm-up {t.warmup_steps} steps, "
-                 f"{t.schedule} decay to {t.min_lr_ratio:g} of it")
+        self.say(f"learning rate: {lr_rule.explain(cfg, self.env.world)}, {schedule_phrase(t)}")
         window = Window(self.env.world * t.batch_size * t.bptt)
         every = lambda n: n and self.step % n == 0 and self.step < t.steps  # noqa: E731  (not at the end)
         while self.step < t.steps:

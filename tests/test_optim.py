@@ -7,7 +7,7 @@ import torch
 
 from lstm_dist.config import TrainConfig
 from lstm_dist.model import CharLSTM
-from lstm_dist.optim import build_optimizer, lr_at, set_lr
+from lstm_dist.optim import build_optimizer, lr_at, schedule_phrase, set_lr
 
 
 def test_cosine_and_linear_warm_up_then_decay_to_the_floor():
@@ -78,3 +78,11 @@ def test_set_lr_reaches_every_group():
     opt = build_optimizer(model, TrainConfig(lr=0.1))
     set_lr(opt, 0.025)
     assert [g["lr"] for g in opt.param_groups] == [0.025, 0.025]
+
+
+def test_the_schedule_is_described_as_it_runs():
+    assert schedule_phrase(TrainConfig(warmup_steps=0, schedule="cosine", min_lr_ratio=0.1)) == \
+        "warm-up 0 steps, cosine decay to 0.1 of it"
+    # a constant schedule holds the peak: it has no floor to decay to (min_lr_ratio is not used)
+    assert schedule_phrase(TrainConfig(warmup_steps=5, schedule="constant", min_lr_ratio=0.1)) == \
+        "warm-up 5 steps, then constant"
