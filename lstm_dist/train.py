@@ -47,8 +47,8 @@ from .config import Config
 from .corpus import Corpus, builtin_source_for
 from .distributed import DistEnv, agreed, all_objects, autocast, cpu_threads, placement, setup
 from .errors import EXIT_USER_ERROR, AgreedError, UserError, print_error, run_cli
-from .metrics import NO_METRICS, Metrics
 from .lstm import probe_compile
+from .metrics import NO_METRICS, Metrics
 from .model import CharLSTM
 from .optim import build_optimizer, lr_at, schedule_phrase, set_lr
 from .rundir import RunDirectory
