@@ -7,7 +7,7 @@ embedding, the LSTM layers, the head, the cross-entropy over the window, backwar
 clipping, AdamW (the default settings, `lstm_dist.optim.build_optimizer`) and zeroing the
 gradients, with the (h, c) state carried from window to window and detached. The baseline is the
 same module with one `torch.nn.LSTM(embedding, hidden, layers)` in place of our layers (time-major,
-as ours runs inside; the same weights), i.e. ATen's LSTM on the CPU and cuDNN's on CUDA. After
+as ours runs inside; the same weights), i.e. oneDNN's fused LSTM on the CPU and cuDNN's on CUDA. After
 --warmup untimed steps of each (ours compiles its pointwise step there), the two are timed in
 turn, interleaved, --repeats times; the table shows medians.
 
@@ -19,17 +19,18 @@ runs in fp16 (autocast's cast policy for `lstm`), which the table labels.
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bench import _timed, baseline_dtype
 from .config import TrainConfig
 from .distributed import autocast
 from .lstm import compile_available, compile_steps
 from .model import CharLSTM, State
+from .optim import build_optimizer
 
 # (layers, hidden, embedding, batch): the shapes of the issue that asked for this, smoke model first
 GRID: Tuple[Tuple[int, int, int, int], ...] = (
@@ -68,7 +69,7 @@ class TorchLSTMModel(nn.Module):
 def _stepper(model: nn.Module, vocab: int, batch: int, bptt: int, device: torch.device,
              bf16: bool, seed: int) -> Callable[[], None]:
     """One training step of `model` per call, on fresh random windows, the state carried over."""
-    optimizer = _optimizer(model)
+    optimizer = build_optimizer(model, TrainConfig())
     gen = torch.Generator().manual_seed(seed)
     carried: List[Optional[State]] = [None]
     clip = TrainConfig().clip_norm
@@ -88,16 +89,9 @@ def _stepper(model: nn.Module, vocab: int, batch: int, bptt: int, device: torch.
     return step
 
 
-def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    from .optim import build_optimizer
-
-    return build_optimizer(model, TrainConfig())
-
-
 def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: int, vocab: int,
                 device: torch.device, bf16: bool, use_compile: bool, repeats: int, warmup: int) -> dict:
     """Median step time of both models at one shape, interleaved."""
-    from .bench import _timed
 
     torch.manual_seed(0)
     ours = CharLSTM(vocab, embedding, hidden, layers, compile=use_compile).to(device)
@@ -127,8 +121,6 @@ def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: i
 
 
 def run_train_bench(args, device: torch.device) -> dict:
-    from .bench import baseline_dtype
-
     shapes = GRID if args.shape is None else tuple(args.shape)
     bf16 = args.dtype == "bfloat16"
     use_compile = not args.no_compile
