@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -53,6 +54,22 @@ def cell_overrides(args: argparse.Namespace, hidden: int, layers: int, batch: in
     return [f"model.hidden={hidden}", f"model.layers={layers}", f"model.embedding={args.embedding}",
             f"train.batch_size={batch}", f"train.bptt={args.bptt}", f"train.steps={args.steps}",
             f"train.device={args.device}", *args.set]
+
+
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    """The seeds every rate is trained with: run.seed (as --set or the default) and the next ones."""
+    base = config_mod.load(None, cell_overrides(args, 64, 1, 8)).run.seed
+    return [base + k for k in range(args.seeds)]
+
+
+def rate_scores(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[float, float]:
+    """lr -> mean valid bpc over the sweep's seeds, for the rates where every seed was run."""
+    want = set(seeds_of(args))
+    by_lr: dict[float, dict[int, float]] = {}
+    for r in rows:
+        if r["seed"] in want:
+            by_lr.setdefault(r["lr"], {})[r["seed"]] = r["valid_bpc"]
+    return {lr: statistics.fmean(v.values()) for lr, v in sorted(by_lr.items()) if set(v) == want}
 
 
 def rule_lr(overrides: list[str]) -> float:
@@ -136,7 +153,10 @@ def sweep_cell(args: argparse.Namespace, results: Results, hidden: int, layers: 
 
     def at(k: int) -> float:
         if k not in scores:
-            scores[k] = train_once(args, results, overrides, center * 2.0 ** k, f"{cell}_lr{center * 2.0 ** k:.3g}")
+            lr = center * 2.0 ** k
+            scores[k] = statistics.fmean(
+                train_once(args, results, [*overrides, f"run.seed={seed}"], lr, f"{cell}_lr{lr:.3g}_s{seed}")
+                for seed in seeds_of(args))
         return scores[k]
 
     # The rule's rate and half of it first; then outward on the side that is better, so that a cell
@@ -187,22 +207,22 @@ def cmd_table(args: argparse.Namespace) -> int:
     for (hidden, layers, batch), rows in sorted(by_cell.items()):
         overrides = cell_overrides(args, hidden, layers, batch)
         want = json.loads(run_key(overrides, rule_lr(overrides)))
-        same = [r for r in rows if all(r[k] == v for k, v in want.items() if k != "lr")]
-        if not same:
+        scores = rate_scores(args, [r for r in rows if all(r[k] == v for k, v in want.items() if k not in ("lr", "seed"))])
+        if not scores:
             continue
-        same.sort(key=lambda r: r["lr"])
-        best = min(same, key=lambda r: r["valid_bpc"])
-        default = next((r for r in same if math.isclose(r["lr"], want["lr"], rel_tol=1e-4)), None)
-        swept = ", ".join(f"{r['lr']:.3g}: {r['valid_bpc']:.3f}" for r in same)
+        best = min(scores, key=scores.get)
+        default = next((lr for lr in scores if math.isclose(lr, want["lr"], rel_tol=1e-4)), None)
+        swept = ", ".join(f"{lr:.3g}: {bpc:.3f}" for lr, bpc in scores.items())
         if default is None:
             d_rate, d_bpc, gap = f"{want['lr']:.3g}", "not run", "—"
         else:
-            d_rate, d_bpc = f"{default['lr']:.3g}", f"{default['valid_bpc']:.3f}"
-            gap_value = default["valid_bpc"] - best["valid_bpc"]
+            d_rate, d_bpc = f"{default:.3g}", f"{scores[default]:.3f}"
+            gap_value = scores[default] - scores[best]
             worst = max(worst, gap_value)
             gap = f"{gap_value:+.3f}"
-        lines.append(f"| {hidden} × {layers} | {batch} | {swept} | {best['lr']:.3g} | {best['valid_bpc']:.3f} "
+        lines.append(f"| {hidden} × {layers} | {batch} | {swept} | {best:.3g} | {scores[best]:.3f} "
                      f"| {d_rate} | {d_bpc} | {gap} |")
+    print(f"valid bpc: the mean over {args.seeds} seed{'s' if args.seeds > 1 else ''} ({', '.join(map(str, seeds_of(args)))}) at every rate\n")
     print("\n".join(lines))
     print(f"\nlargest gap between the defaults and the best swept rate: {worst:.3f} bpc")
     return 0
@@ -213,9 +233,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     for every cell was actually run are ranked (no interpolation): exponents that move the rate
     by powers of 2 across the grid, and reference rates on the sweep's grid of rates."""
     results = Results(Path(args.out))
-    cells: dict[tuple[int, int, int], dict[float, float]] = {}
+    by_cell: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
     for row in results.rows.values():
-        cells.setdefault((row["hidden"], row["layers"], row["batch"]), {})[row["lr"]] = row["valid_bpc"]
+        by_cell.setdefault((row["hidden"], row["layers"], row["batch"]), []).append(row)
+    cells = {c: scores for c, rows in by_cell.items() if (scores := rate_scores(args, rows))}
     if not cells:
         raise UserError(f"no results in {args.out}; run `python -m lstm_dist.lr_sweep run` first")
     best = {c: min(v.values()) for c, v in cells.items()}
@@ -261,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
         p.add_argument("--set", action="append", default=[], metavar="section.key=value",
                        help="another setting for every run (repeatable)")
+        p.add_argument("--seeds", type=int, default=2,
+                       help="runs per rate, seeds run.seed, run.seed+1, ...; a rate scores their mean valid bpc")
         if name == "run":
             p.add_argument("--data", required=True, help="prepared corpus directory")
             p.add_argument("--jobs", type=int, default=2, help="runs at the same time")
