@@ -78,7 +78,7 @@ class TrainConfig:
     #: optimizer steps in the whole run (one step = one window on every rank)
     steps: int = 1000
     #: peak learning rate of one LSTM layer `lr_ref_hidden` units wide at a global batch of `lr_ref_batch` streams, reached after warm-up; `lr_scaling` gives other shapes theirs
-    lr: float = 1e-2
+    lr: float = 2e-2
     #: `rule`: peak = lr × (global / lr_ref_batch)^lr_batch_exponent × (lr_ref_hidden / hidden)^lr_width_exponent / layers^lr_depth_exponent (lstm_dist/lr_rule.py; global = world_size × batch_size streams); `none`: lr as written
     lr_scaling: Literal["rule", "none"] = "rule"
     #: global batch (streams) at which `lr` is the peak rate as written
@@ -87,10 +87,10 @@ class TrainConfig:
     lr_batch_exponent: float = 0.0
     #: model.hidden at which `lr` is the peak rate as written
     lr_ref_hidden: int = 256
-    #: how the peak rate falls with the width: 1 is inverse to model.hidden
-    lr_width_exponent: float = 1.0
-    #: how the peak rate falls with the depth: the rate is divided by model.layers to this power
-    lr_depth_exponent: float = 2.0
+    #: how the peak rate falls with the width: 1 is inverse to model.hidden, 0.5 its square root (measured: 0.5, see docs/lr_sweep.md)
+    lr_width_exponent: float = 0.5
+    #: how the peak rate falls with the depth: the rate is divided by model.layers to this power (measured: 1)
+    lr_depth_exponent: float = 1.0
     #: final learning rate at the end of the decay, as a fraction of the peak (`lr` after the rule)
     min_lr_ratio: float = 0.1
     #: steps of linear learning-rate warm-up from 0
@@ -101,8 +101,8 @@ class TrainConfig:
     optimizer: Literal["adamw", "sgd"] = "adamw"
     #: decoupled weight decay (AdamW) or L2 (SGD); applied to matrices only, not biases or the embedding
     weight_decay: float = 0.01
-    #: AdamW beta1, or SGD momentum
-    beta1: float = 0.9
+    #: AdamW beta1 (0: no momentum, which trained every measured shape better than 0.9: docs/lr_sweep.md), or SGD momentum (with optimizer=sgd set it, e.g. 0.9)
+    beta1: float = 0.0
     #: AdamW beta2
     beta2: float = 0.99
     #: clip the global gradient norm (after the all-reduce) to this; 0 turns clipping off

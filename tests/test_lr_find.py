@@ -33,7 +33,7 @@ def suggested(stdout: str) -> float:
     (["--start", "1e-3", "--end", "1e-4"], "--end must be above --start (0.001), got 0.0001; try --end 1"),
     (["--steps", "5"], "--steps must be at least 20 to draw a curve, got 5; try --steps 100"),
     (["--smooth", "1"], "--smooth must be in [0, 1), got 1; try --smooth 0.9"),
-    (["--divisor", "0.5"], "--divisor must be at least 1, got 0.5; try --divisor 5"),
+    (["--divisor", "0.5"], "--divisor must be at least 1, got 0.5; try --divisor 1.2"),
     (["--world", "0"], "--world must be at least 1"),
     (["train.nope=1"], "unknown key 'train.nope'"),
 ])
@@ -77,7 +77,7 @@ def test_suggestion_lands_near_the_best_rate_of_a_small_real_sweep(tmp_path):
     common = [*SMALL, f"data.path={corpus}", "train.eval_every=0", "train.sample_chars=0", "log.every=50",
               "log.wandb.mode=disabled", "checkpoint.every=0", f"run.dir={tmp_path / 'runs'}"]
     # the real thing: whole runs at rates about a factor of 3 apart, each with the defaults' schedule
-    rates = [0.003, 0.01, 0.03, 0.1]
+    rates = [0.01, 0.03, 0.1, 0.3]
     bpc = {}
     for lr in rates:
         run_train(1, *common, f"run.name=lr{lr}", f"train.lr={lr}", "train.lr_scaling=none", "train.steps=200",

@@ -17,7 +17,7 @@ from lstm_dist.optim import lr_at
 from conftest import ROOT
 
 # The rates the defaults give (docs/lr_sweep.md): a change of the defaults must change these on purpose.
-EXPECTED = {"h128_l1": 0.02, "h128_l2": 0.005, "h64_l1": 0.04, "h64_l2": 0.01, "smoke": 0.01}
+EXPECTED = {"h128_l1": 0.02 * 2 ** 0.5, "h128_l2": 0.01 * 2 ** 0.5, "h64_l1": 0.04, "h64_l2": 0.02, "smoke": 0.02}
 
 
 def cfg(*overrides: str) -> C.Config:
