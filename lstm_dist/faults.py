@@ -15,6 +15,7 @@ so that workers restarted by torchrun run clean.
     checkpoint-before-rename  SIGKILL once the checkpoint of step S is written, before it is renamed
     checkpoint-before-latest  SIGKILL once the checkpoint of step S is in place, before `latest` names it
     compile-fails             this rank reports that torch.compile of the LSTM step failed (at start-up)
+    cpu-loops-fail            this rank reports that the C++ LSTM loops could not be built (at start-up)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 from .errors import UserError
 
 POINTS = ("kill", "raise", "user-error", "preempt", "hang", "nonfinite", "checkpoint-before-rename",
-          "checkpoint-before-latest", "compile-fails")
+          "checkpoint-before-latest", "compile-fails", "cpu-loops-fail")
 AFTER_STEP = ("kill", "raise", "user-error", "preempt", "hang")
 
 

@@ -47,6 +47,7 @@ from .config import Config
 from .corpus import Corpus, builtin_source_for
 from .distributed import DistEnv, agreed, all_objects, autocast, cpu_threads, placement, setup
 from .errors import EXIT_USER_ERROR, AgreedError, UserError, print_error, run_cli
+from . import cpu_loops, lstm
 from .lstm import probe_compile
 from .metrics import NO_METRICS, Metrics
 from .model import CharLSTM
@@ -134,6 +135,7 @@ class Trainer:
         seed_everything(init_seed(cfg.run.seed))
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size).to(self.device)
         self._agree_on_compile()
+        self._agree_on_cpu_loops()
         self.optimizer = build_optimizer(self.model, t)
         self.peak_lr = lr_rule.peak_lr(cfg, env.world)  # the documented rule: train.lr scaled to this run's batch, width, depth
         self.step = 0
@@ -162,6 +164,20 @@ class Trainer:
             rank, why = failed[0]
             self.say(f"warning: torch.compile of the LSTM step failed on rank {rank} ({why}); "
                      f"every rank runs the eager step")
+
+    def _agree_on_cpu_loops(self) -> None:
+        """Build (or load) the C++ time loops on every rank now (lstm_dist.cpu_loops); if any rank
+        cannot, every rank runs the eager loops and rank 0 says which rank failed and why."""
+        if self.device.type != "cpu" or self.model.impl != "fast" or not lstm.CPU_LOOPS:
+            return
+        failure = ("injected by LSTM_DIST_FAULT=cpu-loops-fail" if faults.armed("cpu-loops-fail", 0)
+                   else None if cpu_loops.get() is not None else cpu_loops.failure())
+        failed = [(rank, why) for rank, why in enumerate(all_objects(failure)) if why is not None]
+        if failed:
+            lstm.CPU_LOOPS = False
+            rank, why = failed[0]
+            self.say(f"warning: the C++ LSTM loops are not available on rank {rank} ({why}); "
+                     f"every rank runs the eager loops (slower on the CPU, the same numbers to ~5e-7)")
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

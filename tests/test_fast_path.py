@@ -65,6 +65,7 @@ def test_one_time_step_costs_no_more_ops_than_its_budget(product, bf16, monkeypa
     if product == "mkl-packed" and not torch._C.has_mkl:
         pytest.skip("this torch has no MKL")
     monkeypatch.setattr(M, "USE_MKL_PACKED", product == "mkl-packed")
+    monkeypatch.setattr(M, "CPU_LOOPS", False)  # the eager loops: what runs wherever the C++ ones do not
     f4, b4 = count_window(4, bf16)
     f8, b8 = count_window(8, bf16)
     fwd, bwd = per_step(f4, f8, 4), per_step(b4, b8, 4)
@@ -74,6 +75,26 @@ def test_one_time_step_costs_no_more_ops_than_its_budget(product, bf16, monkeypa
     # and no op of the cell update allocates per step: each writes into a buffer made per window
     # (the recurrent product's own output, MKL's or the bf16 mm's, is the one allocation a step makes)
     assert not any(op.startswith(("aten.empty", "aten.zeros", "aten.clone", "aten.cat")) for op in {**fwd, **bwd}), (fwd, bwd)
+
+
+@pytest.mark.parametrize("product", ["mkl-packed", "addmm"])
+def test_the_cpp_loops_dispatch_only_the_recurrent_product_per_step(product, monkeypatch):
+    """The C++ loops (fp32 CPU) fuse the cell update: per step only the step's two slices and its
+    recurrent product reach the dispatcher (MKL's packed GEMM and its add, or one addmm)."""
+    from lstm_dist import cpu_loops
+
+    if cpu_loops.get() is None:
+        pytest.skip(f"the C++ loops cannot be built here ({cpu_loops.failure()})")
+    if product == "mkl-packed" and not torch._C.has_mkl:
+        pytest.skip("this torch has no MKL")
+    monkeypatch.setattr(M, "USE_MKL_PACKED", product == "mkl-packed")
+    f4, b4 = count_window(4)
+    f8, b8 = count_window(8)
+    fwd, bwd = per_step(f4, f8, 4), per_step(b4, b8, 4)
+    budget = 4 if product == "mkl-packed" else 3
+    assert sum(fwd.values()) <= budget and sum(bwd.values()) <= budget, (fwd, bwd)
+    allowed = {"aten.select.int", "mkl._mkl_linear.default", "aten.add.out", "aten.addmm.out"}
+    assert set(fwd) | set(bwd) <= allowed, (fwd, bwd)
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
@@ -97,6 +118,7 @@ def test_the_op_counter_sees_a_host_sync_and_an_extra_op():
 
     mp = pytest.MonkeyPatch()
     mp.setattr(M, "_backward_loop", with_a_sync)
+    mp.setattr(M, "CPU_LOOPS", False)  # against the eager loops' budget
     try:
         f4, b4 = count_window(4)
         f8, b8 = count_window(8)

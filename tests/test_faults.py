@@ -308,3 +308,24 @@ def test_a_rank_that_cannot_compile_makes_every_rank_fall_back_together(tmp_path
     assert lines == ["warning: torch.compile of the LSTM step failed on rank 1 (injected by "
                      "LSTM_DIST_FAULT=compile-fails); every rank runs the eager step"], proc.stdout[-2000:]
     assert final(tmp_path / "run", 2)["step"] == 2
+
+
+def test_a_rank_without_the_cpu_loops_makes_every_rank_run_the_eager_loops(tmp_path, tiny_corpus):
+    from lstm_dist import cpu_loops
+
+    if cpu_loops.get() is None:
+        pytest.skip(f"the C++ loops cannot be built here ({cpu_loops.failure()}); nothing to fall back from")
+    run = lambda name, **kw: ok(launch(torchrun(2, *overrides(tmp_path, tiny_corpus, name, "train.steps=2")),  # noqa: E731
+                                       cwd=tmp_path, **kw))
+    proc = run("fallback", fault="cpu-loops-fail:rank=1")
+    lines = [line for line in proc.stdout.splitlines() if "C++ LSTM loops" in line]
+    assert lines == ["warning: the C++ LSTM loops are not available on rank 1 (injected by "
+                     "LSTM_DIST_FAULT=cpu-loops-fail); every rank runs the eager loops (slower on the CPU, "
+                     "the same numbers to ~5e-7)"], proc.stdout[-2000:]
+    # both ranks really ran the eager loops: bit for bit what a run with them switched off everywhere
+    # computes, and not what the C++ loops compute
+    run("eager", env={"LSTM_DIST_CPU_LOOPS": "0"})
+    run("cpp")
+    fallback, eager, cpp = (final(tmp_path / name, 2)["model"] for name in ("fallback", "eager", "cpp"))
+    assert all(torch.equal(fallback[k], eager[k]) for k in eager)
+    assert not all(torch.equal(cpp[k], eager[k]) for k in eager)

@@ -34,8 +34,17 @@ def _compile_works() -> bool:
     return M.compile_available()
 
 
-# (impl, compile, compile on CPU too): the compiled steps run on CUDA; here COMPILE_ON_CPU covers them
-VARIANTS = [("reference", False, False), ("fast", False, False), ("fast", True, True)]
+# (impl, compile, compile on CPU too, C++ loops): the compiled steps run on CUDA, here COMPILE_ON_CPU
+# covers them; the fast path's fp32 CPU default is the C++ loops (lstm_dist.cpu_loops), and the eager
+# loops are what runs where those cannot be built
+VARIANTS = [("reference", False, False, False), ("fast", False, False, False), ("fast", False, False, True),
+            ("fast", True, True, False)]
+
+
+def _cpu_loops_work() -> bool:
+    from lstm_dist import cpu_loops
+
+    return cpu_loops.get() is not None
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,11 +101,15 @@ def two_windows(net, x1, y1, x2, y2, h0, c0):
 
 
 @pytest.mark.parametrize("layers", [1, 3])
-@pytest.mark.parametrize("impl,use_compile,compile_fwd", VARIANTS)
-def test_parity_with_torch_lstm_over_two_carried_windows(layers, impl, use_compile, compile_fwd, monkeypatch):
+@pytest.mark.parametrize("impl,use_compile,compile_fwd,cpp", VARIANTS,
+                         ids=["reference", "fast-eager-loops", "fast-cpp-loops", "fast-compiled-steps"])
+def test_parity_with_torch_lstm_over_two_carried_windows(layers, impl, use_compile, compile_fwd, cpp, monkeypatch):
     if use_compile and not _compile_works():
         pytest.skip("torch.compile does not work on this machine (eager fallback is tested separately)")
+    if cpp and not _cpu_loops_work():
+        pytest.skip("the C++ loops cannot be built here (the eager loops are tested separately)")
     monkeypatch.setattr(M, "COMPILE_ON_CPU", compile_fwd)
+    monkeypatch.setattr(M, "CPU_LOOPS", cpp)
     torch.manual_seed(layers)
     ours = CharLSTM(VOCAB, EMB, HID, layers, impl=impl, compile=use_compile)
     with torch.no_grad():  # a non-trivial bias so a mistake in any gate's bias path shows
@@ -447,3 +460,51 @@ def test_bf16_autocast_on_cpu_runs_the_low_precision_path():
         for n, p in net.named_parameters():
             assert p.grad.dtype == torch.float32
             assert rel_err(p.grad, g32[n]) < 5e-2, (impl, n, rel_err(p.grad, g32[n]))
+
+
+def test_cpp_loops_compute_what_the_eager_loops_compute(monkeypatch):
+    """The C++ time loops (fp32 CPU default) against the eager ones, at a width that is not a multiple
+    of the vector length (the row tail) and several rows per thread: values and every gradient."""
+    if not _cpu_loops_work():
+        pytest.skip("the C++ loops cannot be built here (their fallback is tested separately)")
+    args = [a.detach().float() for a in _window_args(steps=9, batch=5, inp=6, hid=21, seed=11)]
+    outs = []
+    for cpp in (False, True):
+        monkeypatch.setattr(M, "CPU_LOOPS", cpp)
+        leaves = [a.clone().requires_grad_(True) for a in args]
+        y, h, c = lstm_layer_fast(*leaves)
+        (y.pow(2).sum() + h.sum() * 0.3 + c.cos().sum()).backward()
+        outs.append([y, c] + [a.grad for a in leaves])
+    for name, u, v in zip(["y", "c_T", "dx", "dh0", "dc0", "dW", "dU", "db"], *outs):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=2e-6, msg=name)
+    assert not torch.equal(outs[0][0], outs[1][0]), "both runs took the same loops"
+
+
+def test_cpp_loops_fall_back_to_the_eager_loops_where_they_cannot_be_built(tmp_path):
+    """No working C++ compiler and an empty extension cache: get() says why, the layer still runs."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from lstm_dist import cpu_loops, lstm
+        from lstm_dist.lstm import lstm_layer_fast
+        x, h0, c0 = torch.randn(3, 2, 4), torch.zeros(2, 5), torch.zeros(2, 5)
+        w, u, b = torch.randn(20, 4), torch.randn(20, 5), torch.zeros(20)
+        y, _, _ = lstm_layer_fast(x, h0, c0, w, u, b)
+        assert cpu_loops.get() is None
+        print("WHY", cpu_loops.failure())
+        lstm.CPU_LOOPS = False
+        torch.testing.assert_close(y, lstm_layer_fast(x, h0, c0, w, u, b)[0], rtol=0, atol=0)
+        """
+    )
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), CC=str(tmp_path / "no-such-compiler"),
+               TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    why = next(line for line in proc.stdout.splitlines() if line.startswith("WHY "))
+    assert why != "WHY None" and "Error" in why, why
+    # and switched off by the environment, it says so
+    proc = subprocess.run([sys.executable, "-c", "from lstm_dist import cpu_loops; print(cpu_loops.get(), "
+                           "cpu_loops.failure())"], cwd=ROOT, env=dict(env, LSTM_DIST_CPU_LOOPS="0"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "None LSTM_DIST_CPU_LOOPS=0", proc.stdout + proc.stderr
