@@ -258,8 +258,8 @@ def _forward_loop(gates: Tensor, hs: Tensor, cs: Tensor, weight_hh: Tensor, mm,
     """
     loops = _cpu_loops(gates, mm, compiled)
     if loops is not None:
-        u_t = weight_hh.to(gates.dtype).t()
-        loops.forward_loop(gates, hs, cs, u_t.contiguous(), *(_mkl_packed(u_t, gates.shape[1], gates.dtype) or (None, None)))
+        u_t = weight_hh.to(gates.dtype).t()  # a view: addmm reads it transposed, the packed GEMM packs from it
+        loops.forward_loop(gates, hs, cs, u_t, *(_mkl_packed(u_t, gates.shape[1], gates.dtype) or (None, None)))
         return
     steps, batch, four_h = gates.shape
     hid = four_h // 4
@@ -353,7 +353,7 @@ def _backward_loop(gates: Tensor, hs: Tensor, cs: Tensor, dy: Tensor, dc: Tensor
     loops = _cpu_loops(gates, mm, compiled)
     if loops is not None:
         u = weight_hh.to(gates.dtype)
-        loops.backward_loop(gates, dy.contiguous(), coef, dc_coef, u.contiguous(), dc, dh, dgates,
+        loops.backward_loop(gates, dy.contiguous(), coef, dc_coef, u, dc, dh, dgates,
                             *(_mkl_packed(u, batch, gates.dtype) or (None, None)))
         return
     steps_of = _POOL.steps

@@ -87,8 +87,8 @@ void product(const at::Tensor& x, const at::Tensor& add, at::Tensor& out, const 
 }  // namespace
 
 // gates [T,B,4H] holds x W^T + b on entry and the activations on return; hs, cs [T+1,B,H] with the
-// initial state at index 0; ut = U^T [H,4H]; packed/w_lin: U^T packed for MKL (or undefined tensors).
-// All contiguous fp32.
+// initial state at index 0; ut = U^T [H,4H] (any strides); packed/w_lin: U^T packed for MKL (or
+// undefined tensors). The others contiguous fp32.
 void forward_loop(at::Tensor gates, at::Tensor hs, at::Tensor cs, at::Tensor ut, c10::optional<at::Tensor> packed,
                   c10::optional<at::Tensor> w_lin) {
   const at::Tensor pk = packed.value_or(at::Tensor()), wl = w_lin.value_or(at::Tensor());
@@ -113,7 +113,8 @@ void forward_loop(at::Tensor gates, at::Tensor hs, at::Tensor cs, at::Tensor ut,
 
 // gates [T,B,4H] the activations (f read from it); dy [T,B,H]; coef [T,B,4H] and a [T,B,H] the step
 // coefficients (lstm.py's _backward_coefficients); u = U [4H,H] (packed/w_lin: U packed for MKL, or
-// undefined); dc [B,H] in: dc_T, out: dc_{-1}; dh [B,H] scratch; dgates [T,B,4H] out. All contiguous fp32.
+// undefined); dc [B,H] in: dc_T, out: dc_{-1}; dh [B,H] scratch; dgates [T,B,4H] out. fp32; all but u
+// contiguous.
 void backward_loop(at::Tensor gates, at::Tensor dy, at::Tensor coef, at::Tensor a, at::Tensor u, at::Tensor dc,
                    at::Tensor dh, at::Tensor dgates, c10::optional<at::Tensor> packed, c10::optional<at::Tensor> w_lin) {
   const at::Tensor pk = packed.value_or(at::Tensor()), wl = w_lin.value_or(at::Tensor());
