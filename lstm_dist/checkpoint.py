@@ -169,7 +169,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
 # What a training checkpoint holds, and putting it back
 # ------------------------------------------------------------------------------------------------
 #
-#   step, config, vocab, model, optimizer, nonfinite_total, and `ranks`: one entry per process,
+#   step, config, vocab, model, optimizer, nonfinite_total, schedule (the learning-rate schedule's
+#   anchor, optim.Schedule.state_dict()), and `ranks`: one entry per process,
 #   gathered to rank 0, each {"stream": TokenStream.state_dict(), "hidden": (h, c) or None,
 #   "rng": its torch/numpy/python (and CUDA) generator states}.
 
@@ -234,6 +235,31 @@ def find_resume(cfg: Any, vocab: Vocab, say: Callable[[str], None]) -> tuple[Pat
     return None
 
 
+SET_ASIDE = ".diverged"  # suffix of a checkpoint set aside by `set_aside_from`: no longer a step_*.pt
+
+
+def set_aside_from(run_dir: str | Path, step: int) -> tuple[Path | None, list[Path]]:
+    """Set aside every checkpoint of `step` or later (renamed `step_N.pt.diverged`: kept for a look,
+    never resumed from) and point `latest` at the newest one before it, or remove `latest` where
+    none is left. Returns (that newest remaining checkpoint or None, the files set aside as renamed).
+
+    Used when a run stops on failed steps: the checkpoint written just before the first failed step
+    holds the weights that failed, so only an older one is known to be healthy."""
+    d = checkpoint_dir(run_dir)
+    moved = []
+    for path in list_checkpoints(run_dir):
+        if int(_NAME.match(path.name).group(1)) >= step:
+            target = path.with_name(path.name + SET_ASIDE)
+            os.replace(path, target)
+            moved.append(target)
+    kept = list_checkpoints(run_dir)
+    if kept:
+        atomic_write(d / LATEST, lambda fh: fh.write(kept[-1].name.encode() + b"\n"))
+    else:
+        (d / LATEST).unlink(missing_ok=True)
+    return (kept[-1] if kept else None), moved
+
+
 class Resumed(NamedTuple):
     """Where a run picked up: its step, and whether it continues exactly or on re-cut streams."""
 
@@ -243,6 +269,9 @@ class Resumed(NamedTuple):
     exact: bool  # same processes × streams × bptt and split: hidden states and generators restored too
     hidden: tuple[torch.Tensor, torch.Tensor] | None  # this rank's carried state (None after a re-cut)
     written_by: str  # the layout that wrote it, "2 processes × batch 4 × bptt 16"
+    config: dict[str, Any]  # the config of the run that wrote it (Config.to_dict())
+    world: int  # how many processes wrote it
+    schedule: dict[str, Any] | None  # optim.Schedule.state_dict() (None: written before schedules had state)
 
 
 def restore(cfg: Any, env: DistEnv, vocab: Vocab, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -281,12 +310,14 @@ def restore(cfg: Any, env: DistEnv, vocab: Vocab, model: torch.nn.Module, optimi
             hidden = (mine["hidden"][0].to(env.device), mine["hidden"][1].to(env.device))
         set_rng_state(mine["rng"], env.device)
     return Resumed(path, int(saved["step"]), int(saved.get("nonfinite_total", 0)), exact, hidden,
-                   f"{len(ranks)} processes × batch {old['batch']} × bptt {old['bptt']}")
+                   f"{len(ranks)} processes × batch {old['batch']} × bptt {old['bptt']}", saved["config"], len(ranks),
+                   saved.get("schedule"))
 
 
 def save_training(cfg: Any, env: DistEnv, vocab: Vocab, step: int, model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, stream: TokenStream,
-                  hidden: tuple[torch.Tensor, torch.Tensor] | None, nonfinite_total: int) -> Path | None:
+                  hidden: tuple[torch.Tensor, torch.Tensor] | None, nonfinite_total: int,
+                  schedule: dict[str, Any] | None = None) -> Path | None:
     """Gather every rank's stream, hidden state and generators; rank 0 writes the checkpoint of `step`
     (and returns its path); all ranks leave together."""
     hidden = None if hidden is None else (hidden[0].detach().cpu(), hidden[1].detach().cpu())
@@ -300,6 +331,7 @@ def save_training(cfg: Any, env: DistEnv, vocab: Vocab, step: int, model: torch.
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(),
                 "nonfinite_total": nonfinite_total,
+                "schedule": schedule,
                 "ranks": ranks,
             }, keep=cfg.checkpoint.keep)
         except CheckpointError as exc:

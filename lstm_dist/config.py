@@ -111,8 +111,12 @@ class TrainConfig:
     eval_every: int = 200
     #: cap on validation windows per evaluation during training, per rank; 0 evaluates the whole split (the final evaluation always does)
     eval_max_windows: int = 0
-    #: stop the run after this many consecutive steps with a non-finite loss or gradient (each one is skipped on every rank)
+    #: stop the run after this many consecutive failed steps (a non-finite loss or gradient, or a diverged loss: `divergence_ratio`); each one is skipped on every rank
     max_nonfinite: int = 5
+    #: a step whose mean loss is above this × ln(vocabulary size), the loss of a uniform guess, has diverged: it fails like a non-finite one, and a final score above it (in bits: × log2 of the size) ends the run with exit 3, not `done`; 0 turns both checks off
+    divergence_ratio: float = 3.0
+    #: when a resumed run's settings change its learning-rate schedule (train.steps, lr, warm-up, decay, the rule's inputs): `continue` goes on from the rate in force at the resume step along the new schedule to its new end, with no jump; `recompute` uses the new schedule as if the run had always had it
+    resume_schedule: Literal["continue", "recompute"] = "continue"
     #: seconds a collective waits for the slowest rank before the job fails with an error (the process-group timeout): a rank that hangs or died stops the others after this long
     collective_timeout: float = 600.0
     #: arithmetic: `fp32`, `bf16` (autocast on CUDA; state and cell update stay fp32), or `auto` (bf16 on CUDA, fp32 on CPU)
@@ -203,6 +207,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.eval_every": (lambda v: v >= 0, ">= 0 (0 evaluates only at the end)"),
     "train.eval_max_windows": (lambda v: v >= 0, ">= 0 (0 evaluates the whole split)"),
     "train.max_nonfinite": (lambda v: v > 0, "> 0"),
+    "train.divergence_ratio": (lambda v: v == 0 or v > 1, "0 (off) or > 1 (a uniform guess scores 1)"),
     "train.threads": (lambda v: v >= 0, ">= 0 (0 divides the cores among local processes)"),
     "train.sample_chars": (lambda v: v >= 0, ">= 0"),
     "log.every": (lambda v: v > 0, "> 0"),
@@ -362,6 +367,26 @@ def from_dict(data: dict[str, Any], source: str = "a dict") -> Config:
     cfg = Config()
     _apply_mapping(cfg, data, source)
     return validate(cfg)
+
+
+def changes(saved: dict[str, Any], cfg: Config, ignore: typing.Collection[str] = ("checkpoint.resume",)) -> list[tuple[str, Any, Any]]:
+    """Every setting whose value in `cfg` differs from the config dict `saved` (a checkpoint's), as
+    (dotted key, saved value, value now), in the order of the reference. Keys that `saved` lacks (a
+    checkpoint written before the setting existed) and `ignore` are left out."""
+    found = []
+    for key in leaf_fields():
+        if key in ignore:
+            continue
+        node: Any = saved
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        now = _get(cfg, key)
+        if node is not _MISSING and node != now:
+            found.append((key, node, now))
+    return found
+
+
+_MISSING = object()
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

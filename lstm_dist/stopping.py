@@ -1,9 +1,11 @@
 """When a run stops, and how every rank agrees on it: the stop signal (SIGTERM/SIGUSR1 only set a
-flag), non-finite steps (skipped on every rank; too many in a row stop the run), and the one small
-all-reduce per step that shares both, with the mean loss, among the ranks."""
+flag), failed steps (a non-finite loss or gradient, or a diverged loss: skipped on every rank; too
+many in a row stop the run), and the one small all-reduce per step that shares the loss and the
+flags among the ranks."""
 
 from __future__ import annotations
 
+import math
 import signal
 from typing import Any
 
@@ -36,29 +38,38 @@ class Preemption:
 
 
 class NonFiniteStop(Exception):
-    pass
+    """Too many failed steps in a row, or a diverged final score: the run ends with exit status 3."""
 
 
 class NonFinite:
-    """Steps skipped for a non-finite loss or gradient: in all (kept in checkpoints) and in a row."""
+    """Failed steps, skipped on every rank: a non-finite loss or gradient, or a diverged loss (above
+    `train.divergence_ratio` × the loss of a uniform guess). Counted in all (kept in checkpoints) and
+    in a row; `first` is the first step of the current row."""
 
     def __init__(self, limit: int, total: int = 0) -> None:
-        self.limit, self.total, self.run = limit, total, 0
+        self.limit, self.total, self.run, self.first = limit, total, 0, 0
 
     def ok(self) -> None:
         self.run = 0
 
-    def skipped(self, step: int, loss: float, norm: float) -> str:
-        """Count a skipped step; returns the warning to print."""
+    def skipped(self, step: int, loss: float, norm: float, max_loss: float = 0.0) -> str:
+        """Count a failed step; returns the warning to print. `max_loss` (nats) is the divergence limit."""
         self.total += 1
         self.run += 1
-        return (f"warning: step {step}: non-finite loss or gradient (loss {loss:.4g}, grad norm {norm:.4g}); "
-                f"optimizer step skipped on every rank ({self.run} in a row, {self.total} in all)")
+        if self.run == 1:
+            self.first = step
+        if math.isfinite(loss) and math.isfinite(norm):
+            what = (f"diverged loss {loss:.4g} (above {max_loss:.4g}, train.divergence_ratio × the loss of a "
+                    "uniform guess)")
+        else:
+            what = f"non-finite loss or gradient (loss {loss:.4g}, grad norm {norm:.4g})"
+        return (f"warning: step {step}: {what}; optimizer step skipped on every rank "
+                f"({self.run} in a row, {self.total} in all)")
 
-    def check(self) -> None:
-        if self.run >= self.limit:
-            raise NonFiniteStop(f"{self.run} consecutive non-finite steps (train.max_nonfinite={self.limit}); "
-                                "lower train.lr or train.clip_norm and resume from the last checkpoint, which is untouched")
+    @property
+    def exhausted(self) -> bool:
+        """Whether `limit` failed steps came in a row: the run must stop."""
+        return self.run >= self.limit
 
 
 def agree(loss: torch.Tensor, preempt_flag: float, world: int) -> tuple[float, bool, bool]:

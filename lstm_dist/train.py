@@ -51,7 +51,7 @@ from . import cpu_loops, lstm
 from .lstm import probe_compile
 from .metrics import NO_METRICS, Metrics
 from .model import CharLSTM
-from .optim import build_optimizer, lr_at, schedule_phrase, set_lr
+from .optim import Schedule, build_optimizer, schedule_phrase, set_lr
 from .rundir import RunDirectory
 from .sampling import sample_text
 from .scoring import LN2, split_bits
@@ -88,7 +88,20 @@ def open_corpus(cfg: Config, env: DistEnv, say) -> Corpus:
             prepare(source, path, vocab=cfg.data.vocab)
 
     agreed(prepare_if_missing)  # the other ranks wait here for rank 0's preparation
-    return agreed(lambda: Corpus(path))
+    return agreed(lambda: scorable(Corpus(path)))
+
+
+def scorable(corpus: Corpus) -> Corpus:
+    """The corpus, if its valid and test splits have something to score: the first character of a
+    split is only context, so a split of one character would score nothing, and a run on it would
+    end with a perfect 0 bits per character from no evidence. Raises UserError (before training)."""
+    for split in ("valid", "test"):
+        n = corpus.sizes[split]
+        if n < 2:
+            raise UserError(f"the {split} split of {corpus.path} has {n} token(s), so there is nothing to score in it "
+                            "(the first is only context); re-prepare the corpus with a longer "
+                            f"{split} text (python -m lstm_dist.data prepare ... --force)")
+    return corpus
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -138,6 +151,9 @@ class Trainer:
         self._agree_on_cpu_loops()
         self.optimizer = build_optimizer(self.model, t)
         self.peak_lr = lr_rule.peak_lr(cfg, env.world)  # the documented rule: train.lr scaled to this run's batch, width, depth
+        self.schedule = Schedule(t, self.peak_lr)
+        # A loss this far above a uniform guess's (ln V nats) has diverged: the step fails like a non-finite one.
+        self.max_loss = t.divergence_ratio * math.log(self.vocab.size)
         self.step = 0
         self.saved_at: int | None = None  # the step of the checkpoint last written or resumed from
         self.nonfinite = NonFinite(t.max_nonfinite)
@@ -202,12 +218,37 @@ class Trainer:
             self.say(f"resumed from {r.path} at step {self.step}: it was written by {r.written_by}; re-cut streams "
                      f"for {self.env.world} × {t.batch_size} × {t.bptt}: position carried over by characters "
                      "consumed, hidden states start at zero")
+        for key, old, new in config_mod.changes(r.config, self.cfg):
+            self.say(f"resumed with a changed setting: {key}: {old!r} → {new!r}")
+        self._resume_schedule(r)
         return True
+
+    def _resume_schedule(self, r: ckpt.Resumed) -> None:
+        """Put back the learning-rate schedule the checkpoint's run was on; where this run's settings
+        give another, follow `train.resume_schedule` and say in one line what the rates become."""
+        saved = config_mod.from_dict(r.config, source=f"the config inside checkpoint {r.path}")
+        old = Schedule(saved.train, lr_rule.peak_lr(saved, r.world))
+        old.load_state_dict(r.schedule)
+        self.schedule.anchor = old.anchor
+        if self.schedule.shape() == old.shape() or self.step >= self.cfg.train.steps:
+            return
+        was, t = old.lr(self.step), self.cfg.train
+        recomputed = Schedule(t, self.peak_lr).lr(self.step + 1)
+        if t.resume_schedule == "continue":
+            self.schedule.continued(self.step, old)
+            self.say(f"learning-rate schedule continued from the checkpoint's (train.resume_schedule=continue): "
+                     f"{was:.4g} at step {self.step}, {self.schedule.lr(self.step + 1):.4g} at step {self.step + 1}, "
+                     f"{self.schedule.lr(t.steps):.4g} at step {t.steps} (recompute would give {recomputed:.4g} "
+                     f"at step {self.step + 1})")
+        else:
+            self.schedule.anchor = None
+            self.say(f"learning-rate schedule recomputed for the new settings (train.resume_schedule=recompute): "
+                     f"{was:.4g} at step {self.step}, {recomputed:.4g} at step {self.step + 1}")
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
         path = ckpt.save_training(self.cfg, self.env, self.vocab, self.step, self.model, self.optimizer,
-                                  self.stream, self.state, self.nonfinite.total)
+                                  self.stream, self.state, self.nonfinite.total, self.schedule.state_dict())
         self.saved_at = self.step
         if path is not None:
             self.say(f"checkpoint {path} ({time.perf_counter() - t0:.2f}s)")
@@ -216,7 +257,9 @@ class Trainer:
         bits, count = split_bits(self.model, self.splits[split], rank=self.env.rank, world=self.env.world,
                                  batch=self.cfg.train.batch_size, bptt=self.cfg.train.bptt, device=self.device,
                                  bf16=self.bf16, max_windows=max_windows)
-        return bits / max(count, 1), count
+        if count == 0:  # scorable() refuses such a split at start-up; a score of 0 from nothing is never reported
+            raise RuntimeError(f"the {split} split gave no character to score")
+        return bits / count, count
 
     def periodic_eval(self) -> None:
         t0 = time.perf_counter()
@@ -252,10 +295,10 @@ class Trainer:
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf))
         mean_loss, any_bad, stop = agree(loss, preempt_flag, self.env.world)
         self.step += 1
-        if any_bad or not math.isfinite(norm):
+        if any_bad or not math.isfinite(norm) or (self.max_loss and mean_loss > self.max_loss):
             self._skip_step(mean_loss, norm)
         else:
-            set_lr(self.optimizer, lr_at(self.step, t, self.peak_lr))
+            set_lr(self.optimizer, self.schedule.lr(self.step))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite.ok()
@@ -267,13 +310,33 @@ class Trainer:
     def _skip_step(self, loss: float, norm: float) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.state = None  # a non-finite forward poisons the carried state: every rank restarts from zeros
-        self.say(self.nonfinite.skipped(self.step, loss, norm))
-        self.nonfinite.check()
+        self.say(self.nonfinite.skipped(self.step, loss, norm, self.max_loss))
+        if self.nonfinite.exhausted:
+            raise NonFiniteStop(self._failed_steps_advice())
+
+    def _failed_steps_advice(self) -> str:
+        """The stop line for too many failed steps in a row. The checkpoint written just before the
+        first of them holds the weights that failed: rank 0 sets it (and any later one) aside, so the
+        advice, and checkpoint.resume=auto, name a checkpoint written before the trouble began."""
+        t, first = self.cfg.train, self.nonfinite.first
+        head = (f"{self.nonfinite.run} failed steps in a row from step {first} (non-finite or diverged loss; "
+                f"train.max_nonfinite={t.max_nonfinite}); lower train.lr or train.clip_norm and run again: ")
+        if not self.env.is_main:
+            return head  # only rank 0 prints the line, and only it touches the checkpoints
+        healthy, moved = ckpt.set_aside_from(self.run_dir, first - 1)
+        aside = (f" ({', '.join(p.name for p in moved)}, written from the weights that failed, set aside)"
+                 if moved else "")
+        if healthy is None:
+            return head + f"no checkpoint from before the failures is left, so the run starts afresh{aside}"
+        return head + f"it resumes from {healthy}, the last checkpoint written before the failures began{aside}"
 
     def run(self, preemption: Preemption) -> int:
         cfg, t = self.cfg, self.cfg.train
         self.say(describe(self, placement()))  # placement() is a collective: every rank takes part
-        self.say(f"learning rate: {lr_rule.explain(cfg, self.env.world)}, {schedule_phrase(t)}")
+        anchor = self.schedule.anchor
+        self.say(f"learning rate: {lr_rule.explain(cfg, self.env.world)}, {schedule_phrase(t)}"
+                 + (f"; continued from step {anchor[0]} at {anchor[1]:.4g} of the peak (train.resume_schedule)"
+                    if anchor else ""))
         window = Window(self.env.world * t.batch_size * t.bptt)
         every = lambda n: n and self.step % n == 0 and self.step < t.steps  # noqa: E731  (not at the end)
         while self.step < t.steps:
@@ -308,13 +371,21 @@ class Trainer:
         self.metrics.log(self.step, final)
         self.metrics.summary(final)
         self.log_sample()
+        limit = self.cfg.train.divergence_ratio * math.log2(self.vocab.size)
+        worst = max(valid_bpc, test_bpc)
+        if not math.isfinite(worst) or (limit and worst > limit):
+            raise NonFiniteStop(
+                f"the final model scores valid {valid_bpc:.4g}, test {test_bpc:.4g} bits per character, above "
+                f"{limit:.4g} (train.divergence_ratio × log2 {self.vocab.size}, the score of a uniform guess): it has "
+                "diverged; start a new run.name with a lower train.lr, or resume from a checkpoint written before "
+                "it diverged (checkpoint.resume=PATH)")
         self.say(f"done: step {self.step}, valid {valid_bpc:.4f} bpc over {valid_chars:,} characters, "
                  f"test {test_bpc:.4f} bpc over {test_chars:,} characters")
         return 0
 
     def _log(self, window: Window, norm: float) -> None:
         loss, timing = window.take(self.cfg.train.steps - self.step)
-        values = {"epoch": self.stream.epoch, "loss": loss, "bpc": loss / LN2, "lr": lr_at(self.step, self.cfg.train, self.peak_lr),
+        values = {"epoch": self.stream.epoch, "loss": loss, "bpc": loss / LN2, "lr": self.schedule.lr(self.step),
                   "grad_norm": norm, **timing}
         if self.nonfinite.total:
             values["nonfinite_steps"] = self.nonfinite.total

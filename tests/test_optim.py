@@ -7,7 +7,7 @@ import torch
 
 from lstm_dist.config import TrainConfig
 from lstm_dist.model import CharLSTM
-from lstm_dist.optim import build_optimizer, lr_at, schedule_phrase, set_lr
+from lstm_dist.optim import Schedule, build_optimizer, lr_at, schedule_phrase, set_lr
 
 
 def test_cosine_and_linear_warm_up_then_decay_to_the_floor():
@@ -27,6 +27,39 @@ def test_constant_holds_the_peak_after_warm_up_and_no_warm_up_starts_at_the_peak
     assert {lr_at(s, t) for s in (4, 5, 50, 100)} == {0.3}
     t.warmup_steps = 0
     assert lr_at(1, t) == 0.3
+
+
+def test_a_schedule_changed_on_resume_continues_from_the_rate_in_force_without_a_jump():
+    # A finished 40-step cosine run extended to 80: it keeps its final rate (recomputing would jump to
+    # 0.0301 at step 41, the case)...
+    old = TrainConfig(lr=0.0566, steps=40, min_lr_ratio=0.1, schedule="cosine")
+    new = TrainConfig(lr=0.0566, steps=80, min_lr_ratio=0.1, schedule="cosine")
+    at40 = lr_at(40, old)
+    assert lr_at(41, new) > 5 * at40
+    s = Schedule(new, new.lr, anchor=(40, at40 / old.lr))
+    assert [s.lr(k) for k in (41, 60, 80)] == pytest.approx([at40] * 3)
+    # ...a run lengthened half way stretches the rest of its decay: continuous at the resume step,
+    # falling, and at the floor at its new end...
+    a = lr_at(500, TrainConfig(lr=1.0, steps=1000))
+    s = Schedule(TrainConfig(lr=1.0, steps=2000), 1.0, anchor=(500, a))
+    rates = [s.lr(k) for k in range(500, 2001)]
+    assert rates[0] == a and 0 < a - rates[1] < a - lr_at(501, TrainConfig(lr=1.0, steps=1000))  # a gentler step
+    assert all(x >= y for x, y in zip(rates, rates[1:])) and rates[-1] == pytest.approx(0.1)
+    # ...one resumed during warm-up warms up on to the peak
+    s = Schedule(TrainConfig(lr=2.0, steps=100, warmup_steps=10), 2.0, anchor=(4, 0.2))
+    assert [s.lr(k) for k in (4, 7, 10)] == pytest.approx([0.4, 1.2, 2.0]) and s.lr(100) == pytest.approx(0.2)
+    # and with no anchor it is lr_at exactly (an unchanged resume stays bit for bit)
+    t = TrainConfig(lr=0.3, steps=50, warmup_steps=5)
+    assert [Schedule(t, 0.3).lr(k) for k in range(1, 51)] == [lr_at(k, t) for k in range(1, 51)]
+    s = Schedule(t, 0.3, anchor=(7, 0.25))
+    back = Schedule(t, 0.3)
+    back.load_state_dict(s.state_dict())
+    assert back.anchor == (7, 0.25) and back.shape() == s.shape()
+    # a new train.lr scales the rate from the next step on (a lower rate after a divergence is a lower rate)
+    old = Schedule(TrainConfig(lr=0.02, steps=100), 0.02)
+    lower = Schedule(TrainConfig(lr=0.005, steps=100), 0.005)
+    lower.continued(50, old)
+    assert lower.lr(51) == pytest.approx(old.lr(51) / 4) and lower.lr(100) == pytest.approx(0.0005)
 
 
 def _model() -> CharLSTM:

@@ -12,9 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, child_env, load_ckpt, losses, read_metrics, finish, run_group, run_train, train_cmd
+from conftest import ROOT, TINY, child_env, load_ckpt, losses, make_text, read_metrics, finish, run_group, run_train, train_cmd
 from lstm_dist import checkpoint as ckpt
-from lstm_dist.train import EXIT_NONFINITE, EXIT_PREEMPTED
+from lstm_dist.config import from_dict
+from lstm_dist.lr_rule import peak_lr
+from lstm_dist.corpus import Corpus
+from lstm_dist.errors import UserError
+from lstm_dist.optim import lr_at
+from lstm_dist.prepare import prepare
+from lstm_dist.train import EXIT_NONFINITE, EXIT_PREEMPTED, scorable
 
 pytestmark = pytest.mark.slow
 
@@ -223,15 +229,104 @@ def test_non_finite_steps_are_skipped_then_stop_leaving_the_last_checkpoint(tmp_
                                 "train.max_nonfinite=3"), cwd=tmp_path, check=False)
     out = proc.stdout + proc.stderr
     assert "optimizer step skipped on every rank" in out
-    assert "consecutive non-finite steps (train.max_nonfinite=3)" in out
+    assert "failed steps in a row from step" in out and "train.max_nonfinite=3" in out
     assert f"exitcode  : {EXIT_NONFINITE}" in out or proc.returncode == EXIT_NONFINITE, out
-    files = ckpt.list_checkpoints(tmp_path / "diverge")
-    assert files, out
-    last = load_ckpt(files[-1])
-    assert all(torch.isfinite(v).all() for v in last["model"].values())
-    # no checkpoint was written at or after the first skipped step
+    # no checkpoint was written at or after the first skipped step; the one written just before it holds
+    # the weights that failed (their update made the next loss non-finite): set aside, never resumed from
     skipped = [m for m in read_metrics(tmp_path / "diverge") if m.get("nonfinite_steps")]
-    assert skipped and last["step"] < skipped[0]["step"]
+    assert skipped and skipped[0]["step"] == 2, out
+    assert ckpt.list_checkpoints(tmp_path / "diverge") == []
+    aside = sorted((tmp_path / "diverge" / "checkpoints").glob("*.diverged"))
+    assert [p.name for p in aside] == ["step_00000001.pt.diverged"] and "the run starts afresh" in out
+    assert all(torch.isfinite(v).all() for v in load_ckpt(aside[0])["model"].values())
+
+
+def test_a_resumed_run_lists_every_changed_setting_and_an_extended_run_keeps_its_rate(tmp_path, tiny_corpus, straight_run):
+    """Kind: a resumed run never changes course without saying so. Extending a finished run (train.steps
+    20 -> 30) and changing the clipping are each one line; the rate goes on from the one in force
+    (no jump: recomputing the cosine over 30 steps would restart it high); the anchor is part of the
+    run's state, so a later resume follows it bit for bit; `recompute` is there and says so."""
+    tmp, _ = straight_run
+    end = tmp / "straight" / "checkpoints" / "step_00000020.pt"
+    was = {m["step"]: m["lr"] for m in read_metrics(tmp / "straight") if "lr" in m}[20]
+    longer = ["train.steps=30", "checkpoint.every=5", "train.clip_norm=0.5"]
+    proc = run_train(2, *common(tmp_path, tiny_corpus, "longer", *longer, f"checkpoint.resume={end}"), cwd=tmp_path)
+    changed = [line for line in proc.stdout.splitlines() if line.startswith("resumed with a changed setting")]
+    assert changed == ["resumed with a changed setting: run.name: 'straight' → 'longer'",
+                       "resumed with a changed setting: run.dir: " + repr(str(tmp)) + " → " + repr(str(tmp_path)),
+                       "resumed with a changed setting: train.steps: 20 → 30",
+                       "resumed with a changed setting: train.clip_norm: 1.0 → 0.5"], proc.stdout
+    assert (f"learning-rate schedule continued from the checkpoint's (train.resume_schedule=continue): {was:.4g} at "
+            f"step 20, {was:.4g} at step 21, {was:.4g} at step 30 (recompute would give ") in proc.stdout
+    rates = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "longer") if "lr" in m}
+    assert sorted(rates) == list(range(21, 31)) and all(rates[s] == pytest.approx(was) for s in rates), rates
+
+    mid = tmp_path / "longer" / "checkpoints" / "step_00000025.pt"
+    proc = run_train(2, *common(tmp_path, tiny_corpus, "again", *longer, f"checkpoint.resume={mid}"), cwd=tmp_path)
+    assert "learning-rate schedule" not in proc.stdout  # nothing changed in it: the saved anchor holds
+    assert_same_state(load_ckpt(tmp_path / "longer" / "checkpoints" / "step_00000030.pt"),
+                      load_ckpt(tmp_path / "again" / "checkpoints" / "step_00000030.pt"), exact=True)
+
+    proc = run_train(1, *common(tmp_path, tiny_corpus, "recomputed", "train.steps=30", "train.resume_schedule=recompute",
+                                "train.batch_size=8", f"checkpoint.resume={end}"), cwd=tmp_path)
+    cfg = from_dict(load_ckpt(end)["config"])
+    cfg.train.steps = 30
+    jump = lr_at(21, cfg.train, peak_lr(cfg, world=1))  # the cosine over 30 steps, as if the run always had them
+    assert jump > 2 * was
+    assert (f"learning-rate schedule recomputed for the new settings (train.resume_schedule=recompute): {was:.4g} at "
+            f"step 20, {jump:.4g} at step 21") in proc.stdout
+    assert {m["step"]: m["lr"] for m in read_metrics(tmp_path / "recomputed") if "lr" in m}[21] == pytest.approx(jump)
+
+
+def test_a_diverged_run_leaves_no_checkpoint_to_resume_and_its_score_never_ends_in_done(tmp_path, tiny_corpus):
+    """Kind: a wrong number must never end a run with exit 0. At lr 1e4 the first update blows the
+    weights up: every later loss is finite but thousands of times a uniform guess's. Those steps fail
+    like non-finite ones, the checkpoint written from the failed weights is set aside (so the advice,
+    and an automatic resume, never pick it), and a model that scores like that never says `done`."""
+    proc = run_train(1, *common(tmp_path, tiny_corpus, "div", "train.steps=40", "train.lr=1e4", "train.lr_scaling=none",
+                                "checkpoint.every=1"), cwd=tmp_path, check=False)
+    assert proc.returncode == EXIT_NONFINITE, proc.stdout + proc.stderr
+    assert "warning: step 2: diverged loss" in proc.stdout and "step 3" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: 5 failed steps in a row from step 2 (non-finite or diverged loss; train.max_nonfinite=5); lower "
+        "train.lr or train.clip_norm and run again: no checkpoint from before the failures is left, so the run starts "
+        "afresh (step_00000001.pt.diverged, written from the weights that failed, set aside)"]
+    checkpoints = tmp_path / "div" / "checkpoints"
+    assert ckpt.candidates(tmp_path / "div") == [] and not (checkpoints / "latest").exists()
+    aside = checkpoints / "step_00000001.pt.diverged"
+    assert aside.is_file() and load_ckpt(aside)["step"] == 1
+    # Those weights as a finished run (another instance): the final score is absurd, so exit 3, not `done`.
+    proc = run_train(1, *common(tmp_path, tiny_corpus, "final", "train.steps=1", "train.warmup_steps=0",
+                                f"checkpoint.resume={aside}"),
+                     cwd=tmp_path, check=False)
+    assert proc.returncode == EXIT_NONFINITE and "done:" not in proc.stdout, proc.stdout + proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: the final model scores valid ") and "it has diverged" in line, line
+
+
+def test_an_evaluation_split_with_nothing_to_score_is_refused_before_training(tmp_path):
+    """Kind: a wrong number must never end a run with exit 0. A split of one character scores nothing
+    (its first character is only context); a run on it used to end `valid 0.0000 bpc over 0
+    characters` with exit 0. It is refused at start-up, in one line, before anything is written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "train.txt").write_text(make_text(3000, seed=0), encoding="utf-8")
+    (src / "one.txt").write_text("a", encoding="utf-8")
+    (src / "more.txt").write_text(make_text(400, seed=1), encoding="utf-8")
+    corpus = prepare("files", tmp_path / "one-valid", vocab="chars", quiet=True, train=src / "train.txt",
+                     valid=src / "one.txt", test=src / "more.txt")
+    proc = run_train(1, *common(tmp_path, corpus, "t", "train.steps=10", "train.eval_every=5"), cwd=tmp_path,
+                     check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: the valid split of {corpus} has 1 token(s), so there is nothing to score in it (the first is only "
+        "context); re-prepare the corpus with a longer valid text (python -m lstm_dist.data prepare ... --force)"]
+    assert not (tmp_path / "t").exists()
+    # the test split (another instance), scored only at the end of a run: refused all the same, at start-up
+    corpus = prepare("files", tmp_path / "one-test", vocab="bytes", quiet=True, train=src / "train.txt",
+                     valid=src / "more.txt", test=src / "one.txt")
+    with pytest.raises(UserError, match=r"^the test split of .*one-test has 1 token\(s\), so there is nothing to score"):
+        scorable(Corpus(corpus))
 
 
 def test_missing_corpus_and_bad_config_are_one_line(tmp_path):
