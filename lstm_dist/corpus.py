@@ -11,13 +11,28 @@ ids of each split, raw), vocab.json and meta.json. Vocabularies:
 
 Opening a `Corpus` checks the directory and reads nothing of the splits: `split(name)` is an O(1)
 memmap. Nothing here prepares a corpus; the training path imports only this and `streams`.
+
+Text from outside a corpus is read here too, in the one way a corpus split is read, whichever entry
+reads it (`prepare`'s splits, `evaluate --text`, `generate --prompt`/`--prompt-file`, training's sample
+prompt), so one file gives the same characters, and the same ids, everywhere:
+
+- a file is its bytes decoded as strict UTF-8 (`utf8_chunks`): nothing is translated, so a CR
+  (``\r``, as in CRLF line ends) stays a character of its own, and a byte-order mark at the start
+  (EF BB BF) stays the character U+FEFF; bytes that are not UTF-8 are refused, in one line naming
+  the byte offset;
+- a string (a command-line `--prompt`, a constant) is taken as given, after checking that it is
+  Unicode text at all (`text_from_string`: an undecodable command-line byte is refused).
+
+Characters a chars vocabulary lacks are said in one line naming where they came from (`lacking_note`).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
@@ -198,3 +213,108 @@ class Corpus:
 
     def __repr__(self) -> str:
         return f"Corpus({str(self.path)!r}, {self.vocab!r}, sizes={self.sizes})"
+
+
+# ----------------------------------------------------------------------------- text from outside
+
+# Read granularity of outside text: bounds peak memory whatever the file size.
+TEXT_CHUNK_BYTES = 2 << 20
+
+
+def utf8_chunks(stream: BinaryIO, name: str, chunk_bytes: int = TEXT_CHUNK_BYTES) -> Iterator[tuple[bytes, str]]:
+    """The one reading of outside text: (raw chunk, its text) of a binary stream, in order, ending with
+    (b"", the text held back at the end).
+
+    Strict UTF-8 of the bytes as they are: no newline translation (a CR stays the character ``\r``),
+    and a byte-order mark stays the character U+FEFF. A character split across chunks is held back
+    until the next one, so the texts joined are the whole decoding whatever `chunk_bytes` is. Bytes
+    that are not UTF-8 raise `UserError` "`name` is not valid UTF-8 near byte N; ...", N the offset
+    in the stream of the first byte of the invalid sequence. An `OSError` while reading is a
+    `UserError` naming `name` too. The stream is read, not closed.
+    """
+    dec = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0  # bytes of the stream before `raw`
+    while True:
+        try:
+            raw = stream.read(chunk_bytes)
+        except OSError as exc:
+            raise UserError(f"{name} cannot be read near byte {offset} ({exc.strerror or exc}); check the file and the disk") from None
+        pending = len(dec.getstate()[0])  # bytes of an unfinished character held back from before `raw`
+        try:
+            text = dec.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:  # exc.start counts from the held-back bytes
+            raise UserError(f"{name} is not valid UTF-8 near byte {offset - pending + exc.start}; "
+                            "convert it to UTF-8 first") from None
+        yield raw, text
+        if not raw:
+            return
+        offset += len(raw)
+
+
+def open_text_file(path: str | os.PathLike, name: str, directory_hint: str = "pass a text file") -> BinaryIO:
+    """`path` opened for `utf8_chunks` (binary), or a one-line `UserError` saying what is wrong with it;
+    `name` says where the path came from (e.g. ``--text notes.txt``)."""
+    try:
+        return open(Path(path), "rb")
+    except FileNotFoundError:
+        raise UserError(f"{name} does not exist; pass an existing UTF-8 text file") from None
+    except IsADirectoryError:
+        raise UserError(f"{name} is a directory; {directory_hint}") from None
+    except OSError as exc:
+        raise UserError(f"{name} cannot be read ({exc.strerror or exc}); fix the path or its permissions") from None
+
+
+def read_text_file(path: str | os.PathLike, name: str, directory_hint: str = "pass a text file") -> str:
+    """The whole text of a file, read as a corpus split is read (`utf8_chunks`: strict UTF-8, CR and a
+    BOM kept as characters). Errors: one-line `UserError`s naming `name` (missing, a directory,
+    unreadable, not UTF-8 with the byte offset)."""
+    with open_text_file(path, name, directory_hint) as stream:
+        return "".join(text for _, text in utf8_chunks(stream, name))
+
+
+def check_utf8_file(path: str | os.PathLike, name: str, directory_hint: str = "pass a text file") -> int:
+    """Check, streaming in chunks, that a file reads as `read_text_file` reads it; returns its size in
+    bytes. For callers that use the bytes themselves (a memory-mapped bytes-vocabulary text), so that
+    a file they accept is one every other entry accepts too. Errors as `read_text_file`."""
+    size = 0
+    with open_text_file(path, name, directory_hint) as stream:
+        for raw, _ in utf8_chunks(stream, name):
+            size += len(raw)
+    return size
+
+
+def text_from_string(text: str, name: str) -> str:
+    """A string from outside (a command-line option, a constant), taken as given: no newline or BOM
+    handling, so it is the same characters as a file holding its UTF-8 bytes. Refused with one line
+    when it is not Unicode text: Python gives a command-line byte that is not UTF-8 as a lone
+    surrogate (U+DC80..U+DCFF), which no vocabulary can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        cp = ord(text[exc.start])
+        what = (f"the byte 0x{cp - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= cp <= 0xDCFF
+                else f"the lone surrogate U+{cp:04X}")
+        raise UserError(f"{name} is not valid UTF-8 text: character {exc.start} is {what}; "
+                        "pass UTF-8 text (set a UTF-8 locale, or put the text in a UTF-8 file)") from None
+    return text
+
+
+# What the characters kept verbatim are, for a line about characters a vocabulary lacks.
+_VERBATIM = {"\r": "'\\r' is the CR of CRLF line ends", "\ufeff": "'\\ufeff' is a byte-order mark"}
+
+
+def lacking_note(source: str, chars: Sequence[str], then: str, count: int | None = None,
+                 vocab_name: str = "the checkpoint's chars vocabulary") -> str:
+    """One line (no `error:`/`warning:` prefix) about characters a chars vocabulary lacks:
+    "`source` has N character(s) `vocab_name` lacks: 'x', 'y'; `then`", where `source` says where
+    the text came from (``--text notes.txt``, ``the prompt``, ``the training sample prompt 'The '``)
+    and `then` what happens to them or the fix. `chars`: the distinct characters (sorted; may be
+    empty when only a count is known); `count`: their occurrences when it differs from the distinct
+    count. A CR or a BOM among them gets a note that text is read verbatim, and how to avoid them."""
+    n = len(chars) if count is None else count
+    distinct = f" ({len(chars)} distinct)" if chars and count is not None and count != len(chars) else ""
+    shown = (": " + ", ".join(repr(c) for c in chars[:20]) + (", ..." if len(chars) > 20 else "")) if chars else ""
+    why = [_VERBATIM[c] for c in ("\r", "\ufeff") if c in chars]
+    hint = (f" ({' and '.join(why)}, kept as characters: text is read verbatim, as a corpus split is; "
+            "save it with LF line ends and no BOM to drop them)") if why else ""
+    return f"{source} has {n:,} character(s){distinct} {vocab_name} lacks{shown}; {then}{hint}"

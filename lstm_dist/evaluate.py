@@ -10,6 +10,14 @@ in the checkpoint's config, relative to the working directory as in training; `-
 elsewhere). `--text FILE` scores any UTF-8 text, encoded with the checkpoint's vocabulary; with a
 chars vocabulary, characters it lacks are scored as its unknown id, and counted and reported.
 
+`--text FILE` is read exactly as `prepare` reads a corpus split (`lstm_dist.corpus.utf8_chunks`), so
+a file scores the same whether it is a prepared split or `--text`: its bytes are strict UTF-8, with
+nothing translated. A CR stays a character (CRLF line ends are two characters, `\r` and `\n`, as in a
+prepared split), and a byte-order mark at the start stays the character U+FEFF (the bytes EF BB BF with
+the bytes vocabulary). A chars vocabulary whose training split had neither scores them as its unknown
+id, and the note line names them. A file that is not UTF-8 is refused in one line naming the byte
+offset, with either vocabulary (the bytes vocabulary memory-maps the file after checking it in chunks).
+
 Every character but the first is predicted exactly once (`streams.eval_batches`): the text is cut into
 world × batch contiguous segments, each read window by window (`--bptt`) from a zero state with the
 state carried between windows; the ranks' sums are added up (`scoring.split_bits`). The result
@@ -22,7 +30,6 @@ object with chars, bits, bpc and the settings. Only rank 0 prints.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import Corpus
+from .corpus import Corpus, check_utf8_file, lacking_note, open_text_file, utf8_chunks
 from .distributed import DEVICES, cpu_threads, setup
 from .errors import UserError, run_cli
-from .inference import ArgumentParser, load_model, read_utf8
+from .inference import ArgumentParser, load_model
 from .scoring import split_bits
 
 
@@ -57,15 +64,31 @@ def build_parser() -> ArgumentParser:
 
 
 def read_text(path: Path, vocab) -> tuple[np.ndarray, int, list[str]]:
-    """(ids, unknown count, distinct unknown characters) of a text file in `vocab`."""
-    if vocab.kind == "bytes" and path.is_file() and os.access(path, os.R_OK):  # the file's bytes are the ids: no decoding, memory-mapped
-        if path.stat().st_size == 0:
+    """(ids, unknown count, distinct unknown characters, sorted) of the text file `path` in `vocab`,
+    read as `prepare` reads a corpus split (strict UTF-8; CR and a BOM kept as characters), so the ids
+    are those of the same file prepared as a split. Bytes vocabulary: the file is checked in chunks,
+    then memory-mapped (its bytes are the ids). Chars vocabulary: encoded chunk by chunk (2 bytes per
+    character). Errors: one-line `UserError`s naming `--text FILE` (missing, a directory, unreadable,
+    not UTF-8 with the byte offset)."""
+    name = f"--text {path}"
+    hint = "pass a text file (or --data DIR --split NAME for a corpus)"
+    if vocab.kind == "bytes":
+        if check_utf8_file(path, name, hint) == 0:
             return np.zeros(0, dtype=np.uint8), 0, []
         return np.memmap(path, dtype=np.uint8, mode="r"), 0, []
-    text = read_utf8(path, "--text", "pass a text file (or --data DIR --split NAME for a corpus)")
-    ids = vocab.encode(text)
-    missing = int(np.count_nonzero(ids == vocab.unknown_id))
-    return ids, missing, vocab.unknown(text) if missing else []
+    pieces, missing, lacking = [], 0, set()
+    with open_text_file(path, name, hint) as stream:
+        for _, text in utf8_chunks(stream, name):
+            if not text:
+                continue
+            ids = vocab.encode(text)
+            miss = int(np.count_nonzero(ids == vocab.unknown_id))
+            if miss:
+                missing += miss
+                lacking.update(vocab.unknown(text))
+            pieces.append(ids)
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=vocab.dtype)
+    return ids, missing, sorted(lacking)
 
 
 def open_split(args, cfg, vocab) -> tuple[np.ndarray, str, int]:
@@ -122,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result), flush=True)
             return 0
         if unknown:
-            shown = ", ".join(repr(c) for c in unknown_distinct[:20])
-            print(f"note: {unknown:,} character(s) of {what} are not in the checkpoint's chars vocabulary"
-                  f"{f' ({shown})' if shown else ''}; they are scored as its unknown id", file=sys.stderr)
+            print("note: " + lacking_note(what, unknown_distinct, "they are scored as its unknown id", count=unknown),
+                  file=sys.stderr)
         unit = "byte" if vocab.kind == "bytes" else "character"
         print(f"{what}: {chars:,} {unit}s scored, {bits:,.4f} bits, {bits / chars:.4f} bits per {unit} "
               f"(checkpoint {path}, step {step}; {env.world} process(es) × {batch} streams × bptt {bptt}; "

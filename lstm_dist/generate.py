@@ -10,6 +10,15 @@ goes through the model once; then each character is one `step()` on the carried 
 per character does not grow with the text. The same checkpoint, settings, seed and device give
 the same text.
 
+The prompt is read exactly as `prepare` reads a corpus split (`lstm_dist.corpus`), so its characters
+and ids are those the same text has in a prepared corpus. `--prompt-file FILE` is used verbatim: its
+bytes as strict UTF-8, nothing translated, so a CR stays a character (CRLF line ends are `\r\n`) and a
+byte-order mark at the start stays the character U+FEFF (the bytes EF BB BF with the bytes
+vocabulary); a file that is not UTF-8 is refused in one line naming the byte offset. `--prompt TEXT`
+is taken as given (a command-line byte that is not UTF-8 is refused). With a chars vocabulary, a prompt
+holding characters the checkpoint's vocabulary lacks (a CR or a BOM too, when its training split had
+none) is refused in one line that names them and the option they came from.
+
 Output: the prompt and its continuation stream to stdout as they are produced. `--length` counts
 the model's tokens: characters with a chars vocabulary, UTF-8 bytes with the bytes vocabulary,
 whose output is decoded incrementally (a character is printed once all its bytes are there; an
@@ -29,9 +38,10 @@ from pathlib import Path
 
 import torch
 
+from .corpus import lacking_note, read_text_file, text_from_string
 from .errors import UserError, run_cli
 from .distributed import DEVICES, pick_device
-from .inference import ArgumentParser, load_model, read_utf8
+from .inference import ArgumentParser, load_model
 from .sampling import TextDecoder, check_settings, generate
 
 DEFAULT_PROMPT = "I plan to make the world a better place by"
@@ -43,7 +53,7 @@ def build_parser() -> ArgumentParser:
                    help="checkpoint file, or a run directory (its latest checkpoint)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help=f"text to continue (default: {DEFAULT_PROMPT!r})")
-    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file (used verbatim)")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file, used verbatim (CR and a BOM are characters)")
     p.add_argument("--length", type=int, default=500, metavar="N",
                    help="tokens to generate per sample: characters (chars vocab) or UTF-8 bytes (bytes vocab); default 500")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T",
@@ -59,17 +69,19 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def read_prompt(args) -> str:
+def read_prompt(args) -> tuple[str, str]:
+    """(the prompt, where it came from: ``--prompt``, ``--prompt-file FILE`` or ``the default prompt``),
+    read as a corpus split is read (`lstm_dist.corpus.read_text_file` / `text_from_string`).
+    Errors: one-line `UserError`s (a file missing or not UTF-8, undecodable command-line bytes, empty)."""
     if args.prompt_file is None:
-        prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
-        where = "--prompt"
+        where = "--prompt" if args.prompt is not None else "the default prompt"
+        prompt = text_from_string(DEFAULT_PROMPT if args.prompt is None else args.prompt, where)
     else:
-        path = Path(args.prompt_file)
-        prompt = read_utf8(path, "--prompt-file")
-        where = f"--prompt-file {path}"
+        where = f"--prompt-file {args.prompt_file}"
+        prompt = read_text_file(Path(args.prompt_file), where)
     if not prompt:
         raise UserError(f"{where} is empty; the model needs at least one character to continue")
-    return prompt
+    return prompt, where
 
 
 def check_args(args) -> None:
@@ -88,16 +100,14 @@ def check_args(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    prompt = read_prompt(args)
+    prompt, where = read_prompt(args)
     device = pick_device(args.device, setting="--device ")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, vocab, _, path, step = load_model(args.checkpoint, device)
     unknown = vocab.unknown(prompt)
     if unknown:
-        shown = ", ".join(repr(c) for c in unknown[:20]) + (", ..." if len(unknown) > 20 else "")
-        raise UserError(f"the prompt has {len(unknown)} character(s) the checkpoint's chars vocabulary lacks: {shown}; "
-                        "remove or replace them")
+        raise UserError(lacking_note("the prompt", unknown, f"remove or replace them in {where}"))
     n = args.num_samples
     out = sys.stdout
     if hasattr(out, "reconfigure"):

@@ -7,7 +7,9 @@ the pointwise step saves nothing and costs seconds), loads the weights and retur
 eval mode on the requested device. Every way this can fail because of what the user passed ends in
 a one-line `UserError`.
 
-Also here, shared by both entry points: an argument parser whose errors are one line too.
+Also here, shared by both entry points: an argument parser whose errors are one line too. The text they
+read (`--text`, `--prompt`, `--prompt-file`) is read by `lstm_dist.corpus` in the one way a corpus
+split is read (`read_text_file`, `check_utf8_file`, `text_from_string`).
 """
 
 from __future__ import annotations
@@ -60,17 +62,3 @@ def load_model(source: str | Path, device: torch.device | str = "cpu") -> Loaded
                                    "the file is damaged, use another checkpoint") from None
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(model, vocab, cfg, path, int(saved.get("step", 0)))
-
-
-def read_utf8(path: Path, flag: str, directory_hint: str = "pass a text file") -> str:
-    """A text file named by option `flag`, or one line saying what is wrong with it."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{flag} {path} does not exist; pass an existing UTF-8 text file") from None
-    except IsADirectoryError:
-        raise UserError(f"{flag} {path} is a directory; {directory_hint}") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{flag} {path} is not valid UTF-8 (byte {exc.start}); save it as UTF-8") from None
-    except OSError as exc:
-        raise UserError(f"{flag} {path} cannot be read ({exc.strerror}); fix the path or its permissions") from None

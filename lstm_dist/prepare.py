@@ -8,7 +8,6 @@ atomically. The command line is `python -m lstm_dist.data prepare`.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 import lstm_dist
-from lstm_dist.corpus import SPLITS, VOCABS, Vocab, code_points
+from lstm_dist.corpus import SPLITS, VOCABS, Vocab, code_points, utf8_chunks
 from lstm_dist.errors import UserError
 from lstm_dist.wikitext import SplitInput, source_inputs
 
@@ -28,27 +27,15 @@ from lstm_dist.wikitext import SplitInput, source_inputs
 # 32 MB mmap ceiling) so the per-chunk temporaries are reused from the heap instead of fragmenting it.
 CHUNK_BYTES = 2 << 20
 
-def _chunks(inp: SplitInput) -> Iterator[bytes]:
+def _decoded_chunks(inp: SplitInput) -> Iterator[tuple[bytes, str]]:
+    """(raw chunk, its text) in order, read the one way all outside text is read
+    (`lstm_dist.corpus.utf8_chunks`: strict UTF-8, CR and a BOM kept as characters); invalid UTF-8
+    becomes a UserError naming the input and the byte offset."""
     stream: BinaryIO = inp.open()
     try:
-        while chunk := stream.read(CHUNK_BYTES):
-            yield chunk
+        yield from utf8_chunks(stream, inp.name, CHUNK_BYTES)
     finally:
         stream.close()
-
-
-def _decoded_chunks(inp: SplitInput) -> Iterator[tuple[bytes, str]]:
-    """(raw chunk, its text) in order. The incremental decoder holds back a character split across
-    a chunk boundary until the next chunk; invalid UTF-8 becomes a UserError with its offset."""
-    dec = codecs.getincrementaldecoder("utf-8")("strict")
-    offset = 0
-    try:
-        for raw in _chunks(inp):
-            yield raw, dec.decode(raw)
-            offset += len(raw)
-        yield b"", dec.decode(b"", final=True)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{inp.name} is not valid UTF-8 near byte {offset + exc.start}; convert it to UTF-8 first")
 
 
 def _scan(inp: SplitInput, want_chars: bool) -> dict:

@@ -22,6 +22,8 @@ from typing import Iterator
 
 import torch
 
+from .corpus import lacking_note, text_from_string
+
 # How many steps' noise to draw at once: a block holds at most this many floats (4 MB).
 _NOISE_FLOATS = 1 << 20
 _MAX_BLOCK = 256
@@ -182,11 +184,28 @@ class TextDecoder:
 
 def sample_text(model: torch.nn.Module, vocab, prompt: str, length: int, *, temperature: float = 0.8,
                 seed: int = 0) -> str:
-    """One sample as text (used for the training log): the `length` ids after `prompt`, decoded."""
+    """One sample as text (used for the training log): the `length` ids after `prompt`, decoded.
+    The prompt is taken as given (`lstm_dist.corpus.text_from_string`), as `generate --prompt` takes
+    it; characters a chars vocabulary lacks become its unknown id (`sample_prompt_note` says which)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    prompt = text_from_string(prompt, f"the training sample prompt {prompt!r}")
     chunks = list(generate(model, list(map(int, vocab.encode(prompt))), length, temperature=temperature,
                            generator=gen))
     ids = torch.cat(chunks)[:, 0].tolist() if chunks else []
     return vocab.decode(ids)
+
+
+def sample_prompt_note(vocab, prompt: str) -> str | None:
+    """None when `vocab` encodes every character of training's sample prompt; else the one line (no
+    `warning:` prefix) that names the prompt, the characters the run's chars vocabulary lacks, and
+    what the samples make of them, e.g. "the training sample prompt 'The ' has 1 character(s) the
+    corpus's chars vocabulary lacks: 'T'; the samples logged during training read them as its unknown
+    id". The bytes vocabulary lacks nothing."""
+    lacking = vocab.unknown(prompt)
+    if not lacking:
+        return None
+    return lacking_note(f"the training sample prompt {prompt!r}", lacking,
+                        "the samples logged during training read them as its unknown id",
+                        vocab_name="the corpus's chars vocabulary")

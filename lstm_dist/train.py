@@ -53,7 +53,7 @@ from .metrics import NO_METRICS, Metrics
 from .model import CharLSTM
 from .optim import Schedule, build_optimizer, schedule_phrase, set_lr
 from .rundir import RunDirectory
-from .sampling import sample_text
+from .sampling import sample_prompt_note, sample_text
 from .scoring import LN2, split_bits
 from .seeds import init_seed, rank_seed, recut_seed, sample_seed, seed_everything
 from .stopping import NonFinite, NonFiniteStop, Preemption, agree
@@ -142,6 +142,8 @@ class Trainer:
         self.run_directory = RunDirectory(cfg.run_dir)  # locked and checked for sharing by _resume
         corpus = open_corpus(cfg, env, self.say)
         self.vocab = corpus.vocab
+        if t.sample_chars and (note := sample_prompt_note(self.vocab, SAMPLE_PROMPT)):
+            self.say(f"warning: {note}")
         self.splits = {name: corpus.split(name) for name in ("train", "valid", "test")}
         self.stream = agreed(lambda: TokenStream(self.splits["train"], env.rank, env.world, t.batch_size, t.bptt,
                                                  seed=cfg.run.seed, random_offset=cfg.data.random_offset))

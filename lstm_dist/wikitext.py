@@ -17,7 +17,8 @@ Sources:
   with `ast` (nothing is imported), about 1.7 MB of English prose on Python 3.11, built in seconds
   and split by a stable hash of each document's qualified name (about 90/5/5). The same Python gives
   the same bytes on every run.
-- ``files``: ``--train FILE --valid FILE --test FILE``, any UTF-8 text.
+- ``files``: ``--train FILE --valid FILE --test FILE``, any UTF-8 text, read verbatim as every text
+  from outside is (`lstm_dist.corpus.utf8_chunks`): a CR and a leading byte-order mark are characters.
 """
 
 from __future__ import annotations

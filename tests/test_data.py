@@ -95,6 +95,31 @@ def test_vocab_dict_is_plain_and_loads_with_weights_only(tmp_path):
         Vocab.from_dict({"kind": "words"})
 
 
+def test_outside_text_is_read_one_way_whatever_the_chunks_with_the_exact_bad_byte(tmp_path):
+    """`corpus.utf8_chunks`, the one reading of outside text (prepare's splits, `--text`, `--prompt-file`):
+    strict UTF-8 with CR and a BOM kept as characters, the same text whatever the chunk size, and the
+    offset of the first bad byte exact even when its sequence began in the chunk before (prepare said
+    one byte too far when a character cut short straddled its 2 MB read)."""
+    from lstm_dist.corpus import read_text_file, text_from_string, utf8_chunks
+    from lstm_dist.prepare import CHUNK_BYTES
+
+    good = "\ufeffnaïve\r\ncafé ☃ \U0001f600\r\n\r".encode("utf-8")
+    bad = good + "☃".encode("utf-8")[:2] + b"x"  # a character cut short, then an ASCII byte
+    for size in range(1, 9):
+        pieces = list(utf8_chunks(io.BytesIO(good), "g", size))
+        assert b"".join(r for r, _ in pieces) == good and "".join(t for _, t in pieces) == good.decode("utf-8")
+        with pytest.raises(UserError, match=f"^b is not valid UTF-8 near byte {len(good)}; convert it to UTF-8 first$"):
+            list(utf8_chunks(io.BytesIO(bad), "b", size))
+    path = tmp_path / "windows.txt"
+    path.write_bytes(good)
+    assert read_text_file(path, "--text windows.txt") == good.decode("utf-8")  # not Path.read_text's "\n" for "\r\n"
+    assert text_from_string("a\r\n\ufeff", "--prompt") == "a\r\n\ufeff"
+    straddle = tmp_path / "straddle.txt"  # the cut character begins on the last byte of prepare's first read
+    straddle.write_bytes(b"a" * (CHUNK_BYTES - 1) + "☃".encode("utf-8")[:2] + b"x")
+    with pytest.raises(UserError, match=f"straddle.txt is not valid UTF-8 near byte {CHUNK_BYTES - 1};"):
+        prepare("files", tmp_path / "c", quiet=True, train=straddle, valid=path, test=path)
+
+
 def test_builtin_source_names():
     assert builtin_source_for("data/stdlib-docs") == "stdlib-docs"
     assert builtin_source_for("/x/stdlib-docs-chars") == "stdlib-docs"

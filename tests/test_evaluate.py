@@ -132,6 +132,64 @@ def test_unknown_characters_of_a_chars_vocabulary_are_counted_not_fatal(capsys, 
     assert "3 character(s)" in err and "'☃'" in err and "'€'" in err
 
 
+def crlf_bom_file(path: Path, n_bytes: int, seed: int) -> Path:
+    """`n_bytes` of text as an editor on Windows saves it: a byte-order mark, then CRLF line ends."""
+    text = make_text(2 * n_bytes, seed=seed).replace("\n", "\r\n")
+    path.write_bytes(("\ufeff" + text).encode("utf-8")[:n_bytes])
+    return path
+
+
+def test_outside_text_is_read_as_the_corpus_reads_its_split_crlf_and_bom_kept(capsys, chars_run, tmp_path):
+    """Issue 16 §3: a 3,000-byte CRLF+BOM file as the valid split of a chars corpus and as `--text` gives
+    the same ids, the same character count and the same bits; what the vocabulary lacks (here the CR and
+    the BOM, absent from the LF-only training split) is named in one line with where it came from."""
+    from lstm_dist.evaluate import read_text
+    from lstm_dist.prepare import prepare
+
+    vocab, cfg = load_model(chars_run)[1:3]
+    path = crlf_bom_file(tmp_path / "windows.txt", 3000, seed=5)
+    text = path.read_bytes().decode("utf-8")
+    assert text.startswith("\ufeff") and text.count("\r\n") >= 5
+    train_src = Corpus(cfg.data.path).meta["splits"]["train"]["input"]  # the run's own train split: the same vocabulary
+    corpus = Corpus(prepare("files", tmp_path / "corpus", vocab="chars", quiet=True, train=train_src, valid=path,
+                            test=path))
+    assert corpus.vocab == vocab
+    split = np.asarray(corpus.split("valid"))
+    ids, unknown, lacking = read_text(path, vocab)
+    assert np.array_equal(ids, split) and len(ids) == len(text)  # one reading: the same ids, CR and BOM kept
+    assert unknown == corpus.meta["unknown_chars"]["valid"] and {"\r", "\ufeff"} <= set(lacking)
+    common = ("--checkpoint", str(chars_run), "--batch", "1", "--bptt", "64")
+    as_split = evaluate_json(capsys, *common, "--data", str(corpus.path), "--split", "valid")
+    as_text = evaluate_json(capsys, *common, "--text", str(path))
+    assert as_split["chars"] == as_text["chars"] == len(text) - 1
+    assert as_text["bits"] == as_split["bits"] and as_text["unknown_chars"] == as_split["unknown_chars"] == unknown
+    assert main([*common, "--text", str(path), "--threads", "1"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"note: --text {path} has {unknown:,} character(s)"), err
+    assert "'\\r'" in err[0] and "'\\ufeff'" in err[0] and "byte-order mark" in err[0]
+
+
+def test_text_that_is_not_utf8_is_refused_with_either_vocabulary_as_prepare_refuses_it(capsys, bytes_run, chars_run,
+                                                                                       tmp_path):
+    """One file, one reading: a Latin-1 `--text` is refused in one line naming the byte, as `prepare` refuses
+    the same file as a split (the bytes vocabulary used to memory-map it and score it); so is a UTF-8 file
+    cut inside its last character."""
+    from lstm_dist.errors import UserError
+    from lstm_dist.prepare import prepare
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(("the river " * 30 + "café au lait").encode("latin-1"))
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes(("the snowman " * 30 + "☃").encode("utf-8")[:-1])
+    for bad, at in ((latin1, 303), (cut, 360)):
+        with pytest.raises(UserError) as prepared:
+            prepare("files", tmp_path / "c", quiet=True, train=bad, valid=bad, test=bad)
+        assert f"is not valid UTF-8 near byte {at}; convert it to UTF-8 first" in str(prepared.value)
+        for run in (bytes_run, chars_run):
+            line = user_error(capsys, "--checkpoint", str(run), "--text", str(bad))
+            assert line.strip() == f"error: --text {bad} is not valid UTF-8 near byte {at}; convert it to UTF-8 first"
+
+
 def test_bad_input_ends_in_one_line(capsys, bytes_run, chars_run, tmp_path, text_file):
     ck = str(bytes_run)
     assert "does not exist" in user_error(capsys, "--checkpoint", str(tmp_path / "nowhere"))

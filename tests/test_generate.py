@@ -187,9 +187,51 @@ def test_json_and_several_samples(bytes_run, chars_run, capsys, tmp_path):
     assert generate_json(capsys, "--checkpoint", str(bytes_run), "--prompt-file", str(pf), "--length", "3")["prompt"] == "The city\n"
 
 
+def test_outside_text_is_read_as_the_corpus_reads_its_split_for_the_prompt(bytes_run, chars_run, capsys, tmp_path):
+    """Issue 16 §3 for `generate`: a CRLF+BOM `--prompt-file` is used verbatim, i.e. its ids are the ids
+    the same file has as a prepared split, and the model continues from exactly those; with a chars
+    vocabulary that lacks the CR, the refusal names the CR and the option it came from."""
+    from lstm_dist.corpus import Corpus
+    from lstm_dist.prepare import prepare
+
+    pf = tmp_path / "prompt.txt"
+    pf.write_bytes("\ufeffThe city\r\nof the river\r\n".encode("utf-8"))
+    corpus = Corpus(prepare("files", tmp_path / "corpus", quiet=True, train=pf, valid=pf, test=pf))
+    split = [int(i) for i in corpus.split("valid")]
+    r = generate_json(capsys, "--checkpoint", str(bytes_run), "--prompt-file", str(pf), "--length", "30",
+                      "--temperature", "0")
+    model, vocab = load_model(bytes_run)[:2]
+    assert r["prompt"] == "\ufeffThe city\r\nof the river\r\n" and vocab.encode(r["prompt"]).tolist() == split
+    greedy = ids_of(model, split, 30, seed=0, temperature=0.0)[:, 0].tolist()
+    assert r["samples"][0] == TextDecoder(vocab).decode(greedy, final=True)  # continued from the CRs and the BOM
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(b"the city\r\nthe river")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(main, ["--checkpoint", str(chars_run), "--prompt-file", str(crlf), "--length", "5"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: the prompt has 1 character(s) the checkpoint's chars vocabulary lacks: '\\r'; "
+                          f"remove or replace them in --prompt-file {crlf} ("), err
+
+
+def test_training_sample_prompt_names_the_characters_its_vocabulary_lacks():
+    """The trainer's sample prompt is outside text too: one line names it and what the vocabulary lacks."""
+    from lstm_dist.corpus import Vocab
+    from lstm_dist.sampling import sample_prompt_note
+
+    line = sample_prompt_note(Vocab("chars", "abcdefghijklmnopqrstuvwxyz \n"), "The ")
+    assert line == ("the training sample prompt 'The ' has 1 character(s) the corpus's chars vocabulary lacks: 'T'; "
+                    "the samples logged during training read them as its unknown id")
+    assert sample_prompt_note(Vocab("chars", "The"), "The ") is not None  # the space is missing
+    assert sample_prompt_note(Vocab("chars", "The "), "The ") is None and sample_prompt_note(Vocab("bytes"), "The ") is None
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--checkpoint", "{missing}"], "does not exist"),
-    (["--checkpoint", "{chars}", "--prompt", "héllo €"], "'é', '€'"),
+    (["--checkpoint", "{chars}", "--prompt", "héllo €"], "'é', '€'; remove or replace them in --prompt"),
+    (["--checkpoint", "{bytes}", "--prompt", "ab\udcff"], "--prompt is not valid UTF-8 text: character 2 is the byte 0xff"),
+    (["--checkpoint", "{bytes}", "--prompt-file", "{latin1}"], "latin1.txt is not valid UTF-8 near byte 3"),
     (["--checkpoint", "{bytes}", "--length", "-1"], "--length"),
     (["--checkpoint", "{bytes}", "--temperature", "-0.5"], "--temperature"),
     (["--checkpoint", "{bytes}", "--top-p", "0"], "--top-p"),
@@ -202,7 +244,9 @@ def test_json_and_several_samples(bytes_run, chars_run, capsys, tmp_path):
     (["--checkpoint", "{bytes}", "--length", "many"], "--length"),
 ])
 def test_bad_input_ends_in_one_line(argv, needle, bytes_run, chars_run, tmp_path, capsys):
-    argv = [a.format(missing=tmp_path / "missing", bytes=bytes_run, chars=chars_run) for a in argv]
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    argv = [a.format(missing=tmp_path / "missing", bytes=bytes_run, chars=chars_run, latin1=tmp_path / "latin1.txt")
+            for a in argv]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         run_cli(main, argv)
