@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import AgreedError, UserError
+from .errors import AgreedError, UserError, first_line
 
 T = TypeVar("T")
 
@@ -66,6 +66,41 @@ def read_env() -> tuple[int, int, int, int]:
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def master_port() -> int:
+    """MASTER_PORT as a port number, for a process group joined through MASTER_ADDR/MASTER_PORT.
+
+    Raises UserError (naming the variable) when MASTER_ADDR or MASTER_PORT is unset, or MASTER_PORT is
+    not a TCP port number.
+    """
+    addr, raw = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    missing = [name for name, value in (("MASTER_ADDR", addr), ("MASTER_PORT", raw)) if not value]
+    if missing:
+        raise UserError(f"a process group needs MASTER_ADDR and MASTER_PORT, but {' and '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not set; launch with torchrun (which sets both), "
+                        f"set {' and '.join(missing)}, or unset MASTER_ADDR and WORLD_SIZE for a run in one process")
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise UserError(f"MASTER_PORT={raw!r} is not a TCP port number; set it to a free port from 1024 to 65535")
+    return int(raw)
+
+
+def listen_failure(exc: BaseException, port: int, what: str,
+                   fix: str = "set MASTER_PORT to a free port") -> UserError | None:
+    """The one-line error for a TCP store that could not listen on `port`, or None for any other error.
+
+    `exc` is what torch raised creating the store (a DistNetworkError or RuntimeError whose message says
+    `failed to listen` / `EADDRINUSE`); `what` names the store in the message (`the rendezvous`). A port in
+    use is said as such; any other failure to listen (a port below 1024 without the right to it, ...)
+    gives the first line of torch's message. Either way the line ends with `fix` (another MASTER_PORT).
+    """
+    text = str(exc)
+    if "EADDRINUSE" in text or "ddress already in use" in text:
+        return UserError(f"port {port} (MASTER_PORT) is in use on this node, by another job or program, so "
+                         f"{what} cannot listen there; {fix}")
+    if "failed to listen" in text or "failed to bind" in text:
+        return UserError(f"{what} cannot listen on port {port} (MASTER_PORT): {first_line(exc)}; {fix}")
+    return None
+
+
 def pick_device(preference: str, local_rank: int = 0, setting: str = "train.device=") -> torch.device:
     """This process's device: the CPU, or GPU `local_rank` (`auto`: CUDA when one is visible).
 
@@ -101,7 +136,12 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 @contextlib.contextmanager
 def setup(device_preference: str = "auto", timeout_minutes: float = 30.0,
           setting: str = "train.device=") -> Iterator[DistEnv]:
-    """Join the process group (when launched by torchrun) and tear it down on every way out."""
+    """Join the process group (when launched by torchrun) and tear it down on every way out.
+
+    Outside torchrun, MASTER_ADDR in the environment also makes a process group (a world of one unless
+    RANK/WORLD_SIZE say otherwise); then MASTER_PORT must be set, and a port another program holds is a
+    UserError naming it (see `listen_failure`), never a traceback.
+    """
     rank, world, local_rank, local_world = read_env()
     device = pick_device(device_preference, local_rank, setting)
     if device.type == "cuda":
@@ -111,11 +151,23 @@ def setup(device_preference: str = "auto", timeout_minutes: float = 30.0,
     # so that one-GPU runs take the same NCCL/DDP path as sixteen.
     launched = world > 1 or "MASTER_ADDR" in os.environ
     if launched and not dist.is_initialized():
+        port = master_port()
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=timeout_minutes)}
+        # rank and world as read above (RANK and WORLD_SIZE may be unset for a world of one).
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=timeout_minutes),
+                                  "rank": rank, "world_size": world}
         if device.type == "cuda":
             kwargs["device_id"] = device  # binds NCCL to this GPU at once; no guessing in collectives
-        dist.init_process_group(**kwargs)
+        try:
+            dist.init_process_group(**kwargs)
+        except dist.DistNetworkError as exc:
+            # Rank 0 listens on MASTER_PORT unless torchrun shares its own store (its default). In a world
+            # of one nobody waits for this process: one line. With more ranks torch's own error stands, so
+            # that torchrun stops the ranks waiting to connect at once instead of after their timeout.
+            failure = listen_failure(exc, port, "the process group's store") if world == 1 else None
+            if failure is None:
+                raise
+            raise failure from None
         started = True
     try:
         yield DistEnv(rank, world, local_rank, local_world, device)

@@ -17,7 +17,9 @@
 # - Network: NCCL_SOCKET_IFNAME (and GLOO_SOCKET_IFNAME) name the interface between nodes where the host
 #   name resolves to another one (export it before sbatch: the job inherits your environment). The
 #   rendezvous runs on the allocation's first node, at its host name when that resolves, else at the
-#   NodeAddr that Slurm knows; MASTER_PORT overrides its port (default 29500 + job id % 10000).
+#   NodeAddr that Slurm knows; MASTER_PORT overrides its port (default 29500 + job id % 10000, so that jobs
+#   sharing a node use different ports). Where the port is taken on that node, the job ends at once with one
+#   line, `error: port P (MASTER_PORT) is in use on this node ...`, status 2, and is not requeued.
 # - File system: the run directory (run.dir/run.name) must be on a file system that every node shares:
 #   rank 0 writes the checkpoints there and every rank reads the one it names when the job resumes.
 # - MAX_REQUEUES (default 20) caps how often the job requeues itself.
@@ -28,12 +30,13 @@
 # node. SIGUSR1 because it is the signal neither torchrun nor NCCL acts on: torchrun turns SIGTERM, SIGINT,
 # SIGHUP and SIGQUIT into a shutdown of its workers that kills them after 30 s, whatever they are doing.
 # Each node's torchrun ignores SIGUSR1 (and SIGTERM) and so stays up; the training processes set a flag,
-# agree at the next step boundary, write one checkpoint, and exit with status 75. This script then requeues
-# the job (`scontrol requeue`), which starts again from that checkpoint in the same run directory, the same
-# W&B run and the same log file (`--open-mode=append`). A requeued job waits in the queue about two
-# minutes before it may start (Slurm's requeue delay); an operator makes it eligible at once with
-# `scontrol update JobId=JOBID StartTime=now` (a second or more after the requeue: slurmd refuses a job
-# launched within the same second, "Job credential revoked").
+# agree at the next step boundary, write one checkpoint, and exit with status 75 (launch/torchrun.sh and
+# launch/multinode.sh do the same without Slurm, sending the signal to torchrun's children themselves).
+# This script then requeues the job (`scontrol requeue`), which starts again from that checkpoint in the
+# same run directory, the same W&B run and the same log file (`--open-mode=append`). A requeued job waits
+# in the queue about two minutes before it may start (Slurm's requeue delay); an operator makes it eligible
+# at once with `scontrol update JobId=JOBID StartTime=now` (a second or more after the requeue: slurmd
+# refuses a job launched within the same second, "Job credential revoked").
 # SIGTERM (scancel, preemption by another job, the time limit itself) also checkpoints every rank at the
 # next step, but this script does not requeue then: scancel means stop, and a preempting Slurm requeues a
 # job itself where the partition's PreemptMode is REQUEUE.
@@ -91,6 +94,9 @@ mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 nnodes=${#nodes[@]}
 head_addr=$(node_addr "${SLURMD_NODENAME:-${nodes[0]}}")   # this shell runs on the allocation's first node
 port=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 10000))}
+if [[ ! "$port" =~ ^[1-9][0-9]{0,4}$ ]] || (( port > 65535 )); then
+  fail "MASTER_PORT=$port is not a TCP port number; export a free port from 1024 to 65535 before sbatch, or unset it for the default (29500 + job id % 10000)"
+fi
 restarts=${SLURM_RESTART_COUNT:-0}
 say "job $SLURM_JOB_ID, start $((restarts + 1)) (requeued $restarts time(s)): $nnodes node(s) (${nodes[*]}) × $nproc process(es); rendezvous at $head_addr:$port"
 
@@ -131,8 +137,22 @@ trap note_term TERM
 
 # The rendezvous store lives in its own process here, for the whole step: hosted inside the first node's
 # torchrun, it would vanish when that torchrun exits and leave the others' shutdown in a traceback.
-python -m lstm_dist.rendezvous "$head_addr" "$port" &
+# Nothing starts before it listens: where the port is taken on this node (another job sharing the node, or
+# another program), the store says so in one line and the job ends with 2, not requeued, its torchruns
+# never started (they would have joined whatever holds the port). The store binding the port is the check
+# itself, so no other job can take the port between a check and its use.
+store_out=$(mktemp "${TMPDIR:-/tmp}/lstm_dist_store.XXXXXX")
+trap 'rm -f "$LSTM_DIST_EXIT_FILE" "$store_out"' EXIT
+python -m lstm_dist.rendezvous "$head_addr" "$port" >"$store_out" &
 store=$!
+until grep -q "listening" "$store_out"; do
+  if ! kill -0 "$store" 2>/dev/null; then
+    set +e; wait "$store"; code=$?; set -e
+    exit $(( code ? code : 1 ))   # its one line (error: port ... (MASTER_PORT) is in use ...) is in the log
+  fi
+  sleep 0.1
+done
+cat "$store_out"
 
 echo "+ srun torchrun --nnodes=$nnodes --nproc-per-node=$nproc --rdzv-backend=c10d --rdzv-endpoint=$head_addr:$port -m lstm_dist.train --config $*"
 srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$node_task" lstm_dist_node "$@" &

@@ -80,10 +80,11 @@ def slurm():
         subprocess.run([str(CLUSTER), "down"], env=env, capture_output=True, timeout=120)
 
 
-def sbatch(slurm_env: dict, cwd: Path, *args: str, nproc: int, nodes: int, **env: str) -> tuple[str, Path]:
+def sbatch(slurm_env: dict, cwd: Path, *args: str, nproc: int, nodes: int, options: tuple[str, ...] = (),
+           **env: str) -> tuple[str, Path]:
     log = cwd / "job-%j.out"
     proc = subprocess.run(["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--time=10",
-                           f"--output={log}", str(ROOT / "slurm" / "train.sh"), *args],
+                           f"--output={log}", *options, str(ROOT / "slurm" / "train.sh"), *args],
                           cwd=ROOT, env={**slurm_env, "NPROC_PER_NODE": str(nproc), **env},
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -253,6 +254,48 @@ def test_the_rendezvous_store_refuses_bad_arguments_in_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: usage: python -m lstm_dist.rendezvous HOST PORT (this node's address for "
                                    "the other nodes, and a TCP port number, 1-65535)")
+
+
+# What another job sharing node1 would hold: a listening socket on every address of node1's network namespace
+# (tests/slurm_cluster.sh names it lsd-node1). It prints its port, then, when its stdin closes, whether anybody
+# connected to it meanwhile.
+HOLD_PORT = """
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 0)); s.listen()
+print(s.getsockname()[1], flush=True)
+sys.stdin.read()
+s.setblocking(False)
+try:
+    s.accept(); print("connected")
+except BlockingIOError:
+    print("untouched")
+"""
+
+
+@pytest.mark.slow
+def test_a_rendezvous_port_in_use_on_the_node_ends_the_job_in_one_line(slurm, tmp_path, tiny_corpus):
+    holder = subprocess.Popen(["nsenter", "--net=/run/netns/lsd-node1", sys.executable, "-c", HOLD_PORT],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(holder.stdout.readline())
+        job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, tmp_path / "runs" / "port", 10), nproc=1, nodes=1,
+                          options=("--nodelist=node1",), MASTER_PORT=str(port))
+        info = wait_for(slurm, job, finished, "finished")
+        text = log.read_text()
+        assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), text
+        assert text.rstrip().splitlines()[-1] == (
+            f"error: port {port} (MASTER_PORT) is in use on this node, by another job or program, so the rendezvous "
+            "store cannot listen there; set MASTER_PORT to a free port for this job"), text
+        # Nothing was started against the port: no torchrun, no training process, no traceback.
+        assert "+ srun" not in text and "Traceback" not in text and "requeueing" not in text, text
+        out, _ = holder.communicate("", timeout=30)
+        assert out.strip() == "untouched"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
 
 
 @pytest.mark.slow
