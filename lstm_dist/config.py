@@ -131,7 +131,7 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    #: Weights & Biases: `auto` (online when an API key is configured, else offline), `online`, `offline`, `disabled`
+    #: Weights & Biases: `auto` (follows WANDB_MODE when set, else online when an API key is configured, else offline), `online`, `offline`, `disabled`; an explicit mode wins over WANDB_MODE, said in one line
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     #: W&B project name
     project: str = "lstm_dist"

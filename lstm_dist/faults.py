@@ -9,7 +9,9 @@ so that workers restarted by torchrun run clean.
     kill                      SIGKILL this process after optimizer step S
     raise                     raise a RuntimeError after step S (a crash on one rank)
     user-error                raise a UserError after step S (a mistake that rank met alone)
-    preempt                   send this process SIGUSR1 after step S (a signal on one rank only)
+    preempt                   send this process SIGUSR1 after step S (a signal on one rank only); as
+                              with a real signal, the ranks agree on it at the end of the next step,
+                              so the checkpoint is of step S+1 (`preempt:step=15` checkpoints at 16)
     hang                      sleep for an hour after step S (a rank that stops answering)
     nonfinite                 make the loss of step S non-finite
     checkpoint-before-rename  SIGKILL once the checkpoint of step S is written, before it is renamed

@@ -18,7 +18,9 @@ Three sinks, in order of trust:
 
 Modes (``log.wandb.mode``): ``online``, ``offline``, ``disabled``, ``auto``. ``auto`` leaves the
 choice to ``WANDB_MODE`` when it is set, else picks online when wandb finds an API key and offline
-otherwise, saying so in one line.
+otherwise, saying so in one line. An explicit mode wins over ``WANDB_MODE`` (as ``wandb.init(mode=...)``
+does in wandb), with one line saying so when the two differ; online without an API key runs offline
+with one warning, and an online start that fails (no server) falls back to offline under the same run id.
 
 Resume: the W&B run id lives in ``run_dir/wandb_run_id``; a new `Metrics` on the same run dir
 passes ``id=<that id>, resume="allow"`` so the run continues. After restoring a checkpoint at

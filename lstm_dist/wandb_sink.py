@@ -4,13 +4,76 @@ from __future__ import annotations
 
 import html
 import os
+import secrets
+import shutil
+import string
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lstm_dist.atomic import atomic_write_text
 from lstm_dist.errors import first_line
 
 RUN_ID_NAME = "wandb_run_id"
+# WANDB_MODE's values as wandb reads them (`dryrun` and `run` are its old names for offline and online)
+ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def new_run_id() -> str:
+    """A fresh W&B run id: 8 characters of [a-z0-9], as wandb makes them."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def wandb_finds_key() -> bool:
+    """Whether wandb would find an API key for an online run (WANDB_API_KEY, the netrc, `wandb login`),
+    whatever WANDB_MODE says; no prompt, no network."""
+    import wandb
+
+    try:
+        # wandb.login answers False without looking while WANDB_MODE says offline or disabled, so ask
+        # as for the online run about to start (its init's mode= wins over WANDB_MODE as well); and
+        # silently, else it asks the server who is logged in (5 s where the server is out of reach).
+        # wandb's global settings are put back afterwards.
+        settings = wandb.setup().settings
+        before = {"mode": settings.mode, "silent": settings.silent}
+        wandb.setup(wandb.Settings(mode="online", silent=True))
+        try:
+            return bool(wandb.login(prompt=False, verify=False))
+        finally:
+            wandb.setup(wandb.Settings(**before))
+    except Exception:  # noqa: BLE001 - wandb raises UsageError("No API key configured") and kin
+        return False
+
+
+def choose_mode(mode: str, wandb_mode_env: str, has_key: Callable[[], bool], files: Path) -> tuple[str, list[str]]:
+    """The W&B mode to start for `log.wandb.mode` = `mode` with the environment's `WANDB_MODE` =
+    `wandb_mode_env` ("" when unset), and the lines that tell the user what was decided that they
+    did not spell out (`files`: where W&B's files go, named in them). Returns (mode, lines), mode one
+    of online, offline, disabled (or WANDB_MODE's own unknown value under `auto`, which init refuses).
+
+    `auto` follows WANDB_MODE when it is set, else goes online when `has_key()`. An explicit mode wins
+    over WANDB_MODE, as `wandb.init(mode=...)` wins over it in wandb itself; when they differ one line
+    says so. Online without a key, whatever chose it, becomes offline with one warning line."""
+    raw = wandb_mode_env.strip()
+    env_mode = ENV_MODES.get(raw.lower()) if raw else None
+    lines: list[str] = []
+    key_checked = False
+    if mode == "auto":
+        if raw:
+            mode, why = env_mode or raw.lower(), f"WANDB_MODE={raw}"
+        elif has_key():
+            mode, why, key_checked = "online", "W&B found an API key", True
+        else:
+            mode, why = "offline", "no W&B API key found (set WANDB_API_KEY or run `wandb login` for online)"
+            key_checked = True
+        lines.append(f"W&B mode auto -> {mode}: {why}" + ("" if mode == "disabled" else f"; files in {files}"))
+    elif raw and env_mode != mode:
+        lines.append(f"W&B {mode}: log.wandb.mode={mode} wins over WANDB_MODE={raw} in the environment "
+                     f"(as wandb.init(mode=...) wins over it); log.wandb.mode=auto follows WANDB_MODE")
+    if mode == "online" and not key_checked and not has_key():
+        lines.append(f"warning: W&B online needs an API key (set WANDB_API_KEY or run `wandb login`); "
+                     f"logging offline to {files}")
+        mode = "offline"
+    return mode, lines
 
 
 class WandbSink:
@@ -18,12 +81,18 @@ class WandbSink:
 
     What wandb does itself and we leave to it (checked against wandb 0.31.0): finding the API key
     (`wandb.login(prompt=False, verify=False)` reads WANDB_API_KEY, the netrc and the host `wandb login`
-    saved),
-    `WANDB_MODE`, making a run id, and bounding init and finish
-    (`Settings(init_timeout, finish_timeout)`). What it cannot do, and this class does:
-    - `auto`: online only when a key is configured (a keyless online init fails in a batch job);
-    - an online init that fails (no server, a timeout) falls back to offline with the same run id;
-    - the run id kept in ``run_dir/wandb_run_id``, so a restarted job continues the same W&B run;
+    saved) and bounding init and finish (`Settings(init_timeout, finish_timeout)`). What it cannot
+    do, and this class does:
+    - the mode (`choose_mode`): `auto` follows `WANDB_MODE` when it is set, else goes online only
+      when a key is configured (a keyless online init fails in a batch job); an explicit `online`,
+      `offline` or `disabled` wins over `WANDB_MODE`, as `wandb.init(mode=...)` wins over it in wandb
+      itself, and when the two differ one line says so (and that `auto` follows `WANDB_MODE`).
+      Online without a key, whichever chose it, is offline with one warning;
+    - the run id: made here before the first init (`WANDB_RUN_ID` when set, else a fresh one) and kept
+      in ``run_dir/wandb_run_id``, so a restarted job continues the same W&B run;
+    - an online init that fails (no server, a timeout) falls back to offline with that same run id
+      (so `wandb sync` later fills the same run), and the failed attempt's folder
+      (``run_dir/wandb/run-*-<id>``, a stub that would sync as an empty run) is removed;
     - any exception later (a dead service, a full disk) switches W&B off with one warning.
     """
 
@@ -37,28 +106,10 @@ class WandbSink:
         self._settings = dict(init_timeout=init_timeout, finish_timeout=finish_timeout)
         self._start(mode, config, project, entity, run_name)
 
-    def _has_key(self) -> bool:
-        import wandb
-
-        try:  # no prompt, no network: only whether wandb would find a key
-            return bool(wandb.login(prompt=False, verify=False))
-        except Exception:  # noqa: BLE001 - wandb raises UsageError("No API key configured") and kin
-            return False
-
     def _start(self, mode: str, config: dict, project: str, entity: str | None, run_name: str | None) -> None:
-        if mode == "auto":
-            if os.environ.get("WANDB_MODE"):
-                mode, why = os.environ["WANDB_MODE"].lower(), f"WANDB_MODE={os.environ['WANDB_MODE']}"
-            elif self._has_key():
-                mode, why = "online", "W&B found an API key"
-            else:
-                mode, why = "offline", "no W&B API key found (set WANDB_API_KEY or run `wandb login` for online)"
-            mode = "offline" if mode == "dryrun" else mode
-            self.say(f"W&B mode auto -> {mode}: {why}" + ("" if mode == "disabled" else f"; files in {self.dir}"))
-        elif mode == "online" and not self._has_key():
-            self.say(f"warning: W&B online needs an API key (set WANDB_API_KEY or run `wandb login`); "
-                     f"logging offline to {self.dir}")
-            mode = "offline"
+        mode, lines = choose_mode(mode, os.environ.get("WANDB_MODE", ""), wandb_finds_key, self.dir)
+        for line in lines:
+            self.say(line)
         if mode == "disabled":
             return
         import wandb
@@ -66,6 +117,10 @@ class WandbSink:
         self.dir.mkdir(parents=True, exist_ok=True)
         id_path = self.run_dir / RUN_ID_NAME
         saved_id = id_path.read_text(encoding="utf-8").strip() if id_path.exists() else ""
+        run_id = saved_id or os.environ.get("WANDB_RUN_ID", "").strip() or new_run_id()
+        if not saved_id:  # kept before the first init: the offline retry and every later start use it
+            atomic_write_text(id_path, run_id + "\n")
+        before = set(self.dir.iterdir())
 
         def init(init_mode: str) -> Any:
             settings = wandb.Settings(
@@ -74,7 +129,7 @@ class WandbSink:
                 quiet=True,  # no banners; warnings stay visible (also skips a slow viewer query)
                 reinit="create_new",  # this object owns its run; never reuse a global one
             )
-            return wandb.init(project=project, entity=entity, name=run_name, id=saved_id or None, resume="allow",
+            return wandb.init(project=project, entity=entity, name=run_name, id=run_id, resume="allow",
                               dir=str(self.run_dir), mode=init_mode, config=config, settings=settings)
 
         try:
@@ -84,23 +139,30 @@ class WandbSink:
                 self.say(f"warning: W&B {mode} init failed ({first_line(exc)}); W&B is off, metrics.jsonl goes on")
                 return
             self.say(f"warning: W&B online init failed ({first_line(exc)}); logging offline to {self.dir} "
-                     "(upload later with `wandb sync`)")
+                     f"as run {run_id} (upload later with `wandb sync`)")
             # wandb keeps the failed run's stream registered in its service ("run ID ... is in use"
             # on a retry with the same id), so restart the service first. Only this object uses
             # wandb in a training process, so nothing else is torn down with it.
             mode = "offline"
             try:
                 wandb.teardown()
+                self._remove_failed_attempt(before, run_id)
                 run = init(mode)
             except Exception as exc2:  # noqa: BLE001
                 self.say(f"warning: W&B offline init failed ({first_line(exc2)}); W&B is off, metrics.jsonl goes on")
                 return
         self.run, self.mode, self.run_id = run, mode, run.id
-        if not saved_id:  # wandb made the id; keep it for the next start of this run directory
-            atomic_write_text(id_path, run.id + "\n")
         if mode == "online":
             url = getattr(run, "url", None) or ""
             self.say(f"W&B online: {'resumed' if saved_id else 'run'} {run.id} {url}".rstrip())
+
+    def _remove_failed_attempt(self, before: set, run_id: str) -> None:
+        """Remove the folder a failed online init left (``run-<time>-<id>``, made since `before`):
+        it holds no data, and `wandb sync` would make an empty run of it. Folders of earlier starts
+        stay."""
+        for path in set(self.dir.iterdir()) - before:
+            if path.name.startswith("run-") and path.name.endswith(f"-{run_id}") and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
 
     def call(self, fn: Any) -> None:
         """Run `fn(run)`; on any error warn once, switch W&B off, and let training go on."""

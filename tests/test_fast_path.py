@@ -4,15 +4,29 @@ The time loop runs B·H-sized ops one after another, so at the shapes users trai
 mostly the number of ops in it (each is a dispatch, and on CUDA a kernel launch). These tests count
 what actually reaches the dispatcher for one step, forward and backward, so that a change adding
 work to the loop fails here rather than showing up weeks later as a slower benchmark.
+
+At the end, the C++ loops' build (`lstm_dist.cpu_loops`): one per version of everything that makes
+the binary, announced while it is built or waited for, never another version's. These reuse the
+suite's one build (about 30 s) rather than build again.
 """
 
 from __future__ import annotations
 
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import ROOT
 
 from lstm_dist import lstm as M
 from lstm_dist.lstm import lstm_layer_fast
@@ -127,3 +141,112 @@ def test_the_op_counter_sees_a_host_sync_and_an_extra_op():
     bwd = per_step(b4, b8, 4)
     assert "aten._local_scalar_dense.default" in bwd
     assert sum(bwd.values()) > BUDGET[("mkl-packed" if torch._C.has_mkl else "addmm", False)][1]
+
+
+# ---------------------------------------------------------------- the C++ loops' build: one per version
+
+
+def test_the_cpp_loops_build_is_keyed_by_everything_that_makes_the_binary(tmp_path, monkeypatch):
+    """Each input of the binary (source text, a flag, the compiler, torch's version, Python's ABI) gives
+    the build another name and directory, so two versions never share (and rebuild) one; the same
+    inputs give the same name, so every checkout of one version shares one build."""
+    from types import SimpleNamespace
+
+    from lstm_dist import cpu_loops as L
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    text = L.SOURCE.read_bytes()
+    base = L.build_inputs(text)
+    assert L.build_inputs() == base and L.build_name(dict(reversed(base.items()))) == L.build_name(base)
+    assert L.build_directory(base) == tmp_path / L.build_name(base)
+    changed = {"source text": L.build_inputs(text.replace(b"\n", b"\n\n", 1))}
+    with monkeypatch.context() as m:
+        m.setattr(L, "CFLAGS", (*L.CFLAGS, "-ffast-math"))
+        changed["a flag"] = L.build_inputs(text)
+    with monkeypatch.context() as m:
+        m.setenv("CXX", "clang++")
+        changed["the compiler"] = L.build_inputs(text)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", "2.99.0+cpu")
+        changed["torch's version"] = L.build_inputs(text)
+    with monkeypatch.context() as m:
+        m.setattr(sys, "implementation", SimpleNamespace(**{**vars(sys.implementation), "cache_tag": "cpython-399"}))
+        changed["Python's ABI"] = L.build_inputs(text)
+    names = {what: L.build_name(inputs) for what, inputs in changed.items()}
+    assert len({L.build_name(base), *names.values()}) == 1 + len(names), names
+    dirs = {L.build_directory(inputs) for inputs in changed.values()}
+    assert len(dirs) == len(changed) and L.build_directory(base) not in dirs
+    assert all(d.parent == tmp_path and d.name.startswith("lstm_dist_loops_") for d in dirs)
+
+
+def test_a_cpp_loops_build_in_progress_is_announced_and_another_versions_never_loaded(tmp_path, monkeypatch, capfd):
+    """The real loader, against a cache where another process is building this version (its directory
+    without the module yet, under a held `lock`): a process of this version says in one line that it
+    waits, then loads that build once it is linked and the lock released; another source version,
+    loaded meanwhile, neither waits on that lock nor loads that build: it announces its own build in
+    its own directory (which fails at once here, the compiler missing, so that the test takes
+    seconds) and runs the eager loops."""
+    from lstm_dist import cpu_loops as L
+
+    if L.get() is None:
+        pytest.skip(f"the C++ loops cannot be built here ({L.failure()})")
+    built = Path(L.get().__file__).parent  # the suite's build of this version, in the default cache
+    cache = tmp_path / "ext"
+    ours = cache / built.name
+    so = ours / (built.name + ".so")
+    shutil.copytree(built, ours, ignore=shutil.ignore_patterns(so.name))  # all but the module, not linked yet
+    (ours / "lock").touch()
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "CXX")}
+    env.update(TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=str(ROOT), LSTM_DIST_CPU_LOOPS="1")
+    script = textwrap.dedent(
+        """
+        from lstm_dist import cpu_loops
+        m = cpu_loops.get()
+        print("LOADED", m.__file__ if m else None, cpu_loops.failure())
+        with open("/proc/self/maps") as maps:  # the shared objects this process has mapped
+            print("MAPPED", sorted({line.split()[-1] for line in maps if "lstm_dist_loops" in line}))
+        """
+    )
+    same = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        said: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [said.put(line) for line in same.stderr], daemon=True).start()
+
+        # meanwhile, in this process: another version of the source (a fresh get(), as in a new process)
+        other_source = tmp_path / "v2" / L.SOURCE.name
+        other_source.parent.mkdir()
+        other_source.write_bytes(L.SOURCE.read_bytes() + b"\n// another version of the loops\n")
+        for name, value in (("SOURCE", other_source), ("_tried", False), ("_module", None), ("_failure", None)):
+            monkeypatch.setattr(L, name, value)
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(cache))
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+        capfd.readouterr()
+        other = threading.Thread(target=L.get, daemon=True)
+        other.start()
+        other.join(timeout=60)
+        assert not other.is_alive(), "another source version waits on this version's build (its lock)"
+        assert L.get() is None and "Error" in L.failure(), L.failure()
+        announced = [line for line in capfd.readouterr().err.splitlines() if "C++ LSTM loops" in line]
+        assert len(announced) == 1 and announced[0].startswith("building the C++ LSTM loops (once per source "
+                                                               "version, ~30 s; "), announced
+        its_dir = Path(announced[0].rsplit(" in ", 1)[1])
+        assert its_dir.parent == cache and its_dir != ours
+        assert (its_dir / L.SOURCE.name).read_bytes() == other_source.read_bytes()
+        with open("/proc/self/maps") as maps:
+            assert str(so) not in maps.read()
+
+        waiting = said.get(timeout=60).rstrip("\n")
+        assert same.poll() is None, "the process of this version did not wait for the build in progress"
+        assert waiting == (f"waiting for another process building the C++ LSTM loops (once per source version, "
+                           f"~30 s) in {ours}; if none is, remove {ours / 'lock'}")
+        shutil.copy2(built / so.name, so)  # the other process's build is done: the module linked,
+        (ours / "lock").unlink()  # and the lock released
+        out, _ = same.communicate(timeout=60)
+    finally:
+        same.kill()
+        (ours / "lock").unlink(missing_ok=True)
+    assert same.returncode == 0 and said.empty(), (out, list(said.queue))
+    assert out.splitlines() == [f"LOADED {so} None", f"MAPPED {[str(so)]}"]

@@ -208,6 +208,7 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, t
                   cwd=tmp_path, env={"NPROC": "2"}, fault="preempt:step=6:rank=1")
     assert proc.returncode == 75, proc.stderr[-2000:]
     stopped = int(re.search(r"stop requested \(on another rank\): checkpointing at step (\d+)", proc.stdout).group(1))
+    assert stopped == 7  # faults.py: the signal lands after step 6, the ranks agree on it at the end of step 7
     saved = final(tmp_path / "run", stopped)
     assert len({(r["stream"]["epoch"], r["stream"]["window"]) for r in saved["ranks"]}) == 1
     assert "Traceback" not in proc.stderr

@@ -157,9 +157,22 @@ def test_online_without_key_falls_back_to_offline_quickly(tmp_path):
     assert strict_rows(tmp_path / "run" / "metrics.jsonl")[0]["loss"] == 1.25
 
 
+def assert_fell_back_under_one_run_id(run: Path, warning: str) -> str:
+    """After an online start failed: one W&B folder under run/wandb, the offline run's, under the id
+    kept in run/wandb_run_id and named in the warning; the failed attempt left no `run-*` folder
+    (which `wandb sync` would turn into a second, empty run). Returns the id."""
+    run_id = (run / "wandb_run_id").read_text().strip()
+    folders = sorted(p.name for p in (run / "wandb").iterdir() if p.is_dir() and not p.is_symlink())
+    assert len(folders) == 1 and folders[0].startswith("offline-run-") and folders[0].endswith(f"-{run_id}"), folders
+    assert f"as run {run_id} " in warning, warning
+    return run_id
+
+
 def test_online_with_unreachable_server_falls_back_within_init_timeout(tmp_path, monkeypatch):
     # A key is configured, so wandb.init really tries the (closed) server and has to time out.
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    # ... also with WANDB_MODE=offline in the environment: log.wandb.mode=online wins, as in wandb
+    monkeypatch.setenv("WANDB_MODE", "offline")
     out = io.StringIO()
     t0 = time.perf_counter()
     m = Metrics(tmp_path / "run", CONFIG, wandb_mode="online", console=out, init_timeout=3)
@@ -167,12 +180,15 @@ def test_online_with_unreachable_server_falls_back_within_init_timeout(tmp_path,
     print(f"online (server unreachable, init_timeout=3) -> offline fallback in {seconds:.2f} s")
     assert m.wandb_mode == "offline"
     assert seconds < 3 + 30  # init_timeout plus bounded slack, never wandb's 90 s default
-    assert "W&B online init failed" in out.getvalue()
+    lines = out.getvalue().splitlines()
+    assert "WANDB_MODE=offline" in lines[0] and "log.wandb.mode=online wins" in lines[0], lines
+    assert lines[1].startswith("warning: W&B online init failed") and "API key" not in out.getvalue(), lines
     m.log(1, {"loss": 0.5})
     run_dir = m.wandb_run_dir
     m.close()
     records = inspect_run(run_dir)
-    assert run_record(records)["run_id"] == m.wandb_run_id == (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    kept = assert_fell_back_under_one_run_id(tmp_path / "run", lines[1])
+    assert run_record(records)["run_id"] == m.wandb_run_id == kept
     assert history(records)[1]["loss"] == 0.5
 
 
@@ -197,6 +213,7 @@ def test_auto_goes_online_where_wandb_finds_a_key_and_follows_wandb_mode(tmp_pat
     m.close()
     assert out.getvalue().splitlines()[0].startswith("W&B mode auto -> online: W&B found an API key")
     assert m.wandb_mode == "offline" and "W&B online init failed" in out.getvalue()  # the server is closed
+    assert m.wandb_run_id == assert_fell_back_under_one_run_id(tmp_path / "a", out.getvalue().splitlines()[1])
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = io.StringIO()
@@ -206,6 +223,50 @@ def test_auto_goes_online_where_wandb_finds_a_key_and_follows_wandb_mode(tmp_pat
     assert m.wandb_mode == "disabled" and not (tmp_path / "b" / "wandb").exists()
     with pytest.raises(UserError, match="log.wandb.mode"):
         Metrics(tmp_path / "c", {}, wandb_mode="cloud")
+
+
+def test_an_explicit_wandb_mode_and_wandb_mode_in_the_environment_are_reconciled_in_one_line(tmp_path, monkeypatch):
+    """log.wandb.mode online/offline/disabled wins over WANDB_MODE (as wandb.init(mode=...) wins over it
+    in wandb 0.31) and one line says so where they differ; the key is looked for whatever WANDB_MODE
+    says; online without a key, however chosen, is offline with one warning. The real key lookup."""
+    from lstm_dist.wandb_sink import choose_mode, wandb_finds_key
+
+    files = tmp_path / "run" / "wandb"
+
+    def choose(mode: str, env: str) -> tuple[str, list[str]]:
+        import wandb
+
+        wandb.teardown()  # as in a new process: wandb keeps the credentials it found and the environment it read
+        monkeypatch.setenv("WANDB_MODE", env)
+        return choose_mode(mode, env, wandb_finds_key, files)
+
+    def names_env(line: str, mode: str, env: str) -> bool:
+        return line.startswith(f"W&B {mode}: log.wandb.mode={mode} wins over WANDB_MODE={env}") and "auto" in line
+
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    for env in ("offline", "disabled", "dryrun"):  # a key, and the environment says not online
+        mode, lines = choose("online", env)
+        assert mode == "online" and len(lines) == 1 and names_env(lines[0], "online", env), (env, lines)
+    for mode, env in (("offline", "online"), ("disabled", "offline"), ("offline", "disabled")):
+        chosen, lines = choose(mode, env)
+        assert chosen == mode and len(lines) == 1 and names_env(lines[0], mode, env), (mode, env, lines)
+    assert choose("offline", "dryrun") == ("offline", []) and choose("online", "online") == ("online", [])
+
+    monkeypatch.delenv("WANDB_API_KEY")
+    mode, lines = choose("online", "offline")
+    assert mode == "offline" and len(lines) == 2 and names_env(lines[0], "online", "offline"), lines
+    assert lines[1].startswith("warning: W&B online needs an API key"), lines
+    mode, lines = choose("auto", "online")  # WANDB_MODE asked for online, and there is no key
+    assert mode == "offline" and lines[0].startswith("W&B mode auto -> online: WANDB_MODE=online"), lines
+    assert len(lines) == 2 and lines[1].startswith("warning: W&B online needs an API key"), lines
+
+    # and through Metrics, where it costs nothing: disabled wins over WANDB_MODE=offline, said once
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = io.StringIO()
+    m = Metrics(tmp_path / "run", {}, wandb_mode="disabled", console=out)
+    m.close()
+    assert m.wandb_mode == "disabled" and not files.exists()
+    assert len(out.getvalue().splitlines()) == 1 and names_env(out.getvalue(), "disabled", "offline"), out.getvalue()
 
 
 def test_disabled_writes_jsonl_only(tmp_path):
