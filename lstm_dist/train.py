@@ -116,14 +116,19 @@ def describe(trainer: "Trainer", where: str) -> str:
 
 
 def open_metrics(cfg: Config, resumed_at: int | None) -> Metrics:
-    """Rank 0's metrics: the resolved config next to them, and no rows past the step resumed from."""
+    """Rank 0's metrics: the resolved config next to them, and no rows past the step resumed from. A
+    fresh start (`resumed_at` None) keeps no rows at all: those of an earlier attempt that left no
+    checkpoint (one that failed before its first, or whose checkpoints were set aside) would read as
+    this run's."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.run_dir / "config.yaml", cfg.to_yaml())
     w = cfg.log.wandb
     metrics = Metrics(cfg.run_dir, cfg.to_dict(), wandb_mode=w.mode, project=w.project, entity=w.entity or None,
                       run_name=cfg.run.name, init_timeout=w.init_timeout)
-    if resumed_at is not None:
-        metrics.truncate_after(resumed_at)
+    dropped = metrics.truncate_after(0 if resumed_at is None else resumed_at)
+    if resumed_at is None and dropped:
+        print(f"starting fresh: {dropped} row(s) of an earlier attempt without a checkpoint removed from "
+              f"{cfg.run_dir / 'metrics.jsonl'}", flush=True)
     return metrics
 
 

@@ -367,3 +367,28 @@ def test_installed_wandb_meets_the_floors_pyproject_declares():
     installed = tuple(int(x) for x in re.findall(r"\d+", version("wandb"))[:3])
     assert len(floors) == 2 and floors[0] <= floors[1]  # the package's floor, then the tests'
     assert installed >= max(floors), f"wandb {version('wandb')} is older than pyproject.toml's floor {max(floors)}"
+
+
+def test_a_fresh_start_keeps_no_rows_of_an_earlier_attempt_and_a_resume_only_those_before_it(tmp_path, capsys):
+    """Kind: a wrong number must never be left standing. A run that failed before its first checkpoint
+    (or whose checkpoints were set aside as diverged) is told to run again, and starts afresh in the
+    same directory: its rows would read as the new run's (two points at step 5 on one plot)."""
+    from lstm_dist.config import load
+    from lstm_dist.train import open_metrics
+
+    cfg = load(None, [f"run.dir={tmp_path}", "run.name=r", "log.wandb.mode=disabled"])
+    m = open_metrics(cfg, None)
+    for step in (5, 10):
+        m.log(step, {"loss": 31880.0 + step})
+    m.close()
+    m = open_metrics(cfg, 5)  # a resume from step 5 keeps the rows up to it
+    m.close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [5]
+    capsys.readouterr()
+    m = open_metrics(cfg, None)  # starting fresh: nothing of the earlier attempt
+    m.log(5, {"loss": 2.5})
+    m.close()
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(5, 2.5)]
+    assert f"starting fresh: 1 row(s) of an earlier attempt without a checkpoint removed from {tmp_path / 'r'}" in \
+        capsys.readouterr().out
