@@ -369,6 +369,9 @@ def from_dict(data: dict[str, Any], source: str = "a dict") -> Config:
     return validate(cfg)
 
 
+_MISSING = object()  # a key a saved config lacks
+
+
 def changes(saved: dict[str, Any], cfg: Config, ignore: typing.Collection[str] = ("checkpoint.resume",)) -> list[tuple[str, Any, Any]]:
     """Every setting whose value in `cfg` differs from the config dict `saved` (a checkpoint's), as
     (dotted key, saved value, value now), in the order of the reference. Keys that `saved` lacks (a
@@ -384,9 +387,6 @@ def changes(saved: dict[str, Any], cfg: Config, ignore: typing.Collection[str] =
         if node is not _MISSING and node != now:
             found.append((key, node, now))
     return found
-
-
-_MISSING = object()
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

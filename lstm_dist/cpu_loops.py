@@ -11,7 +11,7 @@ with the eager ones, three paired runs.
 One build per version. The build is named by a hash of everything that goes into the binary
 (`build_inputs()`: the source text, the compiler flags and compiler, the torch version and install,
 the Python ABI and headers), ``lstm_dist_loops_<hash>``, in a directory of that name in torch's
-extension cache (`TORCH_EXTENSIONS_DIR`, by default ``~/.cache/torch_extensions/py311_cpu``), and it
+extension cache (`TORCH_EXTENSIONS_DIR`, by default ``~/.cache/torch_extensions``), and it
 compiles a copy of the source kept in that directory. So two checkouts or versions on one machine
 each build once (about 30 s on 2 cores) and then import their own module directly (no build tool
 runs); checkouts with the same source share one build. A process never runs another version's
@@ -88,20 +88,14 @@ def build_name(inputs: Mapping[str, Any]) -> str:
 
 
 def extensions_root() -> Path:
-    """torch's extension cache, as its builder picks it: `TORCH_EXTENSIONS_DIR`, else a folder per
-    Python version and accelerator under ``~/.cache/torch_extensions`` (XDG_CACHE_HOME respected)."""
+    """torch's extension cache: `TORCH_EXTENSIONS_DIR`, else its default root (``~/.cache/torch_extensions``,
+    XDG_CACHE_HOME respected). No per-Python or per-accelerator folder of our own: `build_name` already
+    hashes both, so one version's builds never meet another's."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
     from torch.utils.cpp_extension import get_default_build_root
 
-    if torch.version.hip is not None:
-        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
-    elif torch.version.cuda is not None:
-        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
-    else:
-        accelerator = "cpu"
-    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+    return Path(get_default_build_root())
 
 
 def build_directory(inputs: Mapping[str, Any]) -> Path:
