@@ -71,12 +71,39 @@ def train_cmd(nproc: int, *overrides: str) -> list[str]:
 LAUNCH_TIMEOUT = 50.0
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children's children too), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def finish(proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> tuple[str, str]:
     """Wait for a process started with start_new_session=True; on a timeout kill its group and fail."""
     try:
         return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # The group, and every descendant that left it (torchrun starts its workers in sessions of their
+        # own): one of those would hold the pipes open and communicate() would wait for ever.
+        stray = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in stray:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         out, err = proc.communicate()
         raise AssertionError(f"{' '.join(map(str, proc.args[:6]))}... ran over {timeout:.0f}s and was killed\n"
                              f"stdout:\n{(out or '')[-3000:]}\nstderr:\n{(err or '')[-3000:]}") from None
