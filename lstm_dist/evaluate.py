@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpus import Corpus, check_utf8_file, lacking_note, open_text_file, utf8_chunks
-from .distributed import DEVICES, cpu_threads, setup
-from .errors import UserError, run_cli
-from .inference import ArgumentParser, load_model
-from .scoring import split_bits
+from lstm_dist.data.corpus import Corpus, check_utf8_file, lacking_note, open_text_file, utf8_chunks
+from lstm_dist.common.distributed import DEVICES, cpu_threads, setup
+from lstm_dist.common.errors import UserError, run_cli
+from lstm_dist.inference.load import ArgumentParser, load_model
+from lstm_dist.inference.scoring import split_bits
 
 
 def build_parser() -> ArgumentParser:

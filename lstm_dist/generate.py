@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 
-from .corpus import lacking_note, read_text_file, text_from_string
-from .errors import UserError, run_cli
-from .distributed import DEVICES, pick_device
-from .inference import ArgumentParser, load_model
-from .sampling import TextDecoder, check_settings, generate
+from lstm_dist.data.corpus import lacking_note, read_text_file, text_from_string
+from lstm_dist.common.errors import UserError, run_cli
+from lstm_dist.common.distributed import DEVICES, pick_device
+from lstm_dist.inference.load import ArgumentParser, load_model
+from lstm_dist.inference.sampling import TextDecoder, check_settings, generate
 
 DEFAULT_PROMPT = "I plan to make the world a better place by"
 

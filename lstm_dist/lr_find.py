@@ -34,16 +34,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import config as config_mod
-from . import lr_rule
-from .distributed import DistEnv
-from .errors import UserError, run_cli
-from .model import CharLSTM
-from .scoring import LN2
-from .optim import build_optimizer
-from .seeds import seed_everything
-from .streams import TokenStream
-from .train import open_corpus
+from lstm_dist import config as config_mod
+from lstm_dist.training import lr_rule
+from lstm_dist.common.distributed import DistEnv
+from lstm_dist.common.errors import UserError, run_cli
+from lstm_dist.model.char_lstm import CharLSTM
+from lstm_dist.inference.scoring import LN2
+from lstm_dist.training.optim import build_optimizer
+from lstm_dist.training.seeds import seed_everything
+from lstm_dist.data.streams import TokenStream
+from lstm_dist.train import open_corpus
 
 
 @dataclass

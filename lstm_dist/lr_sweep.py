@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from . import lr_rule
-from .errors import UserError, run_cli
+from lstm_dist import config as config_mod
+from lstm_dist.training import lr_rule
+from lstm_dist.common.errors import UserError, run_cli
 
 
 def _ints(text: str) -> list[int]:

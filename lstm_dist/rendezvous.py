@@ -30,7 +30,7 @@ import signal
 import socket
 import sys
 
-from .errors import UserError, first_line, run_cli
+from lstm_dist.common.errors import UserError, first_line, run_cli
 
 # torch (and with it .distributed) is imported only when needed, so that a usage error is said at once.
 USAGE = ("usage: python -m lstm_dist.rendezvous HOST PORT (this node's address for the other nodes, and a TCP "
@@ -82,7 +82,7 @@ def serve(host: str, port: int) -> int:
     try:
         sock = listen(port)
     except OSError as exc:
-        from .distributed import listen_failure
+        from lstm_dist.common.distributed import listen_failure
 
         raise (listen_failure(exc, port, "the rendezvous store", fix) or UserError(
             f"the rendezvous store cannot listen on port {port} (MASTER_PORT): {exc}; {fix}")) from None
@@ -110,7 +110,7 @@ def torchrun(argv: list[str]) -> int:
     from torch.distributed import DistNetworkError
     from torch.distributed.run import main as torchrun_main
 
-    from .distributed import listen_failure
+    from lstm_dist.common.distributed import listen_failure
 
     sys.argv = ["torchrun", *argv]
     try:

@@ -38,27 +38,28 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint as ckpt
-from . import faults
-from . import lr_rule
-from . import config as config_mod
-from .atomic import atomic_write_text
-from .config import Config
-from .corpus import Corpus, builtin_source_for
-from .distributed import DistEnv, agreed, all_objects, autocast, cpu_threads, placement, setup
-from .errors import EXIT_USER_ERROR, AgreedError, UserError, print_error, run_cli
-from . import cpu_loops, lstm
-from .lstm import probe_compile
-from .metrics import NO_METRICS, Metrics
-from .model import CharLSTM
-from .optim import Schedule, build_optimizer, schedule_phrase, set_lr
-from .rundir import RunDirectory
-from .sampling import sample_prompt_note, sample_text
-from .scoring import LN2, split_bits
-from .seeds import init_seed, rank_seed, recut_seed, sample_seed, seed_everything
-from .stopping import NonFinite, NonFiniteStop, Preemption, agree
-from .streams import TokenStream
-from .timing import Window
+from lstm_dist.training import checkpoint as ckpt
+from lstm_dist.training import faults
+from lstm_dist.training import lr_rule
+from lstm_dist import config as config_mod
+from lstm_dist.common.atomic import atomic_write_text
+from lstm_dist.config import Config
+from lstm_dist.data.corpus import Corpus, builtin_source_for
+from lstm_dist.common.distributed import DistEnv, agreed, all_objects, autocast, cpu_threads, placement, setup
+from lstm_dist.common.errors import EXIT_USER_ERROR, AgreedError, UserError, print_error, run_cli
+from lstm_dist.model import cpu_loops
+from lstm_dist.model import lstm
+from lstm_dist.model.lstm import probe_compile
+from lstm_dist.training.metrics import NO_METRICS, Metrics
+from lstm_dist.model.char_lstm import CharLSTM
+from lstm_dist.training.optim import Schedule, build_optimizer, schedule_phrase, set_lr
+from lstm_dist.training.rundir import RunDirectory
+from lstm_dist.inference.sampling import sample_prompt_note, sample_text
+from lstm_dist.inference.scoring import LN2, split_bits
+from lstm_dist.training.seeds import init_seed, rank_seed, recut_seed, sample_seed, seed_everything
+from lstm_dist.training.stopping import NonFinite, NonFiniteStop, Preemption, agree
+from lstm_dist.data.streams import TokenStream
+from lstm_dist.training.timing import Window
 
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues on it
@@ -83,7 +84,7 @@ def open_corpus(cfg: Config, env: DistEnv, say) -> Corpus:
         if env.is_main:
             say(f"data.path {path} does not exist: preparing the built-in '{source}' corpus there "
                 f"({cfg.data.vocab} vocabulary); the other ranks wait")
-            from .prepare import prepare  # only here: a run on a prepared corpus imports nothing of preparation
+            from lstm_dist.data.prepare import prepare  # only here: a run on a prepared corpus imports nothing of preparation
 
             prepare(source, path, vocab=cfg.data.vocab)
 

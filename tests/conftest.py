@@ -41,7 +41,7 @@ def make_text(n_chars: int, seed: int) -> str:
 
 
 def prepare_corpus(dest: Path, train_chars: int = 1000, eval_chars: int = 400, vocab: str = "bytes") -> Path:
-    from lstm_dist.prepare import prepare
+    from lstm_dist.data.prepare import prepare
 
     src = dest.parent / (dest.name + "-src")
     src.mkdir(parents=True, exist_ok=True)

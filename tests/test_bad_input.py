@@ -36,7 +36,7 @@ import torch
 
 from conftest import ROOT, TINY, child_env, prepare_corpus, run_group
 
-from lstm_dist.errors import run_cli  # the wrapper every `python -m lstm_dist.X` runs its main() in
+from lstm_dist.common.errors import run_cli  # the wrapper every `python -m lstm_dist.X` runs its main() in
 
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 ECHO = r"\+ torchrun .*"  # the launch scripts' echo of the command they start

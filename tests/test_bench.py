@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lstm_dist.bench import format_table, main, window_flops
+from lstm_dist.bench.__main__ import main
+from lstm_dist.bench.layers import format_table, window_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from lstm_dist import checkpoint as ckpt
+from lstm_dist.training import checkpoint as ckpt
 
 
 def test_retention_keeps_the_newest_keep_and_latest_names_the_newest(tmp_path):

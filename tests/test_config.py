@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lstm_dist import config as C
-from lstm_dist.config_reference import field_docs, reference_markdown
-from lstm_dist.errors import UserError
+from lstm_dist.config.reference import field_docs, reference_markdown
+from lstm_dist.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lstm_dist.corpus import Corpus, Vocab, builtin_source_for, builtin_vocab_for, load_vocab  # noqa: E402
-from lstm_dist.prepare import prepare  # noqa: E402
-from lstm_dist.streams import Restore, TokenStream, eval_batches  # noqa: E402
-from lstm_dist.errors import UserError  # noqa: E402
+from lstm_dist.data.corpus import Corpus, Vocab, builtin_source_for, builtin_vocab_for, load_vocab  # noqa: E402
+from lstm_dist.data.prepare import prepare  # noqa: E402
+from lstm_dist.data.streams import Restore, TokenStream, eval_batches  # noqa: E402
+from lstm_dist.common.errors import UserError  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -100,8 +100,8 @@ def test_outside_text_is_read_one_way_whatever_the_chunks_with_the_exact_bad_byt
     strict UTF-8 with CR and a BOM kept as characters, the same text whatever the chunk size, and the
     offset of the first bad byte exact even when its sequence began in the chunk before (prepare said
     one byte too far when a character cut short straddled its 2 MB read)."""
-    from lstm_dist.corpus import read_text_file, text_from_string, utf8_chunks
-    from lstm_dist.prepare import CHUNK_BYTES
+    from lstm_dist.data.corpus import read_text_file, text_from_string, utf8_chunks
+    from lstm_dist.data.prepare import CHUNK_BYTES
 
     good = "\ufeffnaïve\r\ncafé ☃ \U0001f600\r\n\r".encode("utf-8")
     bad = good + "☃".encode("utf-8")[:2] + b"x"  # a character cut short, then an ASCII byte

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from conftest import TINY, child_env, make_text, prepare_corpus, run_train
-from lstm_dist.checkpoint import list_checkpoints
-from lstm_dist.corpus import Corpus
-from lstm_dist.streams import eval_segments
-from lstm_dist.errors import run_cli
+from lstm_dist.training.checkpoint import list_checkpoints
+from lstm_dist.data.corpus import Corpus
+from lstm_dist.data.streams import eval_segments
+from lstm_dist.common.errors import run_cli
 from lstm_dist.evaluate import main
-from lstm_dist.inference import load_model
+from lstm_dist.inference.load import load_model
 
 
 def trained_run(tmp_path_factory, vocab: str) -> Path:
@@ -144,7 +144,7 @@ def test_outside_text_is_read_as_the_corpus_reads_its_split_crlf_and_bom_kept(ca
     the same ids, the same character count and the same bits; what the vocabulary lacks (here the CR and
     the BOM, absent from the LF-only training split) is named in one line with where it came from."""
     from lstm_dist.evaluate import read_text
-    from lstm_dist.prepare import prepare
+    from lstm_dist.data.prepare import prepare
 
     vocab, cfg = load_model(chars_run)[1:3]
     path = crlf_bom_file(tmp_path / "windows.txt", 3000, seed=5)
@@ -174,8 +174,8 @@ def test_text_that_is_not_utf8_is_refused_with_either_vocabulary_as_prepare_refu
     """One file, one reading: a Latin-1 `--text` is refused in one line naming the byte, as `prepare` refuses
     the same file as a split (the bytes vocabulary used to memory-map it and score it); so is a UTF-8 file
     cut inside its last character."""
-    from lstm_dist.errors import UserError
-    from lstm_dist.prepare import prepare
+    from lstm_dist.common.errors import UserError
+    from lstm_dist.data.prepare import prepare
 
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes(("the river " * 30 + "café au lait").encode("latin-1"))
@@ -248,7 +248,7 @@ def test_the_real_command_line(bytes_run, tmp_path):
 
 def test_max_windows_caps_each_rank_to_its_first_windows(bytes_run):
     """`train.eval_max_windows`: the first k windows of every segment, not the whole split."""
-    from lstm_dist.scoring import split_bits
+    from lstm_dist.inference.scoring import split_bits
 
     model, _, cfg = load_model(bytes_run)[:3]
     data = Corpus(cfg.data.path).split("valid")

@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT
 
-from lstm_dist import lstm as M
-from lstm_dist.lstm import lstm_layer_fast
+from lstm_dist.model import lstm as M
+from lstm_dist.model.lstm import lstm_layer_fast
 
 # Ops that make the host wait for the device (a value read back, a data-dependent shape or branch).
 HOST_SYNC_OPS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default",
@@ -95,7 +95,7 @@ def test_one_time_step_costs_no_more_ops_than_its_budget(product, bf16, monkeypa
 def test_the_cpp_loops_dispatch_only_the_recurrent_product_per_step(product, monkeypatch):
     """The C++ loops (fp32 CPU) fuse the cell update: per step only the step's two slices and its
     recurrent product reach the dispatcher (MKL's packed GEMM and its add, or one addmm)."""
-    from lstm_dist import cpu_loops
+    from lstm_dist.model import cpu_loops
 
     if cpu_loops.get() is None:
         pytest.skip(f"the C++ loops cannot be built here ({cpu_loops.failure()})")
@@ -152,7 +152,7 @@ def test_the_cpp_loops_build_is_keyed_by_everything_that_makes_the_binary(tmp_pa
     inputs give the same name, so every checkout of one version shares one build."""
     from types import SimpleNamespace
 
-    from lstm_dist import cpu_loops as L
+    from lstm_dist.model import cpu_loops as L
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.delenv("CXX", raising=False)
@@ -187,7 +187,7 @@ def test_a_cpp_loops_build_in_progress_is_announced_and_another_versions_never_l
     loaded meanwhile, neither waits on that lock nor loads that build: it announces its own build in
     its own directory (which fails at once here, the compiler missing, so that the test takes
     seconds) and runs the eager loops."""
-    from lstm_dist import cpu_loops as L
+    from lstm_dist.model import cpu_loops as L
 
     if L.get() is None:
         pytest.skip(f"the C++ loops cannot be built here ({L.failure()})")
@@ -201,7 +201,7 @@ def test_a_cpp_loops_build_in_progress_is_announced_and_another_versions_never_l
     env.update(TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=str(ROOT), LSTM_DIST_CPU_LOOPS="1")
     script = textwrap.dedent(
         """
-        from lstm_dist import cpu_loops
+        from lstm_dist.model import cpu_loops
         m = cpu_loops.get()
         print("LOADED", m.__file__ if m else None, cpu_loops.failure())
         with open("/proc/self/maps") as maps:  # the shared objects this process has mapped

@@ -312,7 +312,7 @@ def test_a_rank_that_cannot_compile_makes_every_rank_fall_back_together(tmp_path
 
 
 def test_a_rank_without_the_cpu_loops_makes_every_rank_run_the_eager_loops(tmp_path, tiny_corpus):
-    from lstm_dist import cpu_loops
+    from lstm_dist.model import cpu_loops
 
     if cpu_loops.get() is None:
         pytest.skip(f"the C++ loops cannot be built here ({cpu_loops.failure()}); nothing to fall back from")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import child_env
-from lstm_dist.errors import run_cli
+from lstm_dist.common.errors import run_cli
 from lstm_dist.generate import DEFAULT_PROMPT, main
-from lstm_dist.inference import load_model
-from lstm_dist.sampling import Sampler, TextDecoder, filter_logits, generate, sample_text
+from lstm_dist.inference.load import load_model
+from lstm_dist.inference.sampling import Sampler, TextDecoder, filter_logits, generate, sample_text
 from test_evaluate import one_thread, trained_run  # noqa: F401 (one_thread: an autouse fixture)
 
 
@@ -191,8 +191,8 @@ def test_outside_text_is_read_as_the_corpus_reads_its_split_for_the_prompt(bytes
     """Issue 16 §3 for `generate`: a CRLF+BOM `--prompt-file` is used verbatim, i.e. its ids are the ids
     the same file has as a prepared split, and the model continues from exactly those; with a chars
     vocabulary that lacks the CR, the refusal names the CR and the option it came from."""
-    from lstm_dist.corpus import Corpus
-    from lstm_dist.prepare import prepare
+    from lstm_dist.data.corpus import Corpus
+    from lstm_dist.data.prepare import prepare
 
     pf = tmp_path / "prompt.txt"
     pf.write_bytes("\ufeffThe city\r\nof the river\r\n".encode("utf-8"))
@@ -217,8 +217,8 @@ def test_outside_text_is_read_as_the_corpus_reads_its_split_for_the_prompt(bytes
 
 def test_training_sample_prompt_names_the_characters_its_vocabulary_lacks():
     """The trainer's sample prompt is outside text too: one line names it and what the vocabulary lacks."""
-    from lstm_dist.corpus import Vocab
-    from lstm_dist.sampling import sample_prompt_note
+    from lstm_dist.data.corpus import Vocab
+    from lstm_dist.inference.sampling import sample_prompt_note
 
     line = sample_prompt_note(Vocab("chars", "abcdefghijklmnopqrstuvwxyz \n"), "The ")
     assert line == ("the training sample prompt 'The ' has 1 character(s) the corpus's chars vocabulary lacks: 'T'; "

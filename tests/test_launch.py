@@ -213,8 +213,8 @@ def test_a_master_port_that_is_no_port_or_missing_is_one_line(tmp_path, monkeypa
                                "NPROC": "1", "MASTER_PORT": "http"}, capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stderr) == (2, "error: MASTER_PORT=http is not a TCP port number; set MASTER_PORT "
                                                  "to a free port from 1024 to 65535, the same on every node\n")
-    from lstm_dist.distributed import setup
-    from lstm_dist.errors import UserError
+    from lstm_dist.common.distributed import setup
+    from lstm_dist.common.errors import UserError
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)

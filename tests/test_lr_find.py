@@ -69,7 +69,7 @@ def test_range_test_runs_prints_a_table_and_writes_nothing_into_the_run_director
 
 @pytest.mark.slow
 def test_suggestion_lands_near_the_best_rate_of_a_small_real_sweep(tmp_path):
-    from lstm_dist.data import prepare
+    from lstm_dist.data.prepare import prepare
 
     # real prose-like text (the built-in corpus of standard-library docstrings), where the rate matters:
     # generated word salad is learnt at almost any rate

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from lstm_dist import config as C
-from lstm_dist import lr_rule
-from lstm_dist.errors import UserError
-from lstm_dist.optim import lr_at
+from lstm_dist.training import lr_rule
+from lstm_dist.common.errors import UserError
+from lstm_dist.training.optim import lr_at
 
 from conftest import ROOT
 

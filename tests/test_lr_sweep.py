@@ -26,7 +26,7 @@ def sweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_sweep_runs_every_rate_with_each_seed_and_tables_their_mean(tmp_path, tiny_corpus):
     from lstm_dist import config as C
-    from lstm_dist import lr_rule
+    from lstm_dist.training import lr_rule
 
     out = tmp_path / "sweep"
     proc = sweep("run", "--out", str(out), "--data", str(tiny_corpus), *CELL, "--seeds", "2", "--min-rates", "3",

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lstm_dist.errors import UserError
-from lstm_dist.metrics import Metrics, format_line
+from lstm_dist.common.errors import UserError
+from lstm_dist.training.metrics import Metrics, format_line
 
 CLOSED_URL = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused
 
@@ -229,7 +229,7 @@ def test_an_explicit_wandb_mode_and_wandb_mode_in_the_environment_are_reconciled
     """log.wandb.mode online/offline/disabled wins over WANDB_MODE (as wandb.init(mode=...) wins over it
     in wandb 0.31) and one line says so where they differ; the key is looked for whatever WANDB_MODE
     says; online without a key, however chosen, is offline with one warning. The real key lookup."""
-    from lstm_dist.wandb_sink import choose_mode, wandb_finds_key
+    from lstm_dist.training.wandb_sink import choose_mode, wandb_finds_key
 
     files = tmp_path / "run" / "wandb"
 

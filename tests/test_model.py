@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lstm_dist import lstm as M
-from lstm_dist.lstm import LSTMWindow, lstm_layer_fast, lstm_layer_reference
-from lstm_dist.model import CharLSTM, LSTMLayer, detach_state
+from lstm_dist.model import lstm as M
+from lstm_dist.model.lstm import LSTMWindow, lstm_layer_fast, lstm_layer_reference
+from lstm_dist.model.char_lstm import CharLSTM, LSTMLayer, detach_state
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, EMB, HID, BATCH, BPTT = 13, 6, 8, 3, 5
@@ -42,7 +42,7 @@ VARIANTS = [("reference", False, False, False), ("fast", False, False, False), (
 
 
 def _cpu_loops_work() -> bool:
-    from lstm_dist import cpu_loops
+    from lstm_dist.model import cpu_loops
 
     return cpu_loops.get() is not None
 
@@ -308,10 +308,10 @@ def test_compile_falls_back_to_eager_with_one_warning_when_no_compiler_works(tmp
     script = textwrap.dedent(
         """
         import warnings, torch
-        import lstm_dist.lstm
-        from lstm_dist.lstm import compile_available
+        import lstm_dist.model.lstm
+        from lstm_dist.model.lstm import compile_available
         lstm_dist.lstm.COMPILE_ON_CPU = True  # what CUDA does: compile both steps
-        from lstm_dist.model import CharLSTM
+        from lstm_dist.model.char_lstm import CharLSTM
         torch.manual_seed(0)
         ref = CharLSTM(11, 4, 6, 2, compile=False)
         net = CharLSTM(11, 4, 6, 2, compile=True)
@@ -397,7 +397,7 @@ def test_ddp_wrapped_model_trains_like_the_plain_one(tmp_path):
     script = textwrap.dedent(f"""
         import torch, torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
-        from lstm_dist.model import CharLSTM, detach_state
+        from lstm_dist.model.char_lstm import CharLSTM, detach_state
         dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
         torch.manual_seed(0)
         plain = CharLSTM({VOCAB}, {EMB}, {HID}, 2, dropout=0.0)
@@ -485,8 +485,9 @@ def test_cpp_loops_fall_back_to_the_eager_loops_where_they_cannot_be_built(tmp_p
     script = textwrap.dedent(
         """
         import torch
-        from lstm_dist import cpu_loops, lstm
-        from lstm_dist.lstm import lstm_layer_fast
+        from lstm_dist.model import cpu_loops
+        from lstm_dist.model import lstm
+        from lstm_dist.model.lstm import lstm_layer_fast
         x, h0, c0 = torch.randn(3, 2, 4), torch.zeros(2, 5), torch.zeros(2, 5)
         w, u, b = torch.randn(20, 4), torch.randn(20, 5), torch.zeros(20)
         y, _, _ = lstm_layer_fast(x, h0, c0, w, u, b)

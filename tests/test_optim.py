@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lstm_dist.config import TrainConfig
-from lstm_dist.model import CharLSTM
-from lstm_dist.optim import Schedule, build_optimizer, lr_at, schedule_phrase, set_lr
+from lstm_dist.model.char_lstm import CharLSTM
+from lstm_dist.training.optim import Schedule, build_optimizer, lr_at, schedule_phrase, set_lr
 
 
 def test_cosine_and_linear_warm_up_then_decay_to_the_floor():

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, child_env, load_ckpt, losses, make_text, read_metrics, finish, run_group, run_train, train_cmd
-from lstm_dist import checkpoint as ckpt
+from lstm_dist.training import checkpoint as ckpt
 from lstm_dist.config import from_dict
-from lstm_dist.lr_rule import peak_lr
-from lstm_dist.corpus import Corpus
-from lstm_dist.errors import UserError
-from lstm_dist.optim import lr_at
-from lstm_dist.prepare import prepare
+from lstm_dist.training.lr_rule import peak_lr
+from lstm_dist.data.corpus import Corpus
+from lstm_dist.common.errors import UserError
+from lstm_dist.training.optim import lr_at
+from lstm_dist.data.prepare import prepare
 from lstm_dist.train import EXIT_NONFINITE, EXIT_PREEMPTED, scorable
 
 pytestmark = pytest.mark.slow
@@ -362,9 +362,9 @@ def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp
     (final,) = [r for r in rows if "test_bpc" in r]
     assert final["valid_chars"] == 399 and final["test_chars"] == 399  # the final evaluation: all of it
     # the logged numbers are the model's: the same bits computed here from the final checkpoint
-    from lstm_dist.corpus import Corpus
-    from lstm_dist.inference import load_model
-    from lstm_dist.scoring import split_bits
+    from lstm_dist.data.corpus import Corpus
+    from lstm_dist.inference.load import load_model
+    from lstm_dist.inference.scoring import split_bits
 
     model = load_model(run_dir).model
     for split in ("valid", "test"):

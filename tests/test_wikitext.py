@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lstm_dist.errors import UserError  # noqa: E402
-from lstm_dist.wikitext import _split_of, source_inputs, stdlib_documents, stdlib_docs_texts  # noqa: E402
+from lstm_dist.common.errors import UserError  # noqa: E402
+from lstm_dist.data.sources import _split_of, source_inputs, stdlib_documents, stdlib_docs_texts  # noqa: E402
 
 TEXTS = {
     "train": "".join(f" = Heading {i} = \n The article number {i} says café and 日本.\n" for i in range(4000)),

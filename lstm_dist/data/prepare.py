@@ -18,10 +18,10 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-import lstm_dist
-from lstm_dist.corpus import SPLITS, VOCABS, Vocab, code_points, utf8_chunks
-from lstm_dist.errors import UserError
-from lstm_dist.wikitext import SplitInput, source_inputs
+from lstm_dist import __version__
+from lstm_dist.data.corpus import SPLITS, VOCABS, Vocab, code_points, utf8_chunks
+from lstm_dist.common.errors import UserError
+from lstm_dist.data.sources import SplitInput, source_inputs
 
 # Read/encode granularity: bounds peak memory whatever the file size. Kept small (well under glibc's
 # 32 MB mmap ceiling) so the per-chunk temporaries are reused from the heap instead of fragmenting it.
@@ -141,7 +141,7 @@ def prepare(source: str, out: str | os.PathLike, vocab: str = "bytes", force: bo
             "vocab": {"kind": voc.kind, "size": voc.size, "dtype": np.dtype(voc.dtype).name},
             "splits": splits,
             "unknown_chars": {s: splits[s]["unknown_chars"] for s in SPLITS},
-            "version": lstm_dist.__version__,
+            "version": __version__,
         }
         (tmp / "vocab.json").write_text(json.dumps(voc.to_dict(), ensure_ascii=False), encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

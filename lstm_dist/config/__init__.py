@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import difflib
 import math
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from .errors import UserError, run_cli
+from lstm_dist.common.errors import UserError
 
 # --------------------------------------------------------------------------------------------
 # The settings. A field's comment (the `#:` line above it) is its documentation: keep one each.
@@ -439,22 +438,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML file with settings (see configs/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="settings that win over the file")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .config_reference import reference_markdown  # the generator of README's table lives beside
-
-    parser = argparse.ArgumentParser(prog="python -m lstm_dist.config", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--reference", action="store_true", help="print the configuration reference (Markdown)")
-    args = parser.parse_args(argv)
-    if args.reference:
-        sys.stdout.write(reference_markdown())
-        return 0
-    cfg = load(args.config, args.overrides)
-    sys.stdout.write(cfg.to_yaml())
-    return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)

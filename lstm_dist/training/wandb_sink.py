@@ -10,8 +10,8 @@ import string
 from pathlib import Path
 from typing import Any, Callable
 
-from lstm_dist.atomic import atomic_write_text
-from lstm_dist.errors import first_line
+from lstm_dist.common.atomic import atomic_write_text
+from lstm_dist.common.errors import first_line
 
 RUN_ID_NAME = "wandb_run_id"
 # WANDB_MODE's values as wandb reads them (`dryrun` and `run` are its old names for offline and online)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lstm import State, lstm_cell, lstm_layer_fast, lstm_layer_reference
+from lstm_dist.model.lstm import State, lstm_cell, lstm_layer_fast, lstm_layer_reference
 
 __all__ = ["CharLSTM", "IMPLS", "LSTMLayer", "State", "detach_state"]
 

@@ -74,9 +74,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_loops
-from .buffers import BufferPool
-from .errors import first_line
+from lstm_dist.model import cpu_loops
+from lstm_dist.model.buffers import BufferPool
+from lstm_dist.common.errors import first_line
 
 State = Tuple[Tensor, Tensor]
 

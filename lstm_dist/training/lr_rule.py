@@ -19,7 +19,7 @@ result, and the line that starts training says which rate the rule gave and why.
 
 from __future__ import annotations
 
-from .config import Config
+from lstm_dist.config import Config
 
 
 def global_batch(cfg: Config, world: int) -> int:

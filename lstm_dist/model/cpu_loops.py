@@ -48,7 +48,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .errors import first_line
+from lstm_dist.common.errors import first_line
 
 SOURCE = Path(__file__).with_name("csrc") / "lstm_loops.cpp"
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2")

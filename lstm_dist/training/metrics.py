@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
-from lstm_dist.atomic import atomic_write_text
-from lstm_dist.errors import UserError
-from lstm_dist.wandb_sink import WandbSink
+from lstm_dist.common.atomic import atomic_write_text
+from lstm_dist.common.errors import UserError
+from lstm_dist.training.wandb_sink import WandbSink
 
 MODES = ("online", "offline", "disabled", "auto")
 JSONL_NAME = "metrics.jsonl"

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import AgreedError, UserError, first_line
+from lstm_dist.common.errors import AgreedError, UserError, first_line
 
 T = TypeVar("T")
 

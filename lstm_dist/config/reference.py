@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Literal, get_args, get_origin
 
-from .config import Config, _get, _hints, _is_section, leaf_fields
+from lstm_dist.config import Config, _get, _hints, _is_section, leaf_fields
 
 
 def field_docs() -> dict[str, str]:

@@ -36,7 +36,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from lstm_dist.errors import UserError
+from lstm_dist.common.errors import UserError
 
 VOCABS = ("bytes", "chars")
 SPLITS = ("train", "valid", "test")

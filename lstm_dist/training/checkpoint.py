@@ -29,12 +29,12 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
-from . import faults
-from .atomic import atomic_write
-from .corpus import Vocab
-from .distributed import DistEnv, agreed, broadcast_object, gather_objects
-from .errors import AgreedError, UserError, first_line
-from .streams import Restore, TokenStream
+from lstm_dist.training import faults
+from lstm_dist.common.atomic import atomic_write
+from lstm_dist.data.corpus import Vocab
+from lstm_dist.common.distributed import DistEnv, agreed, broadcast_object, gather_objects
+from lstm_dist.common.errors import AgreedError, UserError, first_line
+from lstm_dist.data.streams import Restore, TokenStream
 
 FORMAT = 1  # bump when the layout of the dict changes incompatibly
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")

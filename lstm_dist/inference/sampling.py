@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 
-from .corpus import lacking_note, text_from_string
+from lstm_dist.data.corpus import lacking_note, text_from_string
 
 # How many steps' noise to draw at once: a block holds at most this many floats (4 MB).
 _NOISE_FLOATS = 1 << 20

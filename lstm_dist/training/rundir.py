@@ -21,8 +21,8 @@ import secrets
 import socket
 from pathlib import Path
 
-from .distributed import DistEnv, broadcast_object, gather_objects
-from .errors import AgreedError
+from lstm_dist.common.distributed import DistEnv, broadcast_object, gather_objects
+from lstm_dist.common.errors import AgreedError
 
 LOCK_NAME = ".lock"
 

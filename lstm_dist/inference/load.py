@@ -21,12 +21,12 @@ from typing import NamedTuple
 
 import torch
 
-from . import checkpoint as ckpt
-from . import config as config_mod
-from .config import Config
-from .corpus import Vocab
-from .errors import UserError, first_line
-from .model import CharLSTM
+from lstm_dist.training import checkpoint as ckpt
+from lstm_dist import config as config_mod
+from lstm_dist.config import Config
+from lstm_dist.data.corpus import Vocab
+from lstm_dist.common.errors import UserError, first_line
+from lstm_dist.model.char_lstm import CharLSTM
 
 class LoadedModel(NamedTuple):
     model: CharLSTM

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .streams import eval_batches
-from .distributed import all_reduce_sum
+from lstm_dist.data.streams import eval_batches
+from lstm_dist.common.distributed import all_reduce_sum
 
 LN2 = math.log(2.0)
 

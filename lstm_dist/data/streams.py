@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from lstm_dist.errors import UserError
+from lstm_dist.common.errors import UserError
 
 class Restore(enum.Enum):
     """How `TokenStream.load_state_dict` continued: exactly, or re-cut for another layout."""

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from lstm_dist.corpus import SPLITS
-from lstm_dist.errors import UserError
+from lstm_dist.data.corpus import SPLITS
+from lstm_dist.common.errors import UserError
 
 SOURCES = ("wikitext103", "stdlib-docs", "files")
 

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench import _timed, baseline_dtype
-from .config import TrainConfig
-from .distributed import autocast
-from .lstm import compile_available, compile_steps
-from .model import CharLSTM, State
-from .optim import build_optimizer
+from lstm_dist.bench.timing import baseline_dtype, timed
+from lstm_dist.config import TrainConfig
+from lstm_dist.common.distributed import autocast
+from lstm_dist.model.lstm import compile_available, compile_steps
+from lstm_dist.model.char_lstm import CharLSTM, State
+from lstm_dist.training.optim import build_optimizer
 
 # (layers, hidden, embedding, batch): the shapes of the issue that asked for this, smoke model first
 GRID: Tuple[Tuple[int, int, int, int], ...] = (
@@ -102,13 +102,13 @@ def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: i
     }
     first: Dict[str, float] = {}
     for name, fn in steps.items():
-        first[name] = _timed(fn, device)
+        first[name] = timed(fn, device)
         for _ in range(warmup - 1):
-            _timed(fn, device)
+            timed(fn, device)
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
-            times[name].append(_timed(fn, device))
+            times[name].append(timed(fn, device))
     row = {"layers": layers, "hidden": hidden, "embedding": embedding, "batch": batch, "bptt": bptt}
     for name, ts in times.items():
         ms = statistics.median(ts) * 1e3

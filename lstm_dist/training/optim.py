@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from lstm_dist.config import TrainConfig
 
 
 def lr_at(step: int, t: TrainConfig, peak: float | None = None) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .distributed import all_reduce_sum
+from lstm_dist.common.distributed import all_reduce_sum
 
 
 class Preemption:

@@ -27,7 +27,7 @@ import os
 import signal
 import time
 
-from .errors import UserError
+from lstm_dist.common.errors import UserError
 
 POINTS = ("kill", "raise", "user-error", "preempt", "hang", "nonfinite", "checkpoint-before-rename",
           "checkpoint-before-latest", "compile-fails", "cpu-loops-fail")

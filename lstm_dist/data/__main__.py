@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lstm_dist.corpus import SPLITS, VOCABS, Corpus, Vocab
-from lstm_dist.errors import UserError, run_cli
-from lstm_dist.prepare import prepare
-from lstm_dist.wikitext import SOURCES
+from lstm_dist.data.corpus import SPLITS, VOCABS, Corpus, Vocab
+from lstm_dist.common.errors import UserError, run_cli
+from lstm_dist.data.prepare import prepare
+from lstm_dist.data.sources import SOURCES
 
 # torch is imported by `bench` only, not here: `prepare` never needs it, and importing it would add
 # ~200 MB to the resident memory of a 540 MB preparation (and ~2 s to every CLI call).
@@ -76,7 +76,7 @@ def bench(size_mb: float = 540, batch: int = 512, bptt: int = 256, batches: int 
 
     import torch  # noqa: F401  (imported before measuring, so its own memory is not counted as the stream's)
 
-    from lstm_dist.streams import TokenStream
+    from lstm_dist.data.streams import TokenStream
 
     root = Path(dir) if dir is not None else Path(tempfile.gettempdir()) / "lstm_dist_bench"
     d = root / f"corpus-{size_mb:g}mb"

@@ -1,0 +1,27 @@
+"""What both benches share: timing one call on a device, and what torch.nn.LSTM computes in."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    """Seconds `fn()` takes, the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def baseline_dtype(dtype: str, device: torch.device) -> str:
+    """What torch.nn.LSTM computes in under our --dtype: autocast's cast policy sends `lstm` to fp16
+    on CUDA (cuDNN), so a bf16 comparison there is ours in bf16 against cuDNN in fp16."""
+    if dtype == "bfloat16" and device.type == "cuda":
+        return "float16 (cuDNN under autocast)"
+    return dtype
