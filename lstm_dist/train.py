@@ -39,14 +39,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from lstm_dist.training import checkpoint as ckpt
-from lstm_dist.training import faults
+from lstm_dist.common import faults
 from lstm_dist.training import lr_rule
 from lstm_dist import config as config_mod
 from lstm_dist.common.atomic import atomic_write_text
 from lstm_dist.config import Config
 from lstm_dist.data.corpus import Corpus, builtin_source_for
-from lstm_dist.common.distributed import DistEnv, agreed, all_objects, autocast, cpu_threads, placement, setup
-from lstm_dist.common.errors import EXIT_USER_ERROR, AgreedError, UserError, print_error, run_cli
+from lstm_dist.common.distributed import DistEnv, on_every_rank, all_objects, autocast, cpu_threads, placement, setup
+from lstm_dist.common.errors import EXIT_USER_ERROR, EveryRankError, UserError, print_error, run_cli
 from lstm_dist.model import cpu_loops
 from lstm_dist.model import lstm
 from lstm_dist.model.lstm import probe_compile
@@ -59,7 +59,7 @@ from lstm_dist.inference.scoring import LN2, split_bits
 from lstm_dist.training.seeds import init_seed, rank_seed, recut_seed, sample_seed, seed_everything
 from lstm_dist.training.stopping import NonFinite, NonFiniteStop, Preemption, agree
 from lstm_dist.data.streams import TokenStream
-from lstm_dist.training.timing import Window
+from lstm_dist.training.timing import LogInterval
 
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues on it
@@ -88,8 +88,8 @@ def open_corpus(cfg: Config, env: DistEnv, say) -> Corpus:
 
             prepare(source, path, vocab=cfg.data.vocab)
 
-    agreed(prepare_if_missing)  # the other ranks wait here for rank 0's preparation
-    return agreed(lambda: scorable(Corpus(path)))
+    on_every_rank(prepare_if_missing)  # the other ranks wait here for rank 0's preparation
+    return on_every_rank(lambda: scorable(Corpus(path)))
 
 
 def scorable(corpus: Corpus) -> Corpus:
@@ -151,7 +151,7 @@ class Trainer:
         if t.sample_chars and (note := sample_prompt_note(self.vocab, SAMPLE_PROMPT)):
             self.say(f"warning: {note}")
         self.splits = {name: corpus.split(name) for name in ("train", "valid", "test")}
-        self.stream = agreed(lambda: TokenStream(self.splits["train"], env.rank, env.world, t.batch_size, t.bptt,
+        self.stream = on_every_rank(lambda: TokenStream(self.splits["train"], env.rank, env.world, t.batch_size, t.bptt,
                                                  seed=cfg.run.seed, random_offset=cfg.data.random_offset))
         seed_everything(init_seed(cfg.run.seed))
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size).to(self.device)
@@ -169,7 +169,7 @@ class Trainer:
         resumed = self._resume()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
                     if env.distributed else self.model)
-        self.metrics = agreed(lambda: open_metrics(cfg, self.step if resumed else None) if env.is_main else NO_METRICS)
+        self.metrics = on_every_rank(lambda: open_metrics(cfg, self.step if resumed else None) if env.is_main else NO_METRICS)
 
     def say(self, text: str) -> None:
         if self.env.is_main:
@@ -345,7 +345,7 @@ class Trainer:
         self.say(f"learning rate: {lr_rule.explain(cfg, self.env.world)}, {schedule_phrase(t)}"
                  + (f"; continued from step {anchor[0]} at {anchor[1]:.4g} of the peak (train.resume_schedule)"
                     if anchor else ""))
-        window = Window(self.env.world * t.batch_size * t.bptt)
+        window = LogInterval(self.env.world * t.batch_size * t.bptt)
         every = lambda n: n and self.step % n == 0 and self.step < t.steps  # noqa: E731  (not at the end)
         while self.step < t.steps:
             window.begin()
@@ -391,7 +391,7 @@ class Trainer:
                  f"test {test_bpc:.4f} bpc over {test_chars:,} characters")
         return 0
 
-    def _log(self, window: Window, norm: float) -> None:
+    def _log(self, window: LogInterval, norm: float) -> None:
         loss, timing = window.take(self.cfg.train.steps - self.step)
         values = {"epoch": self.stream.epoch, "loss": loss, "bpc": loss / LN2, "lr": self.schedule.lr(self.step),
                   "grad_norm": norm, **timing}
@@ -404,7 +404,7 @@ class Trainer:
         self.run_directory.release()
 
 
-def _report_exit(code: int, agreed: bool = True) -> bool:
+def _report_exit(code: int, together: bool = True) -> bool:
     """Tell a wrapping script how the run ended; True when this process may then exit 0.
 
     torchrun reports a worker's failure as its own exit status 1, prints a traceback of it, and may
@@ -418,13 +418,13 @@ def _report_exit(code: int, agreed: bool = True) -> bool:
     path = os.environ.get("LSTM_DIST_EXIT_FILE")
     if not path:
         return False
-    if not agreed or os.environ.get("LOCAL_RANK", "0") == "0":  # an ending of its own: this rank tells it
+    if not together or os.environ.get("LOCAL_RANK", "0") == "0":  # an ending of its own: this rank tells it
         try:
             atomic_write_text(Path(path), f"{code}\n")
         except OSError as exc:
             print(f"warning: cannot write the exit status to LSTM_DIST_EXIT_FILE={path}: {exc}", file=sys.stderr)
             return False
-    return agreed
+    return together
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,9 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                 gc.collect()
                 preemption.restore()
     except UserError as exc:
-        # Before the process group every rank read the same config; after it, an AgreedError is every
+        # Before the process group every rank read the same config; after it, an EveryRankError is every
         # rank's, and any other user error may be this rank's alone: it says so, and keeps its status.
-        together = not started or isinstance(exc, AgreedError)
+        together = not started or isinstance(exc, EveryRankError)
         print_error(str(exc), every_rank=together)
         return 0 if _report_exit(EXIT_USER_ERROR, together) else EXIT_USER_ERROR
     return 0 if _report_exit(code) else code

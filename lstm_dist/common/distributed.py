@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from lstm_dist.common.errors import AgreedError, UserError, first_line
+from lstm_dist.common.errors import EveryRankError, UserError, first_line
 
 T = TypeVar("T")
 
@@ -241,9 +241,9 @@ def placement() -> str:
     return "; ".join(parts)
 
 
-def agreed(fn: Callable[[], T]) -> T:
+def on_every_rank(fn: Callable[[], T]) -> T:
     """Run `fn` (no collectives inside) on every rank; if any rank met a user error, every rank raises
-    it together as an AgreedError (the lowest rank's message), so that no rank waits for one that left."""
+    it together as an EveryRankError (the lowest rank's message), so that no rank waits for one that left."""
     result, error = None, None
     try:
         result = fn()
@@ -251,5 +251,5 @@ def agreed(fn: Callable[[], T]) -> T:
         error = str(exc)
     first = next((e for e in all_objects(error) if e is not None), None)
     if first is not None:
-        raise AgreedError(first)
+        raise EveryRankError(first)
     return result  # type: ignore[return-value]

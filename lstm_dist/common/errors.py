@@ -20,7 +20,7 @@ class UserError(Exception):
     """A problem in the user's input (a path, a key, a value, a file) with a message saying the fix."""
 
 
-class AgreedError(UserError):
+class EveryRankError(UserError):
     """A user error that every rank raises together (rank 0 decided, or all ranks checked the same
     thing and shared what they found): one line from rank 0 says it, and no rank waits for another."""
 

@@ -29,11 +29,11 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
-from lstm_dist.training import faults
+from lstm_dist.common import faults
 from lstm_dist.common.atomic import atomic_write
 from lstm_dist.data.corpus import Vocab
-from lstm_dist.common.distributed import DistEnv, agreed, broadcast_object, gather_objects
-from lstm_dist.common.errors import AgreedError, UserError, first_line
+from lstm_dist.common.distributed import DistEnv, on_every_rank, broadcast_object, gather_objects
+from lstm_dist.common.errors import EveryRankError, UserError, first_line
 from lstm_dist.data.streams import Restore, TokenStream
 
 FORMAT = 1  # bump when the layout of the dict changes incompatibly
@@ -280,14 +280,14 @@ def restore(cfg: Any, env: DistEnv, vocab: Vocab, model: torch.nn.Module, optimi
     this rank's generators); None when there is none to resume from. `claim` (collective) runs once the
     choice is made and before any rank reads the file: choosing writes nothing, so a run refused for
     its checkpoint leaves the run directory as it was."""
-    found = agreed(lambda: find_resume(cfg, vocab, say) if env.is_main else None)
+    found = on_every_rank(lambda: find_resume(cfg, vocab, say) if env.is_main else None)
     name = broadcast_object(str(found[0]) if found else None)
     if claim is not None:
         claim()  # the run directory is ours, and shared, before any other rank reads from it
     if name is None:
         return None
     path = Path(name)
-    saved = agreed(lambda: found[1] if found else load(path))
+    saved = on_every_rank(lambda: found[1] if found else load(path))
 
     def load_states() -> None:
         try:
@@ -297,7 +297,7 @@ def restore(cfg: Any, env: DistEnv, vocab: Vocab, model: torch.nn.Module, optimi
             raise CheckpointError(f"checkpoint {path} does not fit this model: {first_line(exc)}; "
                                   "use the config it was written with") from None
 
-    agreed(load_states)
+    on_every_rank(load_states)
     ranks = saved["ranks"]
     old = ranks[0]["stream"]
     same_processes = len(ranks) == env.world and old["batch"] == cfg.train.batch_size and old["bptt"] == cfg.train.bptt
@@ -338,5 +338,5 @@ def save_training(cfg: Any, env: DistEnv, vocab: Vocab, step: int, model: torch.
             error = str(exc)
     error = broadcast_object(error)  # also the point where all ranks leave together
     if error is not None:
-        raise AgreedError(error)  # no rank trains on without the checkpoints it would need
+        raise EveryRankError(error)  # no rank trains on without the checkpoints it would need
     return path

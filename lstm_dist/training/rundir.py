@@ -22,7 +22,7 @@ import socket
 from pathlib import Path
 
 from lstm_dist.common.distributed import DistEnv, broadcast_object, gather_objects
-from lstm_dist.common.errors import AgreedError
+from lstm_dist.common.errors import EveryRankError
 
 LOCK_NAME = ".lock"
 
@@ -42,7 +42,7 @@ class RunDirectory:
             problem = self._check_shared(env)
         if problem is not None:
             self.release()
-            raise AgreedError(problem)
+            raise EveryRankError(problem)
         if env.is_main:
             for stale in self.path.glob("checkpoints/.*.tmp.*"):
                 stale.unlink(missing_ok=True)

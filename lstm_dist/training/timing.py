@@ -8,7 +8,7 @@ import statistics
 import time
 
 
-class Window:
+class LogInterval:
     """The steps since the last log line: mean loss, where the time went, and the time-left estimate.
 
     Time spent logging belongs to the next window (the line is written after this one is measured).
