@@ -352,6 +352,27 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def choices(key: str) -> tuple[Any, ...]:
+    """The allowed values of a setting whose type is a Literal (`choices("train.device")` ->
+    ("auto", "cpu", "cuda")): consumers (command-line options, builders) read them here, never a copy.
+    Raises KeyError for an unknown key, TypeError for a setting that is not a choice."""
+    tp = leaf_fields()[key]
+    if get_origin(tp) is not Literal:
+        raise TypeError(f"{key} is not a choice setting")
+    return get_args(tp)
+
+
+def check_setting(key: str, value: Any, source: str = "the code") -> Any:
+    """`value` checked as setting `key` would be on load (type, then range rule): the value (parsed where
+    it came as text), or a UserError naming the key. For code that takes a setting's value directly
+    (`CharLSTM(hidden=...)`), so that the rule is written once, here."""
+    value = _coerce(key, leaf_fields()[key], value, source)
+    rule = _RULES.get(key)
+    if rule is not None and not rule[0](value):
+        raise UserError(f"{key} must be {rule[1]}, got {value!r}")
+    return value
+
+
 def check_consistent(cfg: Config) -> Config:
     """Settings valid one by one that contradict each other. Checked on `load` (a config a user is
     about to run), not on `from_dict`, so a checkpoint written before a check existed still loads."""
