@@ -67,8 +67,11 @@ def train_cmd(nproc: int, *overrides: str) -> list[str]:
 
 
 # A tiny run's launch takes seconds; a launch that runs over this has hung, and its whole process group
-# (torchrun, its workers, a launch script's children) is killed so that nothing outlives the test.
-LAUNCH_TIMEOUT = 50.0
+# (torchrun, its workers, a launch script's children) is killed so that nothing outlives the test. A
+# guard against a hang, not a speed limit: the suite runs one test per core (pytest-xdist), so a launch
+# shares its cores with another test's, and the slowest (a rank that hangs, waited out by the collective
+# timeout and torchrun's 30 s grace) takes about 45 s alone.
+LAUNCH_TIMEOUT = 120.0
 
 
 def _descendants(pid: int) -> list[int]:

@@ -25,6 +25,9 @@ from conftest import ROOT, TINY, child_env, load_ckpt, read_metrics, run_train
 CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
 SCRIPTS = [ROOT / "slurm" / "train.sh", CLUSTER, ROOT / "tests" / "gpu_check.sh", *sorted((ROOT / "launch").glob("*.sh"))]
 IN_CI = os.environ.get("CI") == "true"
+# One cluster per machine (slurmctld takes port 6817, the namespaces have fixed names): every test of
+# this file runs on the same pytest-xdist worker, one after another.
+pytestmark = pytest.mark.xdist_group("slurm")
 
 
 def skip_or_fail(reason: str):
