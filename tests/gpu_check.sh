@@ -57,7 +57,7 @@ for name in ("train_bf16", "train_fp32", "cluster_step"):
               f"{w['torch_lstm_ms']:.2f} | {w['ratio']:.3f} | {w['lstm_dist_chars_per_s']:,.0f} |")
 try:
     r = json.loads((out / "cluster_layers.json").read_text())
-    print(f"\n## cluster_layers (layers only, {r['dtype']}): fast {r['fast_ms']:.2f} ms (MFU {100 * r['fast_mfu']:.1f}%), "
+    print(f"\n## cluster_layers (layers only, {r['dtype']}, kernels {r.get('kernels')}): fast {r['fast_ms']:.2f} ms (MFU {100 * r['fast_mfu']:.1f}%), "
           f"torch.nn.LSTM {r['torch_lstm_ms']:.2f} ms (MFU {100 * r['torch_lstm_mfu']:.1f}%), ratio {r['ratio_fast_vs_torch_lstm']:.3f}")
 except (OSError, ValueError, KeyError):
     print("\ncluster_layers: no result (see cluster_layers.err)")

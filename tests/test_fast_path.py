@@ -5,7 +5,7 @@ mostly the number of ops in it (each is a dispatch, and on CUDA a kernel launch)
 what actually reaches the dispatcher for one step, forward and backward, so that a change adding
 work to the loop fails here rather than showing up weeks later as a slower benchmark.
 
-At the end, the C++ loops' build (`lstm_dist.cpu_loops`): one per version of everything that makes
+At the end, the C++ loops' build (`lstm_dist.model.cpu_loops`): one per version of everything that makes
 the binary, announced while it is built or waited for, never another version's. These reuse the
 suite's one build (about 30 s) rather than build again.
 """
@@ -28,8 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT
 
-from lstm_dist.model import lstm as M
-from lstm_dist.model.lstm import lstm_layer_fast
+from lstm_dist.model import loops
+from lstm_dist.model.fast import lstm_layer_fast
+from lstm_dist.model.kernels import Kernels
+from test_model import kernels_here
 
 # Ops that make the host wait for the device (a value read back, a data-dependent shape or branch).
 HOST_SYNC_OPS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default",
@@ -47,8 +49,8 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_window(steps: int, bf16: bool = False) -> tuple[Counter, Counter]:
-    """Ops dispatched by the forward and by the backward of one layer over one window."""
+def count_window(steps: int, kernels: Kernels, bf16: bool = False) -> tuple[Counter, Counter]:
+    """Ops dispatched by the forward and by the backward of one layer over one window, run by `kernels`."""
     g = torch.Generator().manual_seed(0)
     mk = lambda *s: (torch.randn(*s, generator=g) * 0.5).requires_grad_(True)  # noqa: E731
     batch, inp, hid = 3, 5, 8
@@ -56,7 +58,7 @@ def count_window(steps: int, bf16: bool = False) -> tuple[Counter, Counter]:
     h0, c0 = mk(batch, hid), mk(batch, hid)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         with CountOps() as fwd:
-            y, h, c = lstm_layer_fast(x, h0, c0, w, u, b)
+            y, h, c = lstm_layer_fast(x, h0, c0, w, u, b, kernels)
         loss = y.float().pow(2).sum() + c.sum()
     with CountOps() as bwd:
         loss.backward()
@@ -75,13 +77,13 @@ BUDGET = {("mkl-packed", False): (9, 8), ("addmm", False): (8, 7), ("addmm", Tru
 
 
 @pytest.mark.parametrize("product,bf16", list(BUDGET), ids=[f"{p}{'-bf16' if b else ''}" for p, b in BUDGET])
-def test_one_time_step_costs_no_more_ops_than_its_budget(product, bf16, monkeypatch):
+def test_one_time_step_costs_no_more_ops_than_its_budget(product, bf16):
     if product == "mkl-packed" and not torch._C.has_mkl:
         pytest.skip("this torch has no MKL")
-    monkeypatch.setattr(M, "USE_MKL_PACKED", product == "mkl-packed")
-    monkeypatch.setattr(M, "CPU_LOOPS", False)  # the eager loops: what runs wherever the C++ ones do not
-    f4, b4 = count_window(4, bf16)
-    f8, b8 = count_window(8, bf16)
+    # the eager loops: the definition, and what runs wherever another entry's loops do not
+    kernels = Kernels("eager", mkl_packed=product == "mkl-packed")
+    f4, b4 = count_window(4, kernels, bf16)
+    f8, b8 = count_window(8, kernels, bf16)
     fwd, bwd = per_step(f4, f8, 4), per_step(b4, b8, 4)
     budget_fwd, budget_bwd = BUDGET[(product, bf16)]
     assert sum(fwd.values()) <= budget_fwd, f"forward step: {fwd}"
@@ -92,18 +94,14 @@ def test_one_time_step_costs_no_more_ops_than_its_budget(product, bf16, monkeypa
 
 
 @pytest.mark.parametrize("product", ["mkl-packed", "addmm"])
-def test_the_cpp_loops_dispatch_only_the_recurrent_product_per_step(product, monkeypatch):
+def test_the_cpp_loops_dispatch_only_the_recurrent_product_per_step(product):
     """The C++ loops (fp32 CPU) fuse the cell update: per step only the step's two slices and its
     recurrent product reach the dispatcher (MKL's packed GEMM and its add, or one addmm)."""
-    from lstm_dist.model import cpu_loops
-
-    if cpu_loops.get() is None:
-        pytest.skip(f"the C++ loops cannot be built here ({cpu_loops.failure()})")
     if product == "mkl-packed" and not torch._C.has_mkl:
         pytest.skip("this torch has no MKL")
-    monkeypatch.setattr(M, "USE_MKL_PACKED", product == "mkl-packed")
-    f4, b4 = count_window(4)
-    f8, b8 = count_window(8)
+    kernels = kernels_here("cpp_loops", mkl_packed=product == "mkl-packed")
+    f4, b4 = count_window(4, kernels)
+    f8, b8 = count_window(8, kernels)
     fwd, bwd = per_step(f4, f8, 4), per_step(b4, b8, 4)
     budget = 4 if product == "mkl-packed" else 3
     assert sum(fwd.values()) <= budget and sum(bwd.values()) <= budget, (fwd, bwd)
@@ -112,30 +110,29 @@ def test_the_cpp_loops_dispatch_only_the_recurrent_product_per_step(product, mon
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
-def test_no_host_synchronisation_in_a_window(bf16):
+@pytest.mark.parametrize("name", ["eager", "cpp_loops"])
+def test_no_host_synchronisation_in_a_window(name, bf16):
     """No op that reads a value back to the host, anywhere in forward or backward of a window: inside
-    the time loop such an op would stall the CUDA stream at every step."""
-    fwd, bwd = count_window(6, bf16)
+    the time loop such an op would stall the CUDA stream at every step. (The compiled steps: the CUDA
+    test with torch's sync debug mode, tests/test_model.py.)"""
+    fwd, bwd = count_window(6, kernels_here(name), bf16)
     assert not (set(fwd) | set(bwd)) & HOST_SYNC_OPS, sorted((set(fwd) | set(bwd)) & HOST_SYNC_OPS)
 
 
 def test_the_op_counter_sees_a_host_sync_and_an_extra_op():
     """The two tests above can fail: an .item() in the loop and one more op per step are both caught."""
-    original = M._backward_loop
+    original = loops._bwd_eager
 
-    def with_a_sync(*args):
-        original(*args)
-        dc = args[5]
-        for t in range(args[0].shape[0]):
-            if dc.abs().max().item() > 1e9:  # a data-dependent branch per step
-                dc.zero_()
+    def with_a_sync(dh, dc, *views):
+        original(dh, dc, *views)
+        if dc.abs().max().item() > 1e9:  # a data-dependent branch per step
+            dc.zero_()
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(M, "_backward_loop", with_a_sync)
-    mp.setattr(M, "CPU_LOOPS", False)  # against the eager loops' budget
-    try:
-        f4, b4 = count_window(4)
-        f8, b8 = count_window(8)
+    mp.setattr(loops, "_bwd_eager", with_a_sync)
+    try:  # against the eager loops' budget
+        f4, b4 = count_window(4, Kernels("eager"))
+        f8, b8 = count_window(8, Kernels("eager"))
     finally:
         mp.undo()
     bwd = per_step(b4, b8, 4)
@@ -198,7 +195,7 @@ def test_a_cpp_loops_build_in_progress_is_announced_and_another_versions_never_l
     shutil.copytree(built, ours, ignore=shutil.ignore_patterns(so.name))  # all but the module, not linked yet
     (ours / "lock").touch()
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "CXX")}
-    env.update(TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=str(ROOT), LSTM_DIST_CPU_LOOPS="1")
+    env.update(TORCH_EXTENSIONS_DIR=str(cache), PYTHONPATH=str(ROOT))
     script = textwrap.dedent(
         """
         from lstm_dist.model import cpu_loops

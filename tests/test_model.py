@@ -1,50 +1,51 @@
-"""The LSTM: parity with torch.nn.LSTM, the hand-written backward, step(), rebuilding, precision."""
+"""The LSTM: every path of the kernel table against torch.nn.LSTM and the reference, the hand-written
+backward, the kernel choice, step(), rebuilding, precision."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lstm_dist.model import lstm as M
-from lstm_dist.model.lstm import LSTMWindow, lstm_layer_fast, lstm_layer_reference
+from lstm_dist.common.errors import UserError
+from lstm_dist.config import ModelConfig, choices
+from lstm_dist.model.buffers import POOL
+from lstm_dist.model.cell import lstm_layer_reference
 from lstm_dist.model.char_lstm import CharLSTM, LSTMLayer, detach_state
+from lstm_dist.model.fast import LSTMWindow, lstm_layer_fast
+from lstm_dist.model.kernels import KERNELS, NOTE_BF16_ON_CPU, Kernels, choose_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, EMB, HID, BATCH, BPTT = 13, 6, 8, 3, 5
+CPU = torch.device("cpu")
+
+# Every entry of the kernel table is a test parameter: a new path is tested here by being in the table.
+ENTRIES = list(KERNELS)
+FAST_ENTRIES = [name for name, spec in KERNELS.items() if spec.forward_loop is not None]
 
 
-def _compile_works() -> bool:
-    """Whether torch.compile of the pointwise step works here (tried once, on a tiny window)."""
-    x = torch.randn(2, 1, 3)
-    h0, c0 = torch.zeros(1, 4), torch.zeros(1, 4)
-    w, u, b = torch.randn(16, 3), torch.randn(16, 4), torch.randn(16)
-    saved, M.COMPILE_ON_CPU = M.COMPILE_ON_CPU, True
-    try:
-        lstm_layer_fast(x, h0, c0, w, u, b, use_compile=True)
-    finally:
-        M.COMPILE_ON_CPU = saved
-    return M.compile_available()
+@functools.cache
+def _why_not_here(name: str):
+    spec = KERNELS[name]
+    return None if spec.why_not is None else spec.why_not(CPU, 2, 4)
 
 
-# (impl, compile, compile on CPU too, C++ loops): the compiled steps run on CUDA, here COMPILE_ON_CPU
-# covers them; the fast path's fp32 CPU default is the C++ loops (lstm_dist.cpu_loops), and the eager
-# loops are what runs where those cannot be built
-VARIANTS = [("reference", False, False, False), ("fast", False, False, False), ("fast", False, False, True),
-            ("fast", True, True, False)]
-
-
-def _cpu_loops_work() -> bool:
-    from lstm_dist.model import cpu_loops
-
-    return cpu_loops.get() is not None
+def kernels_here(name: str, **fields) -> Kernels:
+    """The table's entry `name` as this CPU runs it, the CUDA-only ones forced onto the CPU (as the
+    compiled steps are: inductor compiles them for the CPU too), or a skip saying why it cannot run here."""
+    why = _why_not_here(name)
+    if why is not None:
+        pytest.skip(f"the {name} kernels cannot run here: {why}")
+    return Kernels(name, force="cpu" not in KERNELS[name].devices, **fields)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,17 +102,11 @@ def two_windows(net, x1, y1, x2, y2, h0, c0):
 
 
 @pytest.mark.parametrize("layers", [1, 3])
-@pytest.mark.parametrize("impl,use_compile,compile_fwd,cpp", VARIANTS,
-                         ids=["reference", "fast-eager-loops", "fast-cpp-loops", "fast-compiled-steps"])
-def test_parity_with_torch_lstm_over_two_carried_windows(layers, impl, use_compile, compile_fwd, cpp, monkeypatch):
-    if use_compile and not _compile_works():
-        pytest.skip("torch.compile does not work on this machine (eager fallback is tested separately)")
-    if cpp and not _cpu_loops_work():
-        pytest.skip("the C++ loops cannot be built here (the eager loops are tested separately)")
-    monkeypatch.setattr(M, "COMPILE_ON_CPU", compile_fwd)
-    monkeypatch.setattr(M, "CPU_LOOPS", cpp)
+@pytest.mark.parametrize("name", ENTRIES)
+def test_parity_with_torch_lstm_over_two_carried_windows(layers, name):
+    kernels = kernels_here(name)
     torch.manual_seed(layers)
-    ours = CharLSTM(VOCAB, EMB, HID, layers, impl=impl, compile=use_compile)
+    ours = CharLSTM(VOCAB, EMB, HID, layers, kernels=kernels)
     with torch.no_grad():  # a non-trivial bias so a mistake in any gate's bias path shows
         for cell in ours.cells:
             cell.bias.normal_(0, 0.5)
@@ -126,15 +121,19 @@ def test_parity_with_torch_lstm_over_two_carried_windows(layers, impl, use_compi
              "h after window 2", "c after window 2", "grad h0", "grad c0"]
     flat_a = [a[0], a[1], a[2][0], a[2][1], a[3][0], a[3][1], a[4], a[5]]
     flat_b = [b[0], b[1], b[2][0], b[2][1], b[3][0], b[3][1], b[4], b[5]]
-    for name, u, v in zip(names, flat_a, flat_b):
-        assert u.shape == v.shape, name
-        assert rel_err(u, v) < 1e-5, (name, rel_err(u, v))
+    for what, u, v in zip(names, flat_a, flat_b):
+        assert u.shape == v.shape, what
+        assert rel_err(u, v) < 1e-5, (what, rel_err(u, v))
     ref_grads = theirs.grads(layers)
     params = dict(ours.named_parameters())
     assert set(params) == set(ref_grads)
-    for name, p in params.items():
-        assert p.grad is not None, name
-        assert rel_err(p.grad, ref_grads[name]) < 1e-5, (name, rel_err(p.grad, ref_grads[name]))
+    for key, p in params.items():
+        assert p.grad is not None, key
+        assert rel_err(p.grad, ref_grads[key]) < 1e-5, (key, rel_err(p.grad, ref_grads[key]))
+    if KERNELS[name].forward_loop is not None:  # the entry's own loops ran, not the eager fallback
+        assert kernels.for_window("cpu", torch.float32, False) is KERNELS[name]
+    if name == "compiled":
+        assert kernels.runs_compiled(), "the compiled steps fell back to eager"
 
 
 def _window_args(dtype=torch.float64, steps=4, batch=2, inp=3, hid=5, seed=0):
@@ -146,20 +145,19 @@ def _window_args(dtype=torch.float64, steps=4, batch=2, inp=3, hid=5, seed=0):
 def test_gradcheck_hand_written_backward_float64_including_initial_state():
     args = _window_args()
     # every input is checked: x, h0, c0, W, U, b (h0 and c0 are the carried state)
-    assert torch.autograd.gradcheck(lambda *a: LSTMWindow.apply(*a, None, False), args, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda *a: LSTMWindow.apply(*a, None, Kernels()), args, eps=1e-6, atol=1e-6)
     # through the public wrapper as well, where h_T is a view of the outputs
-    assert torch.autograd.gradcheck(lambda *a: lstm_layer_fast(*a), args, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda *a: lstm_layer_fast(*a, Kernels()), args, eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-steps"])
-def test_fast_equals_reference_in_float64_with_gradients(compiled, monkeypatch):
-    """Both forms of the pointwise steps (eager in-place ops; the functional ones CUDA compiles)."""
-    if compiled and not _compile_works():
-        pytest.skip("torch.compile does not work on this machine (eager fallback is tested separately)")
-    monkeypatch.setattr(M, "COMPILE_ON_CPU", compiled)
+@pytest.mark.parametrize("name", [n for n in FAST_ENTRIES if torch.float64 in KERNELS[n].dtypes])
+def test_fast_equals_reference_in_float64_with_gradients(name):
+    """Each form of the pointwise steps that computes in float64 (eager in-place ops; the functional
+    ones CUDA compiles) against the reference to 1e-12."""
+    kernels = kernels_here(name)
     args = _window_args(steps=6, batch=3, inp=4, hid=7, seed=3)
     outs = []
-    fast = lambda *a: lstm_layer_fast(*a, use_compile=compiled)  # noqa: E731
+    fast = lambda *a: lstm_layer_fast(*a, kernels)  # noqa: E731
     for fn in (lstm_layer_reference, fast):
         leaves = [a.detach().clone().requires_grad_(True) for a in args]
         y, h, c = fn(*leaves)
@@ -167,6 +165,7 @@ def test_fast_equals_reference_in_float64_with_gradients(compiled, monkeypatch):
         outs.append([y, h, c] + [a.grad for a in leaves])
     for u, v in zip(*outs):
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    assert kernels.for_window("cpu", torch.float64, False) is KERNELS[name]  # not the eager fallback
 
 
 def test_buffer_pool_never_aliases_live_data_and_reuses_freed_buffers():
@@ -176,9 +175,10 @@ def test_buffer_pool_never_aliases_live_data_and_reuses_freed_buffers():
     steps, batch = 32, 32  # every buffer above the pool's 1 MiB floor
     xs = [torch.randn(steps, batch, 16, requires_grad=True) for _ in range(3)]
     h0 = c0 = torch.zeros(batch, 256)
-    y1, _, _ = layer(xs[0], h0, c0)
+    kernels = Kernels()
+    y1, _, _ = layer(xs[0], h0, c0, kernels)
     kept = y1.detach().clone()
-    y2, _, _ = layer(xs[1], h0, c0)  # while window 1's outputs and saved tensors are alive
+    y2, _, _ = layer(xs[1], h0, c0, kernels)  # while window 1's outputs and saved tensors are alive
     assert torch.equal(y1, kept)
     assert y1.untyped_storage().data_ptr() != y2.untyped_storage().data_ptr()
     (y1.sum() + y2.sum()).backward()
@@ -186,16 +186,16 @@ def test_buffer_pool_never_aliases_live_data_and_reuses_freed_buffers():
     g1 = layer.weight_hh.grad.clone()
     del y1, y2
     layer.zero_grad()
-    y3, _, _ = layer(xs[0], h0, c0)
+    y3, _, _ = layer(xs[0], h0, c0, kernels)
     assert y3.untyped_storage().data_ptr() in ptrs  # reused, not a fresh allocation
     torch.testing.assert_close(y3, kept)
     y3.sum().backward()
-    pooled = M._POOL._bytes
+    pooled = POOL._bytes
     for _ in range(3):  # steady state: windows with backward do not grow the pool
-        y, _, _ = layer(xs[2], h0, c0)
+        y, _, _ = layer(xs[2], h0, c0, kernels)
         y.sum().backward()
         del y
-    assert M._POOL._bytes == pooled
+    assert POOL._bytes == pooled
     assert g1.abs().sum() > 0
 
 
@@ -272,13 +272,13 @@ def test_forget_gate_bias_initialised_to_one():
 
 
 def test_from_config_rebuilds_a_saved_model(tmp_path):
-    cfg = SimpleNamespace(embedding=EMB, hidden=HID, layers=2, dropout=0.1, impl="reference", compile=False)
+    cfg = ModelConfig(embedding=EMB, hidden=HID, layers=2, dropout=0.1, impl="reference", compile=False)
     torch.manual_seed(0)
-    a = CharLSTM(VOCAB, EMB, HID, 2, dropout=0.1, impl="fast", compile=True)
+    a = CharLSTM(VOCAB, EMB, HID, 2, dropout=0.1, kernels=Kernels("eager"))
     path = tmp_path / "m.pt"
     torch.save(a.state_dict(), path)
-    b = CharLSTM.from_config(cfg, VOCAB)
-    assert (b.impl, b.num_layers, b.hidden_size, b.dropout) == ("reference", 2, HID, 0.1)
+    b = CharLSTM.from_config(cfg, VOCAB, kernels=Kernels("reference"))
+    assert (b.kernels.name, b.num_layers, b.hidden_size, b.dropout) == ("reference", 2, HID, 0.1)
     b.load_state_dict(torch.load(path, weights_only=True))  # strict: keys and shapes identical
     assert list(a.state_dict()) == list(b.state_dict())
     x = torch.randint(0, VOCAB, (BATCH, BPTT))
@@ -290,17 +290,91 @@ def test_from_config_rebuilds_a_saved_model(tmp_path):
         f"cells.{k}.{n}" for k in range(2) for n in ("weight_ih", "weight_hh", "bias")
     }
     assert set(a.state_dict()) == expected
+    # kernels of another model.impl than the config's are refused
+    with pytest.raises(ValueError, match="model.impl=fast"):
+        CharLSTM.from_config(cfg, VOCAB, kernels=Kernels("eager"))
+
+
+def test_load_model_rebuilds_with_the_kernels_chosen_for_its_config(tmp_path):
+    """The inference entry points' model: the checkpoint's model.impl, model.compile off, the kernels
+    `choose_kernels` gives on this machine (the C++ loops on the CPU where they build)."""
+    from lstm_dist.config import Config
+    from lstm_dist.inference.load import load_model
+    from lstm_dist.training.checkpoint import FORMAT
+
+    cfg = Config()
+    cfg.model = ModelConfig(embedding=EMB, hidden=HID, layers=2, impl="fast", compile=True)
+    torch.manual_seed(0)
+    net = CharLSTM.from_config(cfg.model, 256, kernels=Kernels("eager"))
+    torch.save({"format": FORMAT, "step": 3, "config": cfg.to_dict(), "vocab": {"kind": "bytes", "size": 256},
+                "model": net.state_dict()}, tmp_path / "ckpt.pt")
+    said = []
+    loaded = load_model(tmp_path / "ckpt.pt", "cpu", say=said.append)
+    expected = choose_kernels(dataclasses.replace(cfg.model, compile=False), "fp32", CPU, batch=1, say=said.append)
+    assert loaded.model.kernels == expected and expected.name in ("cpp_loops", "eager") and loaded.step == 3
+    x = torch.randint(0, 256, (BATCH, BPTT))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x)[0], net.eval()(x)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments_are_rejected():
-    with pytest.raises(ValueError, match="impl"):
-        CharLSTM(VOCAB, EMB, HID, 1, impl="cudnn")
-    with pytest.raises(ValueError, match="dropout"):
+    """Sizes by the config's own rules (a UserError naming the setting), kernels by the table."""
+    with pytest.raises(ValueError, match="no LSTM kernels named 'cudnn'; the table has reference"):
+        Kernels("cudnn")
+    with pytest.raises(UserError, match="model.impl"):
+        choose_kernels(ModelConfig(impl="cudnn"), "fp32", CPU, batch=1, say=print)  # type: ignore[arg-type]
+    with pytest.raises(UserError, match=r"model.dropout must be in \[0, 1\), got 1.0"):
         CharLSTM(VOCAB, EMB, HID, 1, dropout=1.0)
-    with pytest.raises(ValueError, match="layers"):
+    with pytest.raises(UserError, match="model.layers must be > 0, got 0"):
         CharLSTM(VOCAB, EMB, HID, 0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        CharLSTM(0, EMB, HID, 1)
     with pytest.raises(ValueError, match="batch, time"):
         CharLSTM(VOCAB, EMB, HID, 1)(torch.zeros(4, dtype=torch.long))
+
+
+def test_the_table_covers_every_model_impl_and_says_what_each_entry_supports():
+    assert {spec.impl for spec in KERNELS.values()} == set(choices("model.impl"))
+    for name, spec in KERNELS.items():
+        assert spec.devices and spec.dtypes and spec.phrase, name
+        assert (spec.forward_loop is None) == (spec.backward_loop is None), name
+        if spec.why_not is not None or spec.fault:  # a rank that cannot run it says so in one line
+            assert "{rank}" in spec.fallback and "{why}" in spec.fallback, name
+    # a window an entry does not take runs the eager loops
+    eager, cpp, compiled = KERNELS["eager"], KERNELS["cpp_loops"], KERNELS["compiled"]
+    assert Kernels("cpp_loops").for_window("cpu", torch.float32, False) is cpp
+    assert Kernels("cpp_loops").for_window("cpu", torch.float32, True) is eager  # under autocast
+    assert Kernels("cpp_loops").for_window("cpu", torch.float64, False) is eager
+    assert Kernels("cpp_loops").for_window("cuda", torch.float32, False) is eager
+    assert Kernels("compiled").for_window("cpu", torch.float32, True) is eager
+    assert Kernels("compiled", force=True).for_window("cpu", torch.float32, True) is compiled
+    with pytest.raises(ValueError, match="no time loops"):
+        Kernels("reference").for_window("cpu", torch.float32, False)
+    assert Kernels("cpp_loops").describe() == "fp32, C++ CPU loops"
+    assert Kernels("compiled", bf16=True).describe() == "bf16, compiled CUDA steps"
+    with warnings.catch_warnings():  # torch warns when it makes a CUDA autocast without a GPU
+        warnings.simplefilter("ignore")
+        assert isinstance(Kernels("compiled", bf16=True).autocast(), torch.autocast)
+    assert not isinstance(Kernels("eager").autocast(), torch.autocast)
+
+
+def test_the_choice_maps_the_config_to_an_entry_on_the_cpu():
+    """model.impl and model.compile as users write them, the precision note, and the C++ loops (or,
+    where they cannot run, the eager ones with rank 0's warning). No random number is drawn."""
+    said = []
+    rng = torch.get_rng_state()
+    fast = ModelConfig(hidden=HID, impl="fast", compile=True)
+    k = choose_kernels(fast, "bf16", CPU, batch=BATCH, say=said.append)
+    assert said[0] == NOTE_BF16_ON_CPU and not k.bf16
+    why = _why_not_here("cpp_loops")
+    if why is None:
+        assert k == Kernels("cpp_loops") and said == [NOTE_BF16_ON_CPU]
+    else:  # the C++ loops cannot be built here: every rank runs the eager ones, and says why
+        assert k == Kernels("eager") and said[1].startswith("warning: the C++ LSTM loops are not available on rank 0")
+    ref = choose_kernels(dataclasses.replace(fast, impl="reference"), "auto", CPU, batch=BATCH, say=said.append)
+    assert ref == Kernels("reference") and ref.describe() == "fp32, reference autograd steps"
+    assert torch.equal(torch.get_rng_state(), rng)
+    # (LSTM_DIST_CPU_LOOPS=0: test_cpp_loops_fall_back_to_the_eager_loops_where_they_cannot_be_built)
 
 
 def test_compile_falls_back_to_eager_with_one_warning_when_no_compiler_works(tmp_path):
@@ -308,13 +382,12 @@ def test_compile_falls_back_to_eager_with_one_warning_when_no_compiler_works(tmp
     script = textwrap.dedent(
         """
         import warnings, torch
-        import lstm_dist.model.lstm
-        from lstm_dist.model.lstm import compile_available
-        lstm_dist.lstm.COMPILE_ON_CPU = True  # what CUDA does: compile both steps
         from lstm_dist.model.char_lstm import CharLSTM
+        from lstm_dist.model.kernels import Kernels
         torch.manual_seed(0)
-        ref = CharLSTM(11, 4, 6, 2, compile=False)
-        net = CharLSTM(11, 4, 6, 2, compile=True)
+        ref = CharLSTM(11, 4, 6, 2)
+        kernels = Kernels("compiled", force=True)  # what CUDA runs: compile both steps
+        net = CharLSTM(11, 4, 6, 2, kernels=kernels)
         net.load_state_dict(ref.state_dict())
         x = torch.randint(0, 11, (2, 5))
         with warnings.catch_warnings(record=True) as caught:
@@ -324,7 +397,7 @@ def test_compile_falls_back_to_eager_with_one_warning_when_no_compiler_works(tmp
                 out.sum().backward()
         ours = [w for w in caught if "LSTM pointwise" in str(w.message)]
         assert len(ours) == 1, [str(w.message) for w in caught]
-        assert not compile_available()
+        assert not kernels.runs_compiled()
         torch.testing.assert_close(out, ref(x)[0])
         print("FELL_BACK")
         """
@@ -338,26 +411,30 @@ def test_compile_falls_back_to_eager_with_one_warning_when_no_compiler_works(tmp
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl,use_compile", [("reference", False), ("fast", False), ("fast", True)])
-def test_bf16_autocast_on_cuda_matches_fp32(impl, use_compile):
-    """What the cluster config runs (fast, compiled steps, bf16 autocast, 2 layers) against fp32."""
+@pytest.mark.parametrize("name", [n for n, spec in KERNELS.items() if "cuda" in spec.devices])
+def test_bf16_autocast_on_cuda_matches_fp32(name):
+    """What the cluster config runs (compiled steps, bf16 autocast, 2 layers), and each other CUDA
+    entry, under `Kernels.autocast` against the same entry in fp32."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here")
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    net = CharLSTM(64, 32, 128, 2, impl=impl, compile=use_compile).to(dev)
+    kernels = Kernels(name, bf16=True)
+    net = CharLSTM(64, 32, 128, 2, kernels=dataclasses.replace(kernels, bf16=False)).to(dev)
     x = torch.randint(0, 64, (8, 16), device=dev)
     state = tuple(s * 0.5 for s in (torch.randn(2, 8, 128, device=dev), torch.randn(2, 8, 128, device=dev)))
     ref, (rh, rc) = net(x, state)
     ref.float().sum().backward()
     g32 = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    net.kernels = kernels
+    with kernels.autocast():
         out, (h, c) = net(x, state)
+    assert out.dtype == torch.bfloat16  # the head's product ran in bf16: autocast was on
     assert h.dtype == torch.float32 and c.dtype == torch.float32  # state stays fp32
     out.float().sum().backward()
-    if use_compile:
-        assert M.compile_available(), "torch.compile of the pointwise steps failed on this GPU machine"
+    if name == "compiled":
+        assert kernels.runs_compiled(), "torch.compile of the pointwise steps failed on this GPU machine"
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
     torch.testing.assert_close(c, rc, rtol=5e-2, atol=5e-2)
     for p, g in zip(net.parameters(), g32):
@@ -372,14 +449,14 @@ def test_a_cuda_window_never_synchronises_with_the_host(bf16):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here")
     dev = torch.device("cuda")
-    net = CharLSTM(64, 32, 128, 2, compile=True).to(dev)
+    net = CharLSTM(64, 32, 128, 2, kernels=Kernels("compiled", bf16=bf16)).to(dev)
     x = torch.randint(0, 64, (8, 16), device=dev)
     y = torch.randint(0, 64, (8, 16), device=dev)
     for window in range(2):  # the first window compiles (untested); the second is the steady state
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error" if window else "default")
         try:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            with net.kernels.autocast():
                 logits, _ = net(x)
             F.cross_entropy(logits.float().reshape(-1, 64), y.reshape(-1)).backward()
         finally:
@@ -398,10 +475,12 @@ def test_ddp_wrapped_model_trains_like_the_plain_one(tmp_path):
         import torch, torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
         from lstm_dist.model.char_lstm import CharLSTM, detach_state
+        from lstm_dist.model.kernels import Kernels
         dist.init_process_group("gloo", store=dist.FileStore({str(tmp_path / "store")!r}, 1), rank=0, world_size=1)
         torch.manual_seed(0)
-        plain = CharLSTM({VOCAB}, {EMB}, {HID}, 2, dropout=0.0)
-        wrapped = DistributedDataParallel(CharLSTM({VOCAB}, {EMB}, {HID}, 2, dropout=0.0))
+        kernels = Kernels("cpp_loops")  # what CPU training runs (the eager loops where they cannot be built)
+        plain = CharLSTM({VOCAB}, {EMB}, {HID}, 2, dropout=0.0, kernels=kernels)
+        wrapped = DistributedDataParallel(CharLSTM({VOCAB}, {EMB}, {HID}, 2, dropout=0.0, kernels=kernels))
         wrapped.module.load_state_dict(plain.state_dict())
         x = torch.randint(0, {VOCAB}, ({BATCH}, {BPTT}))
         state = None
@@ -425,14 +504,15 @@ def test_ddp_wrapped_model_trains_like_the_plain_one(tmp_path):
     assert "grads agree" in proc.stdout
 
 
-def test_fp32_paths_with_and_without_mkl_packed_gemm_agree(monkeypatch):
+@pytest.mark.parametrize("name", [n for n in FAST_ENTRIES if "cpu" in KERNELS[n].devices])
+def test_fp32_paths_with_and_without_mkl_packed_gemm_agree(name):
     """The addmm path (torch builds without MKL's packed GEMM) gives the packed path's numbers."""
     args = [a.detach().float().requires_grad_(True) for a in _window_args(steps=5, batch=4, inp=3, hid=6, seed=7)]
     outs = []
     for packed in (True, False):
-        monkeypatch.setattr(M, "USE_MKL_PACKED", packed)
+        kernels = kernels_here(name, mkl_packed=packed)
         leaves = [a.detach().clone().requires_grad_(True) for a in args]
-        y, h, c = lstm_layer_fast(*leaves)
+        y, h, c = lstm_layer_fast(*leaves, kernels)
         (y.pow(2).sum() + c.sum()).backward()
         outs.append([y, c] + [a.grad for a in leaves])
     for u, v in zip(*outs):
@@ -440,16 +520,19 @@ def test_fp32_paths_with_and_without_mkl_packed_gemm_agree(monkeypatch):
 
 
 def test_bf16_autocast_on_cpu_runs_the_low_precision_path():
-    """The matmul-in-bf16, state-in-fp32 path (the CUDA training path) checked here on CPU autocast."""
+    """The matmul-in-bf16, state-in-fp32 path (the CUDA training path) checked here on CPU autocast,
+    through every entry that runs here (the C++ loops hand such a window to the eager ones)."""
     torch.manual_seed(0)
-    net = CharLSTM(VOCAB, 16, 32, 2, impl="fast")
+    net = CharLSTM(VOCAB, 16, 32, 2)
     x = torch.randint(0, VOCAB, (4, 12))
     state = (torch.randn(2, 4, 32) * 0.5, torch.randn(2, 4, 32) * 0.5)
     ref, (_, rc) = net(x, state)
     ref.sum().backward()
     g32 = {n: p.grad.clone() for n, p in net.named_parameters()}
-    for impl in ("fast", "reference"):
-        net.impl = impl
+    for name in ENTRIES:
+        if _why_not_here(name) is not None:
+            continue
+        net.kernels = kernels_here(name)
         net.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, (h, c) = net(x, state)
@@ -459,20 +542,17 @@ def test_bf16_autocast_on_cpu_runs_the_low_precision_path():
         torch.testing.assert_close(c, rc, rtol=5e-2, atol=5e-2)
         for n, p in net.named_parameters():
             assert p.grad.dtype == torch.float32
-            assert rel_err(p.grad, g32[n]) < 5e-2, (impl, n, rel_err(p.grad, g32[n]))
+            assert rel_err(p.grad, g32[n]) < 5e-2, (name, n, rel_err(p.grad, g32[n]))
 
 
-def test_cpp_loops_compute_what_the_eager_loops_compute(monkeypatch):
+def test_cpp_loops_compute_what_the_eager_loops_compute():
     """The C++ time loops (fp32 CPU default) against the eager ones, at a width that is not a multiple
     of the vector length (the row tail) and several rows per thread: values and every gradient."""
-    if not _cpu_loops_work():
-        pytest.skip("the C++ loops cannot be built here (their fallback is tested separately)")
     args = [a.detach().float() for a in _window_args(steps=9, batch=5, inp=6, hid=21, seed=11)]
     outs = []
-    for cpp in (False, True):
-        monkeypatch.setattr(M, "CPU_LOOPS", cpp)
+    for kernels in (Kernels("eager"), kernels_here("cpp_loops")):
         leaves = [a.clone().requires_grad_(True) for a in args]
-        y, h, c = lstm_layer_fast(*leaves)
+        y, h, c = lstm_layer_fast(*leaves, kernels)
         (y.pow(2).sum() + h.sum() * 0.3 + c.cos().sum()).backward()
         outs.append([y, c] + [a.grad for a in leaves])
     for name, u, v in zip(["y", "c_T", "dx", "dh0", "dc0", "dW", "dU", "db"], *outs):
@@ -481,31 +561,40 @@ def test_cpp_loops_compute_what_the_eager_loops_compute(monkeypatch):
 
 
 def test_cpp_loops_fall_back_to_the_eager_loops_where_they_cannot_be_built(tmp_path):
-    """No working C++ compiler and an empty extension cache: get() says why, the layer still runs."""
+    """No working C++ compiler and an empty extension cache: get() says why, the layer still runs (the
+    eager loops, bit for bit); and switched off by LSTM_DIST_CPU_LOOPS=0, the choice says so and
+    nothing is built."""
     script = textwrap.dedent(
         """
-        import torch
+        import os, torch
+        from lstm_dist.config import ModelConfig
         from lstm_dist.model import cpu_loops
-        from lstm_dist.model import lstm
-        from lstm_dist.model.lstm import lstm_layer_fast
+        from lstm_dist.model.fast import lstm_layer_fast
+        from lstm_dist.model.kernels import Kernels, choose_kernels
+        if os.environ.get("LSTM_DIST_CPU_LOOPS") == "0":
+            print("CHOSE", choose_kernels(ModelConfig(hidden=5), "fp32", torch.device("cpu"), batch=2, say=print).name)
+            raise SystemExit
         x, h0, c0 = torch.randn(3, 2, 4), torch.zeros(2, 5), torch.zeros(2, 5)
         w, u, b = torch.randn(20, 4), torch.randn(20, 5), torch.zeros(20)
-        y, _, _ = lstm_layer_fast(x, h0, c0, w, u, b)
+        y, _, _ = lstm_layer_fast(x, h0, c0, w, u, b, Kernels("cpp_loops"))
         assert cpu_loops.get() is None
         print("WHY", cpu_loops.failure())
-        lstm.CPU_LOOPS = False
-        torch.testing.assert_close(y, lstm_layer_fast(x, h0, c0, w, u, b)[0], rtol=0, atol=0)
+        torch.testing.assert_close(y, lstm_layer_fast(x, h0, c0, w, u, b, Kernels("eager"))[0], rtol=0, atol=0)
         """
     )
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), CC=str(tmp_path / "no-such-compiler"),
                TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), PYTHONPATH=str(ROOT))
+    env.pop("LSTM_DIST_CPU_LOOPS", None)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     why = next(line for line in proc.stdout.splitlines() if line.startswith("WHY "))
     assert why != "WHY None" and "Error" in why, why
-    # and switched off by the environment, it says so
-    proc = subprocess.run([sys.executable, "-c", "from lstm_dist import cpu_loops; print(cpu_loops.get(), "
-                           "cpu_loops.failure())"], cwd=ROOT, env=dict(env, LSTM_DIST_CPU_LOOPS="0"),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.stdout.strip() == "None LSTM_DIST_CPU_LOOPS=0", proc.stdout + proc.stderr
+    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext-off"), LSTM_DIST_CPU_LOOPS="0")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [
+        "warning: the C++ LSTM loops are not available on rank 0 (LSTM_DIST_CPU_LOOPS=0); every rank runs the "
+        "eager loops (slower on the CPU, the same numbers to ~5e-7)", "CHOSE eager"], proc.stdout
+    assert not (tmp_path / "ext-off").exists()  # nothing was built, nor a build directory made

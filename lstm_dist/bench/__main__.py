@@ -8,16 +8,20 @@
     python -m lstm_dist.bench --train --shape 2,512,128,64      # one shape: layers,hidden,embedding,batch
 
 `--train` times a whole optimizer step (embedding, layers, head, loss, backward, clipping, AdamW) of
-CharLSTM against the same model on torch.nn.LSTM over a grid of shapes: `lstm_dist.bench_train`.
+CharLSTM against the same model on torch.nn.LSTM over a grid of shapes: `lstm_dist.bench.training`.
 Without it:
 
 What is timed, for each of `fast`, `reference` (lstm_dist.model) and `torch.nn.LSTM`, all with the
 same shapes and the same process: the LSTM layers only (no embedding, no head) over one window of
 input features x [bptt, batch, embedding] (requires grad, as an embedding output does) with a
 carried non-zero state, loss = sum of the outputs, then backward to the input, the initial state and
-every weight. After --warmup untimed windows of each (the first `fast` one includes compiling the
-pointwise step unless --no-compile; its time is reported as warm-up), the three are timed in turn,
-interleaved, --repeats times, and the medians are reported.
+every weight. `fast` runs the kernels a training run would on this device
+(`lstm_dist.model.kernels.choose_kernels` with model.impl=fast, model.compile unless --no-compile:
+the compiled steps on CUDA, the C++ loops on the CPU where they build); the JSON says which
+(`kernels`, and `compile`: whether the pointwise steps ran compiled). After --warmup untimed windows
+of each (the first `fast` one includes compiling the pointwise step on CUDA unless --no-compile; its
+time is reported as warm-up), the three are timed in turn, interleaved, --repeats times, and the
+medians are reported.
 
 FLOPs counted per window (the matrix products only): forward 2·4H·(E_k + H) per character per layer
 (E_0 = embedding, E_k = hidden above), backward twice that (the input and the weight gradients), so
@@ -33,10 +37,11 @@ from typing import List, Optional
 
 import torch
 
-from lstm_dist.common.distributed import DEVICES, pick_device
 from lstm_dist.bench.layers import format_table, run_bench
 from lstm_dist.bench.training import format_train_table, run_train_bench
+from lstm_dist.common.distributed import pick_device
 from lstm_dist.common.errors import UserError, run_cli
+from lstm_dist.config import choices
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -51,7 +56,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--embedding", type=int, default=128, help="input width of the first layer (default 128)")
     p.add_argument("--hidden", type=int, default=512, help="hidden units per layer (default 512)")
     p.add_argument("--layers", type=int, default=1, help="stacked layers (default 1)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (default): cuda if available, else cpu")
+    p.add_argument("--device", choices=choices("train.device"), default="auto", help="auto (default): cuda if available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 = torch.autocast on the device (state and cell update stay fp32)")
     p.add_argument("--repeats", type=int, default=5, help="timed windows per implementation (default 5)")

@@ -4,15 +4,18 @@ against torch.nn.LSTM, same weights, interleaved (the command line and what is t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
+import sys
 from typing import Callable, Dict, List
 
 import torch
 
 from lstm_dist.bench.timing import baseline_dtype, timed
 from lstm_dist.common.distributed import pick_device
-from lstm_dist.model.lstm import compile_available, compile_steps
+from lstm_dist.config import ModelConfig
 from lstm_dist.model.char_lstm import LSTMLayer
+from lstm_dist.model.kernels import Kernels, choose_kernels
 
 IMPL_NAMES = ("fast", "reference", "torch_lstm")
 
@@ -23,7 +26,19 @@ def window_flops(batch: int, bptt: int, embedding: int, hidden: int, layers: int
     return 3.0 * per_char * batch * bptt
 
 
-def _make_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, Callable[[], None]]:
+def bench_kernels(args: argparse.Namespace, device: torch.device) -> Kernels:
+    """The kernels `fast` runs: what training would choose here for model.impl=fast, with model.compile
+    unless --no-compile (bf16 products under --dtype bfloat16 on CUDA; elsewhere the bench's own
+    autocast does that). Lines from the choice (a fallback warning) go to stderr."""
+    model_cfg = ModelConfig(embedding=args.embedding, hidden=args.hidden, layers=args.layers, impl="fast",
+                            compile=not args.no_compile)
+    precision = "bf16" if args.dtype == "bfloat16" and device.type == "cuda" else "fp32"
+    return choose_kernels(model_cfg, precision, device, batch=args.batch,
+                          say=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _make_runners(args: argparse.Namespace, device: torch.device,
+                  kernels: Kernels) -> Dict[str, Callable[[], None]]:
     torch.manual_seed(0)
     E, H, L, B, T = args.embedding, args.hidden, args.layers, args.batch, args.bptt
     ours = [LSTMLayer(E if k == 0 else H, H).to(device) for k in range(L)]
@@ -38,14 +53,13 @@ def _make_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, C
     h0 = torch.randn(L, B, H, device=device) * 0.5
     c0 = torch.randn(L, B, H, device=device) * 0.5
     autocast = args.dtype == "bfloat16"
-    use_compile = not args.no_compile
 
-    def ours_window(impl: str) -> Callable[[], None]:
+    def ours_window(kernels: Kernels) -> Callable[[], None]:
         def run() -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 inp = x
                 for k, layer in enumerate(ours):
-                    inp, _, _ = layer(inp, h0[k], c0[k], impl, use_compile)
+                    inp, _, _ = layer(inp, h0[k], c0[k], kernels)
                 loss = inp.float().sum()
             loss.backward()
 
@@ -57,7 +71,8 @@ def _make_runners(args: argparse.Namespace, device: torch.device) -> Dict[str, C
             loss = y.float().sum()
         loss.backward()
 
-    runners = {"fast": ours_window("fast"), "reference": ours_window("reference"), "torch_lstm": torch_window}
+    reference = dataclasses.replace(kernels, name="reference")
+    runners = {"fast": ours_window(kernels), "reference": ours_window(reference), "torch_lstm": torch_window}
     if args.skip_reference:
         del runners["reference"]
     return runners
@@ -67,7 +82,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     device = pick_device(args.device, setting="--device ")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    runners = _make_runners(args, device)
+    kernels = bench_kernels(args, device)
+    runners = _make_runners(args, device, kernels)
     warmup_s: Dict[str, float] = {}
     for name, fn in runners.items():
         first = timed(fn, device)  # the first fast window compiles the pointwise step
@@ -92,7 +108,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         "layers": args.layers,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "compile": any(compile_steps(not args.no_compile, device.type)) and compile_available(),
+        "kernels": kernels.name,
+        "compile": kernels.runs_compiled(),
         "baseline_computes_in": baseline_dtype(args.dtype, device),
         "flops_per_window": flops,
         "torch_version": torch.__version__,

@@ -1,10 +1,11 @@
 """A trained model back from its checkpoint alone, for the inference entry points (generate, evaluate).
 
 A checkpoint carries everything needed to rebuild the model: the run's config (model shape, impl)
-and its vocabulary. `load_model` reads the file (or a run directory's latest checkpoint), rebuilds
-`CharLSTM` with `compile=False` (inference runs step by step or window by window, where compiling
-the pointwise step saves nothing and costs seconds), loads the weights and returns the model in
-eval mode on the requested device. Every way this can fail because of what the user passed ends in
+and its vocabulary. `load_model` reads the file (or a run directory's latest checkpoint), chooses the
+kernels with `lstm_dist.model.kernels.choose_kernels` for the checkpoint's `model.impl` with
+`model.compile` off (inference runs step by step or window by window, where compiling the pointwise
+step saves nothing and costs seconds; on the CPU that is the C++ loops where they build), rebuilds
+`CharLSTM`, loads the weights and returns the model in eval mode on the requested device. Every way this can fail because of what the user passed ends in
 a one-line `UserError`.
 
 Also here, shared by both entry points: an argument parser whose errors are one line too. The text they
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -27,6 +29,8 @@ from lstm_dist.config import Config
 from lstm_dist.data.corpus import Vocab
 from lstm_dist.common.errors import UserError, first_line
 from lstm_dist.model.char_lstm import CharLSTM
+from lstm_dist.model.kernels import choose_kernels
+
 
 class LoadedModel(NamedTuple):
     model: CharLSTM
@@ -43,8 +47,18 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message}; see {self.prog} --help")
 
 
-def load_model(source: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the model of a checkpoint file, or of a run directory's latest checkpoint, on `device`."""
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def load_model(source: str | Path, device: torch.device | str = "cpu", *, precision: str = "fp32",
+               say: Optional[Callable[[str], None]] = None) -> LoadedModel:
+    """Rebuild the model of a checkpoint file, or of a run directory's latest checkpoint, on `device`.
+
+    `precision` is handed to `choose_kernels` as `train.precision` (the model's `kernels.bf16`, and
+    its `autocast()`); `say` gets its lines (a fallback warning; default: stderr). Under torchrun every
+    rank must call it (the kernel choice is agreed by all ranks). Errors: one-line UserErrors
+    (`CheckpointError`) for a missing, foreign or damaged checkpoint."""
     path = ckpt.resolve(source)
     saved = ckpt.load(path, map_location="cpu")
     missing = [k for k in ("config", "vocab") if k not in saved]
@@ -53,7 +67,10 @@ def load_model(source: str | Path, device: torch.device | str = "cpu") -> Loaded
                                    "lstm_dist.train, use a checkpoint of a training run")
     cfg = config_mod.from_dict(saved["config"], source=f"the config inside checkpoint {path}")
     vocab = Vocab.from_dict(saved["vocab"])
-    model = CharLSTM.from_config(dataclasses.replace(cfg.model, compile=False), vocab.size)
+    model_cfg = dataclasses.replace(cfg.model, compile=False)
+    device = torch.device(device)
+    kernels = choose_kernels(model_cfg, precision, device, batch=1, say=say or _to_stderr)
+    model = CharLSTM.from_config(model_cfg, vocab.size, kernels=kernels)
     try:
         model.load_state_dict(saved["model"])
     except (RuntimeError, KeyError, TypeError) as exc:

@@ -1,4 +1,5 @@
-"""Reuse of the fast LSTM's big per-window CPU buffers (see `BufferPool`)."""
+"""Reuse of the fast LSTM's big per-window CPU buffers: `BufferPool`, and `POOL`, the process's one pool
+(the fast layer and its time loops take their buffers and per-step views from it)."""
 
 from __future__ import annotations
 
@@ -80,3 +81,6 @@ class BufferPool:
             self._views.clear()
             self._held.clear()
             self._bytes = 0
+
+
+POOL = BufferPool()  # the process's pool: buffers of every layer and window, reused once free

@@ -1,7 +1,8 @@
 """The character-level model: embedding -> LSTM layers -> linear head, and `step()` for sampling.
 
-The cell itself (its equations, the reference path, the fast path and its hand-derived backward) is
-`lstm_dist.lstm`; here are its parameters and the model around it.
+The cell's equations and the reference path are `lstm_dist.model.cell`; which kernels compute a layer
+is a `Kernels` (`lstm_dist.model.kernels`), chosen once by `choose_kernels` and held by `CharLSTM`,
+which hands it to its layers. Here are the parameters and the model around the cell.
 
 Weight layout (per layer k, the same as torch.nn.LSTM so weights copy over without reshuffling):
 
@@ -20,23 +21,24 @@ first update instead of having to learn to remember first (Gers et al. 2000; Joz
 found it closed most of the gap between the LSTM and later variants).
 
 `CharLSTM` takes and returns batch-major tensors ([B, T]) like the data pipeline produces; inside,
-the layers run time-major.
+the layers run time-major. The state (h, c) it returns is still attached to the window's graph:
+`detach_state` cuts it before the next window (truncated BPTT).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lstm_dist.model.lstm import State, lstm_cell, lstm_layer_fast, lstm_layer_reference
+from lstm_dist.config import ModelConfig, check_setting
+from lstm_dist.model.cell import State, lstm_cell
+from lstm_dist.model.kernels import Kernels
 
-__all__ = ["CharLSTM", "IMPLS", "LSTMLayer", "State", "detach_state"]
-
-IMPLS = ("fast", "reference")
+__all__ = ["CharLSTM", "LSTMLayer", "State", "detach_state"]
 
 
 class LSTMLayer(nn.Module):
@@ -59,11 +61,9 @@ class LSTMLayer(nn.Module):
             self.bias.zero_()
             self.bias[self.hidden_size : 2 * self.hidden_size].fill_(1.0)  # forget gate
 
-    def forward(self, x: Tensor, h0: Tensor, c0: Tensor, impl: str = "fast", use_compile: bool = False):
-        """x [T,B,input_size], h0/c0 [B,H] -> (y [T,B,H], h_T, c_T)."""
-        if impl == "fast":
-            return lstm_layer_fast(x, h0, c0, self.weight_ih, self.weight_hh, self.bias, use_compile)
-        return lstm_layer_reference(x, h0, c0, self.weight_ih, self.weight_hh, self.bias)
+    def forward(self, x: Tensor, h0: Tensor, c0: Tensor, kernels: Kernels):
+        """x [T,B,input_size], h0/c0 [B,H] -> (y [T,B,H], h_T, c_T), computed by `kernels`' entry."""
+        return kernels.spec.layer(x, h0, c0, self.weight_ih, self.weight_hh, self.bias, kernels)
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}"
@@ -84,7 +84,11 @@ class CharLSTM(nn.Module):
     recurrent (h, c) path (Zaremba et al. 2014). Dropping before the head too is deliberate: with
     one layer, "between layers only" would make the setting a silent no-op.
 
-    state_dict keys (independent of `impl` and `compile`): embed.weight, cells.{k}.weight_ih,
+    `kernels` (default: `Kernels()`, the eager steps, which run anywhere) says which kernels the layers
+    run; `choose_kernels` makes the one a run uses, and `from_config` takes it. The sizes are checked
+    as the config's `model.*` settings are (`lstm_dist.config.check_setting`: a UserError naming the key).
+
+    state_dict keys (independent of the kernels): embed.weight, cells.{k}.weight_ih,
     cells.{k}.weight_hh, cells.{k}.bias, head.weight, head.bias.
     """
 
@@ -95,24 +99,18 @@ class CharLSTM(nn.Module):
         hidden: int,
         layers: int,
         dropout: float = 0.0,
-        impl: str = "fast",
-        compile: bool = False,
+        *,
+        kernels: Optional[Kernels] = None,
     ) -> None:
         super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        for name, value in (("vocab_size", vocab_size), ("embedding", embedding), ("hidden", hidden), ("layers", layers)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if int(vocab_size) < 1:  # not a setting: the vocabulary comes with the corpus
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         self.vocab_size = int(vocab_size)
-        self.embedding_size = int(embedding)
-        self.hidden_size = int(hidden)
-        self.num_layers = int(layers)
-        self.dropout = float(dropout)
-        self.impl = impl
-        self.compile = bool(compile)
+        self.embedding_size = check_setting("model.embedding", embedding)
+        self.hidden_size = check_setting("model.hidden", hidden)
+        self.num_layers = check_setting("model.layers", layers)
+        self.dropout = check_setting("model.dropout", dropout)
+        self.kernels = Kernels() if kernels is None else kernels
         self.embed = nn.Embedding(self.vocab_size, self.embedding_size)
         self.cells = nn.ModuleList(
             LSTMLayer(self.embedding_size if k == 0 else self.hidden_size, self.hidden_size)
@@ -121,17 +119,14 @@ class CharLSTM(nn.Module):
         self.head = nn.Linear(self.hidden_size, self.vocab_size)
 
     @classmethod
-    def from_config(cls, model_cfg: Any, vocab_size: int) -> "CharLSTM":
-        """Build from any object with attributes embedding, hidden, layers, dropout, impl, compile."""
-        return cls(
-            vocab_size,
-            embedding=model_cfg.embedding,
-            hidden=model_cfg.hidden,
-            layers=model_cfg.layers,
-            dropout=getattr(model_cfg, "dropout", 0.0),
-            impl=getattr(model_cfg, "impl", "fast"),
-            compile=getattr(model_cfg, "compile", False),
-        )
+    def from_config(cls, model_cfg: ModelConfig, vocab_size: int, *, kernels: Kernels) -> "CharLSTM":
+        """The model a `ModelConfig` describes (embedding, hidden, layers, dropout), running `kernels`
+        (`choose_kernels` of the same config: ValueError if they implement another `model.impl`)."""
+        if kernels.spec.impl != model_cfg.impl:
+            raise ValueError(f"kernels {kernels.name!r} implement model.impl={kernels.spec.impl}, "
+                             f"the config asks for {model_cfg.impl}")
+        return cls(vocab_size, embedding=model_cfg.embedding, hidden=model_cfg.hidden, layers=model_cfg.layers,
+                   dropout=model_cfg.dropout, kernels=kernels)
 
     def init_state(self, batch: int, device: Optional[torch.device | str] = None) -> State:
         """Zeros (h, c), each [layers, batch, hidden], fp32."""
@@ -157,7 +152,7 @@ class CharLSTM(nn.Module):
         inp = self.embed(x.t())  # [T,B,E], time-major inside
         hs, cs = [], []
         for k, cell in enumerate(self.cells):
-            inp, h_k, c_k = cell(inp, h0[k].float(), c0[k].float(), self.impl, self.compile)
+            inp, h_k, c_k = cell(inp, h0[k].float(), c0[k].float(), self.kernels)
             hs.append(h_k)
             cs.append(c_k)
             if self.dropout > 0.0:  # on each layer's output: between layers and before the head

@@ -1,6 +1,7 @@
 """The fast LSTM's time loops compiled for the CPU (`csrc/lstm_loops.cpp`), built on first use.
 
-Per time step the eager loops in `lstm_dist.lstm` make 7 (forward) or 6 (backward) ATen calls for the
+The `cpp_loops` entry of the kernel table (`lstm_dist.model.kernels`); its Python side is
+`loops.cpp_forward` / `loops.cpp_backward`. Per time step the eager loops (`lstm_dist.model.loops`) make 7 (forward) or 6 (backward) ATen calls for the
 cell update, each with Python and dispatch overhead and each too small for a second core; the C++
 loops do the step's recurrent product through ATen (MKL's packed GEMM where the eager loops use it,
 else addmm) and the whole cell update in one vectorised pass over the rows, with no Python between
@@ -27,8 +28,9 @@ over a module already built (a rebuild of one a killed build cut short, or a loc
 only past `QUIET_WAIT_S`. Nothing is said once the build is there.
 
 Used for fp32 on CPUs with AVX2 (where torch itself dispatches to AVX2 or AVX-512). Where it cannot
-be built (no C++ compiler, no Python headers) or `LSTM_DIST_CPU_LOOPS=0` is set, `get()` returns None
-once with the reason in `failure()`, and the eager loops run: the same numbers to ~5e-7.
+be built (no AVX2, no C++ compiler, no Python headers) `get()` returns None once with the reason in
+`failure()`, and the eager loops run: the same numbers to ~5e-7. `LSTM_DIST_CPU_LOOPS=0` is read by
+`kernels.choose_kernels`, which then chooses the eager loops without calling `get()` (nothing is built).
 """
 
 from __future__ import annotations
@@ -106,8 +108,6 @@ def build_directory(inputs: Mapping[str, Any]) -> Path:
 
 def _capable() -> Optional[str]:
     """None if this machine can run the AVX2 build, else why not."""
-    if os.environ.get("LSTM_DIST_CPU_LOOPS", "1") == "0":
-        return "LSTM_DIST_CPU_LOOPS=0"
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         return f"this CPU's vector capability is {capability}, the C++ loops need AVX2"

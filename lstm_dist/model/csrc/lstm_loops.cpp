@@ -1,5 +1,5 @@
-// The fast LSTM's two time loops on the CPU, fp32 (lstm_dist/cpu_loops.py builds and loads this file;
-// lstm_dist/lstm.py calls it). The same equations as the eager loops in lstm.py, with each step's
+// The fast LSTM's two time loops on the CPU, fp32 (lstm_dist/model/cpu_loops.py builds and loads this file;
+// lstm_dist/model/loops.py calls it). The same equations as the eager loops in loops.py, with each step's
 // pointwise work fused into one pass over the rows instead of 7 (forward) or 6 (backward) ATen calls,
 // and no Python between steps.
 //
@@ -112,7 +112,7 @@ void forward_loop(at::Tensor gates, at::Tensor hs, at::Tensor cs, at::Tensor ut,
 }
 
 // gates [T,B,4H] the activations (f read from it); dy [T,B,H]; coef [T,B,4H] and a [T,B,H] the step
-// coefficients (lstm.py's _backward_coefficients); u = U [4H,H] (packed/w_lin: U packed for MKL, or
+// coefficients (loops.py's _backward_coefficients); u = U [4H,H] (packed/w_lin: U packed for MKL, or
 // undefined); dc [B,H] in: dc_T, out: dc_{-1}; dh [B,H] scratch; dgates [T,B,4H] out. fp32; all but u
 // contiguous.
 void backward_loop(at::Tensor gates, at::Tensor dy, at::Tensor coef, at::Tensor a, at::Tensor u, at::Tensor dc,
