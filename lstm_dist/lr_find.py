@@ -2,11 +2,12 @@
 
 A short run on your corpus and model, before a long one (the test fastai and Lightning's `lr_find`
 made familiar): the learning rate rises exponentially from `--start` to `--end` over `--steps`
-optimizer steps, with the run's own optimizer, betas, weight decay, clipping and global batch,
-and the loss is smoothed with a bias-corrected moving average. It stops early once the smoothed
-loss climbs past `--stop-factor` times its lowest value. It prints a table of rate → smoothed loss
-and a suggested peak rate, and the `train.lr` that gives that rate under the learning-rate rule
-(`lstm_dist/lr_rule.py`) for the world size you will train with.
+optimizer steps, through the trainer's own step with the run's kernels and precision (bf16 autocast
+on CUDA, as training runs), optimizer, betas, weight decay, clipping and global batch, and the loss
+is smoothed with a bias-corrected moving average. It stops early once the smoothed loss climbs past
+`--stop-factor` times its lowest value. It prints a table of rate → smoothed loss and a suggested
+peak rate, and the `train.lr` that gives that rate under the learning-rate rule
+(`lstm_dist/training/lr_rule.py`) for the world size you will train with.
 
 It writes nothing into a run directory: no checkpoint, no metrics, no W&B (only `--csv FILE`, if
 you ask for it). The suggestion is the rate where the smoothed loss is lowest, divided by
@@ -27,23 +28,23 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lstm_dist import config as config_mod
-from lstm_dist.training import lr_rule
-from lstm_dist.common.distributed import DistEnv
+from lstm_dist.common.distributed import DistEnv, cpu_threads, pick_device
 from lstm_dist.common.errors import UserError, run_cli
-from lstm_dist.model.char_lstm import CharLSTM
+from lstm_dist.data.run_corpus import open_corpus
+from lstm_dist.data.streams import TokenStream
 from lstm_dist.inference.scoring import LN2
+from lstm_dist.model.char_lstm import CharLSTM
+from lstm_dist.model.kernels import choose_kernels
+from lstm_dist.training import lr_rule
 from lstm_dist.training.optim import build_optimizer
 from lstm_dist.training.seeds import seed_everything
-from lstm_dist.data.streams import TokenStream
-from lstm_dist.train import open_corpus
+from lstm_dist.training.step import TrainingStep
 
 
 @dataclass
@@ -73,15 +74,20 @@ def suggest(rates: list[float], smoothed: list[float], divisor: float, skip: int
 
 def range_test(cfg: config_mod.Config, world: int, start: float, end: float, steps: int, beta: float,
                stop_factor: float, divisor: float, device: torch.device, say=print) -> RangeTest:
+    """Train `steps` steps of `cfg`'s model in this process on world × batch_size streams, the rate
+    rising exponentially from `start` to `end`: the run's own kernels, autocast and training step
+    (`training.step.TrainingStep`), so on CUDA it measures what training runs. Raises UserError when
+    fewer than two steps gave a finite loss."""
     t = cfg.train
     streams = world * t.batch_size  # the real run's global batch, in one process
     # one process, no process group: rank 0 of a world of 1 (a missing built-in corpus is prepared)
     corpus = open_corpus(cfg, DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=device), say)
     stream = TokenStream(corpus.split("train"), 0, 1, streams, t.bptt, seed=cfg.run.seed,
-                                  random_offset=cfg.data.random_offset)
+                         random_offset=cfg.data.random_offset)
     seed_everything(cfg.run.seed)
-    model = CharLSTM.from_config(cfg.model, corpus.vocab.size).to(device)
-    optimizer = build_optimizer(model, t)
+    kernels = choose_kernels(cfg.model, t.precision, device, batch=streams, say=say)
+    model = CharLSTM.from_config(cfg.model, corpus.vocab.size, kernels=kernels).to(device)
+    step = TrainingStep(model, model, build_optimizer(model, t), t.clip_norm, kernels.autocast)
     state = None
     rates, losses = [], []
     stopped = False
@@ -92,19 +98,12 @@ def range_test(cfg: config_mod.Config, world: int, start: float, end: float, ste
         x, y = batch.x.to(device), batch.y.to(device)
         if batch.reset or state is None:
             state = model.init_state(x.shape[0], device=device)
-        logits, new_state = model(x, state)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        value = float(loss.detach())
+        value = float(step.forward_backward(x, y, state).detach())
         if not math.isfinite(value):
             stopped = True
             break
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state = (new_state[0].detach(), new_state[1].detach())
+        step.clip()
+        state = step.apply(lr)
         rates.append(lr)
         losses.append(value)
         current = smooth(losses, beta)[-1]
@@ -162,10 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     _check(args)
     cfg = config_mod.load(args.config, args.overrides)
     t = cfg.train
-    device = torch.device("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = pick_device(t.device)  # the trainer's choice for local rank 0
     if device.type == "cpu":
-        torch.set_num_threads(t.threads or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(cpu_threads(t.threads, 1))  # one process: all of this machine's share
     streams = args.world * t.batch_size
     print(f"LR range test: {args.steps} steps, rate {args.start:g} → {args.end:g} (exponential), "
           f"{streams} streams × bptt {t.bptt} (world {args.world} × batch_size {t.batch_size}), "

@@ -8,6 +8,7 @@ import torch
 from lstm_dist.config import TrainConfig
 from lstm_dist.model.char_lstm import CharLSTM
 from lstm_dist.training.optim import Schedule, build_optimizer, lr_at, schedule_phrase, set_lr
+from lstm_dist.training.step import TrainingStep
 
 
 def test_cosine_and_linear_warm_up_then_decay_to_the_floor():
@@ -119,3 +120,36 @@ def test_the_schedule_is_described_as_it_runs():
     # a constant schedule holds the peak: it has no floor to decay to (min_lr_ratio is not used)
     assert schedule_phrase(TrainConfig(warmup_steps=5, schedule="constant", min_lr_ratio=0.1)) == \
         "warm-up 5 steps, then constant"
+
+
+def test_the_training_step_clips_sets_the_rate_and_hands_back_a_detached_state():
+    """The one step train, lr_find and bench run: the norm before clipping, the update of SGD at the
+    rate given on the clipped gradient, the gradients gone, the next window's state cut from the graph;
+    a discarded step leaves the weights as they were."""
+    torch.manual_seed(0)
+    model = _model()
+    opt = build_optimizer(model, TrainConfig(optimizer="sgd", beta1=0.0, weight_decay=0.0, lr=1.0))
+    step = TrainingStep(model, model, opt, clip_norm=1e-3)
+    x, y = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+    p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = step.forward_backward(x, y, None)
+    assert loss.dtype == torch.float32 and loss.dim() == 0 and loss.requires_grad
+    norm = float(step.clip())
+    clipped = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert norm > 1e-2  # far above the limit: the gradients were scaled down to it
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped.values()])) == pytest.approx(1e-3, rel=1e-4)
+    h, c = step.apply(0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), p0[n] - 0.5 * clipped[n], msg=n)
+        assert p.grad is None
+    assert h.shape == c.shape == (2, 3, 6) and not h.requires_grad and not c.requires_grad
+    # clip_norm 0: measured, not clipped; discard: no update, gradients gone
+    step = TrainingStep(model, model, opt, clip_norm=0)
+    p1 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step.forward_backward(x, y, (h, c))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert float(step.clip()) == pytest.approx(float(torch.stack([g.norm() for g in grads.values()]).norm()), rel=1e-5)
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    step.discard()
+    assert all(torch.equal(p.detach(), p1[n]) and p.grad is None for n, p in model.named_parameters())

@@ -20,7 +20,8 @@ from lstm_dist.data.corpus import Corpus
 from lstm_dist.common.errors import UserError
 from lstm_dist.training.optim import lr_at
 from lstm_dist.data.prepare import prepare
-from lstm_dist.train import EXIT_NONFINITE, EXIT_PREEMPTED, scorable
+from lstm_dist.data.run_corpus import scorable
+from lstm_dist.training.stopping import EXIT_NONFINITE, EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 

@@ -1,17 +1,19 @@
 """`python -m lstm_dist.bench --train`: a whole training step of CharLSTM against the same model on
 torch.nn.LSTM, over the grid of shapes users train.
 
-What is timed, per shape, for both models in one process: one optimizer step of truncated BPTT as
-the trainer runs it (`lstm_dist.train.Trainer.train_step` without its data loading and bookkeeping):
-embedding, the LSTM layers, the head, the cross-entropy over the window, backward, global gradient
-clipping, AdamW (the default settings, `lstm_dist.optim.build_optimizer`) and zeroing the
-gradients, with the (h, c) state carried from window to window and detached. The baseline is the
+What is timed, per shape, for both models in one process: one optimizer step of truncated BPTT,
+the trainer's own (`lstm_dist.training.step.TrainingStep`, without the loop's data loading and
+bookkeeping): embedding, the LSTM layers, the head, the cross-entropy over the window, backward,
+global gradient clipping, AdamW (the default settings, `lstm_dist.training.optim.build_optimizer`)
+and zeroing the gradients, with the (h, c) state carried from window to window and detached. Ours
+runs the kernels a training run of that shape would choose (`lstm_dist.model.kernels.choose_kernels`;
+each row names them, `--no-compile` leaves out the compiled CUDA steps). The baseline is the
 same module with one `torch.nn.LSTM(embedding, hidden, layers)` in place of our layers (time-major,
 as ours runs inside; the same weights), i.e. oneDNN's fused LSTM on the CPU and cuDNN's on CUDA. After
 --warmup untimed steps of each (ours compiles its pointwise step there), the two are timed in
 turn, interleaved, --repeats times; the table shows medians.
 
-Under --dtype bfloat16 both run inside `torch.autocast(dtype=bfloat16)` as the trainer does: our
+Under --dtype bfloat16 both run inside the trainer's autocast (`Kernels.autocast`: bf16 on CUDA): our
 matrix products run in bf16 with the state and cell update in fp32; cuDNN's LSTM under autocast
 runs in fp16 (autocast's cast policy for `lstm`), which the table labels.
 """
@@ -19,18 +21,18 @@ runs in fp16 (autocast's cast policy for `lstm`), which the table labels.
 from __future__ import annotations
 
 import statistics
+import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lstm_dist.bench.timing import baseline_dtype, timed
-from lstm_dist.config import TrainConfig
-from lstm_dist.common.distributed import autocast
-from lstm_dist.model.lstm import compile_available, compile_steps
+from lstm_dist.config import ModelConfig, TrainConfig
 from lstm_dist.model.char_lstm import CharLSTM, State
+from lstm_dist.model.kernels import Kernels, choose_kernels
 from lstm_dist.training.optim import build_optimizer
+from lstm_dist.training.step import TrainingStep
 
 # (layers, hidden, embedding, batch): the shapes of the issue that asked for this, smoke model first
 GRID: Tuple[Tuple[int, int, int, int], ...] = (
@@ -67,38 +69,36 @@ class TorchLSTMModel(nn.Module):
 
 
 def _stepper(model: nn.Module, vocab: int, batch: int, bptt: int, device: torch.device,
-             bf16: bool, seed: int) -> Callable[[], None]:
-    """One training step of `model` per call, on fresh random windows, the state carried over."""
-    optimizer = build_optimizer(model, TrainConfig())
+             kernels: Kernels, seed: int) -> Callable[[], None]:
+    """One training step of `model` per call (`TrainingStep`, under `kernels`' autocast, the default
+    settings' clipping and rate), on fresh random windows, the state carried over."""
+    t = TrainConfig()
+    step = TrainingStep(model, model, build_optimizer(model, t), t.clip_norm, kernels.autocast)
     gen = torch.Generator().manual_seed(seed)
-    carried: List[Optional[State]] = [None]
-    clip = TrainConfig().clip_norm
+    state: List[Optional[State]] = [None]
 
-    def step() -> None:
+    def run() -> None:
         tokens = torch.randint(0, vocab, (batch, bptt + 1), generator=gen).to(device)
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        with autocast(device, bf16):
-            logits, state = model(x, carried[0])
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        carried[0] = (state[0].detach(), state[1].detach())
+        _, _, state[0] = step(tokens[:, :-1], tokens[:, 1:], state[0], t.lr)
 
-    return step
+    return run
 
 
 def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: int, vocab: int,
                 device: torch.device, bf16: bool, use_compile: bool, repeats: int, warmup: int) -> dict:
     """Median step time of both models at one shape, interleaved."""
-
+    model_cfg = ModelConfig(embedding=embedding, hidden=hidden, layers=layers, compile=use_compile)
+    # The kernels a training run of this shape would choose (a fallback warning goes to stderr). `auto`:
+    # bf16 autocast on CUDA, fp32 on the CPU, as --dtype bfloat16 has always meant here, without the
+    # note that train.precision=bf16 gives on a CPU.
+    kernels = choose_kernels(model_cfg, "auto" if bf16 else "fp32", device, batch=batch,
+                             say=lambda line: print(line, file=sys.stderr, flush=True))
     torch.manual_seed(0)
-    ours = CharLSTM(vocab, embedding, hidden, layers, compile=use_compile).to(device)
+    ours = CharLSTM.from_config(model_cfg, vocab, kernels=kernels).to(device)
     theirs = TorchLSTMModel(ours).to(device)
     steps = {
-        "lstm_dist": _stepper(ours, vocab, batch, bptt, device, bf16, seed=1),
-        "torch_lstm": _stepper(theirs, vocab, batch, bptt, device, bf16, seed=1),
+        "lstm_dist": _stepper(ours, vocab, batch, bptt, device, kernels, seed=1),
+        "torch_lstm": _stepper(theirs, vocab, batch, bptt, device, kernels, seed=1),
     }
     first: Dict[str, float] = {}
     for name, fn in steps.items():
@@ -109,7 +109,8 @@ def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: i
     for _ in range(repeats):
         for name, fn in steps.items():
             times[name].append(timed(fn, device))
-    row = {"layers": layers, "hidden": hidden, "embedding": embedding, "batch": batch, "bptt": bptt}
+    row = {"layers": layers, "hidden": hidden, "embedding": embedding, "batch": batch, "bptt": bptt,
+           "kernels": kernels.describe(), "compiled": kernels.runs_compiled()}
     for name, ts in times.items():
         ms = statistics.median(ts) * 1e3
         row[f"{name}_ms"] = ms
@@ -137,7 +138,7 @@ def run_train_bench(args, device: torch.device) -> dict:
         "vocab": args.vocab,
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "compile": any(compile_steps(use_compile, device.type)) and compile_available(),
+        "compile": any(row.pop("compiled") for row in rows),
         "torch_version": torch.__version__,
         "rows": rows,
         "worst_ratio": max(r["ratio"] for r in rows),

@@ -5,10 +5,12 @@ Layout inside a run directory:
     checkpoints/step_00001234.pt   one file per checkpoint; names sort by step
     checkpoints/latest             the file name of the newest complete checkpoint (a pointer, replaced atomically)
 
-A checkpoint is a dict of tensors and plain Python values only (what a training checkpoint holds:
-the comment above `rng_state`), so it loads with
-`torch.load(weights_only=True)`: a file crafted to run code when unpickled is refused, not executed.
-Writing goes to a temporary name in the same directory, is flushed and fsynced, then renamed; the
+A training checkpoint (format 1) is a dict: `format`, `step`, `config`, `vocab`, then the state of
+the objects that own it, each through its `state_dict()` (`Pieces`; which objects, under which keys,
+is written where the trainer builds them: `training.loop.checkpoint_pieces`). `save_training` writes
+it; `choose_resume` then `restore` put it back. It holds tensors and plain Python values only, so it
+loads with `torch.load(weights_only=True)`: a file crafted to run code when unpickled is refused, not
+executed. Writing goes to a temporary name in the same directory, is flushed and fsynced, then renamed; the
 `latest` pointer is replaced the same way afterwards. A crash at any moment leaves either the old
 state or the new one, never a half file under a real name. Retention deletes only older
 `step_*.pt` files, and only after the new one is safely in place.
@@ -18,15 +20,13 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import re
 import shutil
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
-import numpy as np
 import torch
 
 from lstm_dist.common import faults
@@ -34,7 +34,7 @@ from lstm_dist.common.atomic import atomic_write
 from lstm_dist.data.corpus import Vocab
 from lstm_dist.common.distributed import DistEnv, on_every_rank, broadcast_object, gather_objects
 from lstm_dist.common.errors import EveryRankError, UserError, first_line
-from lstm_dist.data.streams import Restore, TokenStream
+from lstm_dist.data.streams import Restore
 
 FORMAT = 1  # bump when the layout of the dict changes incompatibly
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -165,39 +165,6 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     return data
 
 
-# ------------------------------------------------------------------------------------------------
-# What a training checkpoint holds, and putting it back
-# ------------------------------------------------------------------------------------------------
-#
-#   step, config, vocab, model, optimizer, nonfinite_total, schedule (the learning-rate schedule's
-#   anchor, optim.Schedule.state_dict()), and `ranks`: one entry per process,
-#   gathered to rank 0, each {"stream": TokenStream.state_dict(), "hidden": (h, c) or None,
-#   "rng": its torch/numpy/python (and CUDA) generator states}.
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's generators, as tensors and plain values (a weights_only checkpoint holds them)."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def check_compatible(saved: dict[str, Any], cfg: Any, vocab: Vocab, path: Path) -> None:
     """A checkpoint must be of the same model on the same vocabulary; say which setting differs."""
     saved_model = saved["config"]["model"]
@@ -260,78 +227,96 @@ def set_aside_from(run_dir: str | Path, step: int) -> tuple[Path | None, list[Pa
     return (kept[-1] if kept else None), moved
 
 
+class Stateful(Protocol):
+    """A piece of checkpoint state: its state as tensors and plain values, and the way back."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+class Pieces(NamedTuple):
+    """What a training checkpoint holds besides its format, step, config and vocabulary, by key in
+    the file, in the file's order (the trainer builds it: `training.loop.checkpoint_pieces`)."""
+
+    shared: dict[str, Stateful]  # top-level entries: the same on every rank, rank 0's written
+    per_rank: dict[str, Stateful]  # ranks[r][key]: every rank's own, gathered to rank 0; must hold "stream"
+
+
+class Chosen(NamedTuple):
+    """The checkpoint a run resumes from: its path, and the contents rank 0 read to choose it (None elsewhere)."""
+
+    path: Path
+    saved: dict[str, Any] | None
+
+
 class Resumed(NamedTuple):
     """Where a run picked up: its step, and whether it continues exactly or on re-cut streams."""
 
     path: Path
     step: int
-    nonfinite_total: int
-    exact: bool  # same processes × streams × bptt and split: hidden states and generators restored too
-    hidden: tuple[torch.Tensor, torch.Tensor] | None  # this rank's carried state (None after a re-cut)
+    exact: bool  # same processes × streams × bptt and split: every per-rank piece restored, not only the stream
     written_by: str  # the layout that wrote it, "2 processes × batch 4 × bptt 16"
     config: dict[str, Any]  # the config of the run that wrote it (Config.to_dict())
     world: int  # how many processes wrote it
-    schedule: dict[str, Any] | None  # optim.Schedule.state_dict() (None: written before schedules had state)
 
 
-def restore(cfg: Any, env: DistEnv, vocab: Vocab, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            stream: TokenStream, say: Callable[[str], None], claim: Callable[[], None] | None = None) -> Resumed | None:
-    """Load the checkpoint rank 0 picks into the model, optimizer and stream (and, on an exact resume,
-    this rank's generators); None when there is none to resume from. `claim` (collective) runs once the
-    choice is made and before any rank reads the file: choosing writes nothing, so a run refused for
-    its checkpoint leaves the run directory as it was."""
+def choose_resume(cfg: Any, env: DistEnv, vocab: Vocab, say: Callable[[str], None]) -> Chosen | None:
+    """Collective: rank 0 picks the checkpoint to resume from per `checkpoint.resume` (`find_resume`)
+    and every rank learns its path; None when there is none. Choosing reads and writes nothing else,
+    so a run refused for its checkpoint (a CheckpointError on every rank) leaves its run directory as
+    it was: claim the run directory after this, before `restore` has any rank read the file."""
     found = on_every_rank(lambda: find_resume(cfg, vocab, say) if env.is_main else None)
     name = broadcast_object(str(found[0]) if found else None)
-    if claim is not None:
-        claim()  # the run directory is ours, and shared, before any other rank reads from it
-    if name is None:
-        return None
-    path = Path(name)
-    saved = on_every_rank(lambda: found[1] if found else load(path))
+    return None if name is None else Chosen(Path(name), found[1] if found else None)
 
-    def load_states() -> None:
+
+def restore(chosen: Chosen, cfg: Any, env: DistEnv, pieces: Pieces) -> Resumed:
+    """Load the chosen checkpoint into `pieces`. Collective; raises CheckpointError on every rank when
+    the file cannot be read or does not fit.
+
+    Every shared piece gets its entry (None for a key the file lacks: written before that piece
+    existed; the piece decides what that means). Per rank, the `stream` piece decides: this rank's own
+    entry when the file was written by as many processes with the same batch and bptt, else rank 0's;
+    when the stream continues exactly (`Restore.EXACT`), the other per-rank pieces get their entries
+    too, else they are left as they are (a re-cut starts from zero states and new generators)."""
+    saved = on_every_rank(lambda: chosen.saved if chosen.saved is not None else load(chosen.path))
+
+    def load_shared() -> None:
         try:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {first_line(exc)}; "
+            for key, piece in pieces.shared.items():
+                piece.load_state_dict(saved.get(key))
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {chosen.path} does not fit this model: {first_line(exc)}; "
                                   "use the config it was written with") from None
 
-    on_every_rank(load_states)
+    on_every_rank(load_shared)
     ranks = saved["ranks"]
     old = ranks[0]["stream"]
     same_processes = len(ranks) == env.world and old["batch"] == cfg.train.batch_size and old["bptt"] == cfg.train.bptt
     mine = ranks[env.rank] if same_processes else ranks[0]
     # The stream re-cuts by itself when the split changed length, even with the same processes.
-    exact = stream.load_state_dict(mine["stream"]) is Restore.EXACT and same_processes
-    hidden = None
+    exact = pieces.per_rank["stream"].load_state_dict(mine["stream"]) is Restore.EXACT and same_processes
     if exact:
-        if mine["hidden"] is not None:
-            hidden = (mine["hidden"][0].to(env.device), mine["hidden"][1].to(env.device))
-        set_rng_state(mine["rng"], env.device)
-    return Resumed(path, int(saved["step"]), int(saved.get("nonfinite_total", 0)), exact, hidden,
-                   f"{len(ranks)} processes × batch {old['batch']} × bptt {old['bptt']}", saved["config"], len(ranks),
-                   saved.get("schedule"))
+        for key, piece in pieces.per_rank.items():
+            if key != "stream":
+                piece.load_state_dict(mine.get(key))
+    return Resumed(chosen.path, int(saved["step"]), exact,
+                   f"{len(ranks)} processes × batch {old['batch']} × bptt {old['bptt']}", saved["config"], len(ranks))
 
 
-def save_training(cfg: Any, env: DistEnv, vocab: Vocab, step: int, model: torch.nn.Module,
-                  optimizer: torch.optim.Optimizer, stream: TokenStream,
-                  hidden: tuple[torch.Tensor, torch.Tensor] | None, nonfinite_total: int,
-                  schedule: dict[str, Any] | None = None) -> Path | None:
-    """Gather every rank's stream, hidden state and generators; rank 0 writes the checkpoint of `step`
-    (and returns its path); all ranks leave together."""
-    hidden = None if hidden is None else (hidden[0].detach().cpu(), hidden[1].detach().cpu())
-    ranks = gather_objects({"stream": stream.state_dict(), "hidden": hidden, "rng": rng_state(env.device)})
+def save_training(cfg: Any, env: DistEnv, vocab: Vocab, step: int, pieces: Pieces) -> Path | None:
+    """Collective: gather every rank's per-rank pieces; rank 0 writes the checkpoint of `step` (and
+    returns its path; None elsewhere): format, step, config, vocab, the shared pieces, then `ranks`.
+    A CheckpointError (a full disk) is raised on every rank, as an EveryRankError; all ranks leave together."""
+    ranks = gather_objects({key: piece.state_dict() for key, piece in pieces.per_rank.items()})
     path, error = None, None
     if env.is_main:
         try:
             path = save(cfg.run_dir, step, {
                 "config": cfg.to_dict(),
                 "vocab": vocab.to_dict(),
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "nonfinite_total": nonfinite_total,
-                "schedule": schedule,
+                **{key: piece.state_dict() for key, piece in pieces.shared.items()},
                 "ranks": ranks,
             }, keep=cfg.checkpoint.keep)
         except CheckpointError as exc:

@@ -16,11 +16,12 @@ Three sinks, in order of trust:
   (no key, no network, a crash inside wandb) falls back to offline or switches W&B off with one
   warning line, and training carries on.
 
-Modes (``log.wandb.mode``): ``online``, ``offline``, ``disabled``, ``auto``. ``auto`` leaves the
-choice to ``WANDB_MODE`` when it is set, else picks online when wandb finds an API key and offline
-otherwise, saying so in one line. An explicit mode wins over ``WANDB_MODE`` (as ``wandb.init(mode=...)``
-does in wandb), with one line saying so when the two differ; online without an API key runs offline
-with one warning, and an online start that fails (no server) falls back to offline under the same run id.
+Modes (``log.wandb.mode``; `MODES` reads them from the config): ``auto``, ``online``, ``offline``,
+``disabled``. ``auto`` leaves the choice to ``WANDB_MODE`` when it is set, else picks online when wandb
+finds an API key and offline otherwise, saying so in one line. An explicit mode wins over ``WANDB_MODE``
+(as ``wandb.init(mode=...)`` does in wandb), with one line saying so when the two differ; online without
+an API key runs offline with one warning, and an online start that fails (no server) falls back to
+offline under the same run id.
 
 Resume: the W&B run id lives in ``run_dir/wandb_run_id``; a new `Metrics` on the same run dir
 passes ``id=<that id>, resume="allow"`` so the run continues. After restoring a checkpoint at
@@ -40,9 +41,10 @@ from typing import Any, Mapping, TextIO
 
 from lstm_dist.common.atomic import atomic_write_text
 from lstm_dist.common.errors import UserError
+from lstm_dist.config import WandbConfig, choices
 from lstm_dist.training.wandb_sink import WandbSink
 
-MODES = ("online", "offline", "disabled", "auto")
+MODES = choices("log.wandb.mode")  # the values of log.wandb.mode, as the config declares them
 JSONL_NAME = "metrics.jsonl"
 _RESERVED_KEYS = ("step", "time")
 
@@ -206,11 +208,13 @@ class JsonlSink:
 
 
 class Metrics:
-    """Console + metrics.jsonl + W&B for one run, on rank 0."""
+    """Console + metrics.jsonl + W&B for one run, on rank 0. The W&B keywords are the `log.wandb.*`
+    settings (their defaults are the config's); a mode outside `MODES` is a UserError."""
 
-    def __init__(self, run_dir: Path, config: Mapping[str, Any], *, wandb_mode: str = "auto",
-                 project: str = "lstm_dist", entity: str | None = None, run_name: str | None = None,
-                 console: TextIO | None = None, init_timeout: float = 30.0, finish_timeout: float = 60.0) -> None:
+    def __init__(self, run_dir: Path, config: Mapping[str, Any], *, wandb_mode: str = WandbConfig.mode,
+                 project: str = WandbConfig.project, entity: str | None = None, run_name: str | None = None,
+                 console: TextIO | None = None, init_timeout: float = WandbConfig.init_timeout,
+                 finish_timeout: float = 60.0) -> None:
         if wandb_mode not in MODES:
             raise UserError(f"log.wandb.mode={wandb_mode!r} is not one of {', '.join(MODES)}; pick one of them")
         self.run_dir = Path(run_dir)

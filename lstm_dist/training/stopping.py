@@ -1,17 +1,22 @@
 """When a run stops, and how every rank agrees on it: the stop signal (SIGTERM/SIGUSR1 only set a
 flag), failed steps (a non-finite loss or gradient, or a diverged loss: skipped on every rank; too
-many in a row stop the run), and the one small all-reduce per step that shares the loss and the
-flags among the ranks."""
+many in a row stop the run, with the advice of `failed_steps_advice`), the one small all-reduce per
+step that shares the loss and the flags among the ranks, and the exit status of each ending."""
 
 from __future__ import annotations
 
 import math
 import signal
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lstm_dist.common.distributed import all_reduce_sum
+from lstm_dist.training.checkpoint import set_aside_from
+
+EXIT_NONFINITE = 3  # too many failed steps in a row, or a diverged final score
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; slurm/train.sh requeues on it
 
 
 class Preemption:
@@ -70,6 +75,31 @@ class NonFinite:
     def exhausted(self) -> bool:
         """Whether `limit` failed steps came in a row: the run must stop."""
         return self.run >= self.limit
+
+    def state_dict(self) -> int:
+        """The checkpoint piece `nonfinite_total`: failed steps in all (a run of them is never saved)."""
+        return self.total
+
+    def load_state_dict(self, total: int | None) -> None:
+        """`total` from a checkpoint; None (a file written before it was kept) counts from 0."""
+        self.total = int(total or 0)
+
+
+def failed_steps_advice(nonfinite: NonFinite, run_dir: Path, is_main: bool) -> str:
+    """The stop line for too many failed steps in a row. The checkpoint written just before the
+    first of them holds the weights that failed: rank 0 (`is_main`) sets it (and any later one)
+    aside, so the advice, and checkpoint.resume=auto, name a checkpoint written before the trouble
+    began. Other ranks only get the line's head: only rank 0 prints it and touches checkpoints."""
+    head = (f"{nonfinite.run} failed steps in a row from step {nonfinite.first} (non-finite or diverged loss; "
+            f"train.max_nonfinite={nonfinite.limit}); lower train.lr or train.clip_norm and run again: ")
+    if not is_main:
+        return head
+    healthy, moved = set_aside_from(run_dir, nonfinite.first - 1)
+    aside = (f" ({', '.join(p.name for p in moved)}, written from the weights that failed, set aside)"
+             if moved else "")
+    if healthy is None:
+        return head + f"no checkpoint from before the failures is left, so the run starts afresh{aside}"
+    return head + f"it resumes from {healthy}, the last checkpoint written before the failures began{aside}"
 
 
 def agree(loss: torch.Tensor, preempt_flag: float, world: int) -> tuple[float, bool, bool]:

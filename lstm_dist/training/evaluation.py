@@ -1,0 +1,83 @@
+"""What a training run measures besides its loss: bits per character on the valid split during
+training (`train.eval_every`, at most `train.eval_max_windows` windows), on all of valid and test at
+the end, and a short text sample after each (rank 0, on a generator of its own: the training
+generators are untouched, so an exact resume does not depend on when samples were drawn).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lstm_dist.common.distributed import DistEnv
+from lstm_dist.config import Config
+from lstm_dist.data.corpus import Vocab
+from lstm_dist.inference.sampling import sample_text
+from lstm_dist.inference.scoring import split_bits
+from lstm_dist.training.metrics import Metrics
+from lstm_dist.training.seeds import sample_seed
+from lstm_dist.training.stopping import NonFiniteStop
+
+SAMPLE_PROMPT = "The "
+
+
+class Evaluation:
+    """Scores `model` on this rank's share of a split (every rank takes part: the sums are
+    all-reduced) and writes the results to `metrics` (rank 0's; a no-op elsewhere)."""
+
+    def __init__(self, cfg: Config, env: DistEnv, model: torch.nn.Module, vocab: Vocab,
+                 splits: dict[str, np.ndarray], bf16: bool, say: Callable[[str], None]) -> None:
+        self.cfg, self.env, self.model, self.vocab, self.splits, self.bf16, self.say = (
+            cfg, env, model, vocab, splits, bf16, say)
+
+    def bpc(self, split: str, max_windows: int = 0) -> tuple[float, int]:
+        """(bits per character, characters scored) on `split`, over all ranks; `max_windows` > 0
+        scores only the first windows of each rank's streams."""
+        t = self.cfg.train
+        bits, count = split_bits(self.model, self.splits[split], rank=self.env.rank, world=self.env.world,
+                                 batch=t.batch_size, bptt=t.bptt, device=self.env.device, bf16=self.bf16,
+                                 max_windows=max_windows)
+        if count == 0:  # scorable() refuses such a split at start-up; a score of 0 from nothing is never reported
+            raise RuntimeError(f"the {split} split gave no character to score")
+        return bits / count, count
+
+    def periodic(self, step: int, metrics: Metrics) -> None:
+        """The valid score during training, then a sample."""
+        t0 = time.perf_counter()
+        bpc, count = self.bpc("valid", self.cfg.train.eval_max_windows)
+        metrics.log(step, {"valid_bpc": bpc, "valid_chars": count, "eval_s": time.perf_counter() - t0})
+        self.sample(step, metrics)
+
+    def sample(self, step: int, metrics: Metrics) -> None:
+        """A short generated text after `SAMPLE_PROMPT` (rank 0, its own generator)."""
+        if self.env.is_main and self.cfg.train.sample_chars:
+            text = sample_text(self.model, self.vocab, SAMPLE_PROMPT, self.cfg.train.sample_chars,
+                               seed=sample_seed(self.cfg.run.seed, step))
+            metrics.log_text(step, "sample", SAMPLE_PROMPT + text)
+
+    def final(self, step: int, metrics: Metrics) -> None:
+        """All of valid and test, logged as the run's summary, then a sample and the `done:` line.
+        Raises NonFiniteStop when a score is not finite or above `train.divergence_ratio` × that of
+        a uniform guess: a diverged model never ends a run with exit 0."""
+        t0 = time.perf_counter()
+        valid_bpc, valid_chars = self.bpc("valid")
+        test_bpc, test_chars = self.bpc("test")
+        scores = {"valid_bpc": valid_bpc, "test_bpc": test_bpc, "valid_chars": valid_chars, "test_chars": test_chars,
+                  "eval_s": time.perf_counter() - t0}
+        metrics.log(step, scores)
+        metrics.summary(scores)
+        self.sample(step, metrics)
+        limit = self.cfg.train.divergence_ratio * math.log2(self.vocab.size)
+        worst = max(valid_bpc, test_bpc)
+        if not math.isfinite(worst) or (limit and worst > limit):
+            raise NonFiniteStop(
+                f"the final model scores valid {valid_bpc:.4g}, test {test_bpc:.4g} bits per character, above "
+                f"{limit:.4g} (train.divergence_ratio × log2 {self.vocab.size}, the score of a uniform guess): it has "
+                "diverged; start a new run.name with a lower train.lr, or resume from a checkpoint written before "
+                "it diverged (checkpoint.resume=PATH)")
+        self.say(f"done: step {step}, valid {valid_bpc:.4f} bpc over {valid_chars:,} characters, "
+                 f"test {test_bpc:.4f} bpc over {test_chars:,} characters")
