@@ -10,7 +10,7 @@ in the checkpoint's config, relative to the working directory as in training; `-
 elsewhere). `--text FILE` scores any UTF-8 text, encoded with the checkpoint's vocabulary; with a
 chars vocabulary, characters it lacks are scored as its unknown id, and counted and reported.
 
-`--text FILE` is read exactly as `prepare` reads a corpus split (`lstm_dist.corpus.utf8_chunks`), so
+`--text FILE` is read exactly as `prepare` reads a corpus split (`lstm_dist.data.corpus.utf8_chunks`), so
 a file scores the same whether it is a prepared split or `--text`: its bytes are strict UTF-8, with
 nothing translated. A CR stays a character (CRLF line ends are two characters, `\r` and `\n`, as in a
 prepared split), and a byte-order mark at the start stays the character U+FEFF (the bytes EF BB BF with
@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 from lstm_dist.data.corpus import Corpus, check_utf8_file, lacking_note, open_text_file, utf8_chunks
-from lstm_dist.common.distributed import DEVICES, cpu_threads, setup
+from lstm_dist.common.distributed import cpu_threads, setup
 from lstm_dist.common.errors import UserError, run_cli
+from lstm_dist.config import TrainConfig, check_option, choices
 from lstm_dist.inference.load import ArgumentParser, load_model
 from lstm_dist.inference.scoring import split_bits
 
@@ -55,9 +56,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch", type=int, default=None, metavar="N",
                    help="segments (streams) per process (default: the run's train.batch_size)")
     p.add_argument("--bptt", type=int, default=None, metavar="N", help="characters per window (default: the run's train.bptt)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (one GPU per local rank if any), cpu or cuda")
+    p.add_argument("--device", choices=choices("train.device"), default=TrainConfig.device,
+                   help="auto (one GPU per local rank if any), cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 matrix products on CUDA (as training evaluates); default fp32")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
+    p.add_argument("--threads", type=int, default=TrainConfig.threads, metavar="N",
                    help="torch CPU threads per process; 0 (default) divides the cores among the local processes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     return p
@@ -108,12 +110,10 @@ def open_split(args, cfg, vocab) -> tuple[np.ndarray, str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("batch", "bptt"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
-    if args.threads < 0:
-        raise UserError(f"--threads must be >= 0 (0 divides the cores among the local processes), got {args.threads}")
+    # The options stand for these settings of the run, whose range rules they follow.
+    for option, key in (("batch", "train.batch_size"), ("bptt", "train.bptt"), ("threads", "train.threads")):
+        if getattr(args, option) is not None:
+            check_option(key, getattr(args, option), f"--{option}")
     if args.text is not None and args.data is not None:
         raise UserError("--data selects the corpus of a --split; with --text FILE leave it out")
     with setup(args.device, setting="--device ") as env:

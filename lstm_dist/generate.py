@@ -10,7 +10,7 @@ goes through the model once; then each character is one `step()` on the carried 
 per character does not grow with the text. The same checkpoint, settings, seed and device give
 the same text.
 
-The prompt is read exactly as `prepare` reads a corpus split (`lstm_dist.corpus`), so its characters
+The prompt is read exactly as `prepare` reads a corpus split (`lstm_dist.data.corpus`), so its characters
 and ids are those the same text has in a prepared corpus. `--prompt-file FILE` is used verbatim: its
 bytes as strict UTF-8, nothing translated, so a CR stays a character (CRLF line ends are `\r\n`) and a
 byte-order mark at the start stays the character U+FEFF (the bytes EF BB BF with the bytes
@@ -40,9 +40,10 @@ import torch
 
 from lstm_dist.data.corpus import lacking_note, read_text_file, text_from_string
 from lstm_dist.common.errors import UserError, run_cli
-from lstm_dist.common.distributed import DEVICES, pick_device
+from lstm_dist.common.distributed import pick_device
+from lstm_dist.config import TrainConfig, choices
 from lstm_dist.inference.load import ArgumentParser, load_model
-from lstm_dist.inference.sampling import TextDecoder, check_settings, generate
+from lstm_dist.inference.sampling import DEFAULT_TEMPERATURE, TextDecoder, check_settings, generate
 
 DEFAULT_PROMPT = "I plan to make the world a better place by"
 
@@ -56,14 +57,15 @@ def build_parser() -> ArgumentParser:
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file, used verbatim (CR and a BOM are characters)")
     p.add_argument("--length", type=int, default=500, metavar="N",
                    help="tokens to generate per sample: characters (chars vocab) or UTF-8 bytes (bytes vocab); default 500")
-    p.add_argument("--temperature", type=float, default=0.8, metavar="T",
-                   help="softmax temperature; 0 picks the most likely character (greedy); default 0.8")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
+                   help=f"softmax temperature; 0 picks the most likely character (greedy); default {DEFAULT_TEMPERATURE}")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="draw among the K most likely only; 0 (default) keeps all")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="draw among the most likely characters holding probability P, in (0, 1]; 1 (default) keeps all")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text (default 0)")
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples, drawn as one batch (default 1)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--device", choices=choices("train.device"), default=TrainConfig.device,
+                   help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="torch CPU threads; 0 (default) leaves torch's choice")
     p.add_argument("--json", action="store_true", help="print one JSON object with the samples instead of streaming text")
     return p
@@ -71,7 +73,7 @@ def build_parser() -> ArgumentParser:
 
 def read_prompt(args) -> tuple[str, str]:
     """(the prompt, where it came from: ``--prompt``, ``--prompt-file FILE`` or ``the default prompt``),
-    read as a corpus split is read (`lstm_dist.corpus.read_text_file` / `text_from_string`).
+    read as a corpus split is read (`lstm_dist.data.corpus.read_text_file` / `text_from_string`).
     Errors: one-line `UserError`s (a file missing or not UTF-8, undecodable command-line bytes, empty)."""
     if args.prompt_file is None:
         where = "--prompt" if args.prompt is not None else "the default prompt"

@@ -2,7 +2,7 @@
 
 For each cell of a grid (hidden width × layers × global batch in streams) it trains real runs
 through `python -m lstm_dist.train` at rates spaced by a factor of 2 around the rate the rule in
-`lstm_dist/lr_rule.py` gives the cell (factor 1 is the defaults' run), and extends a cell's sweep
+`lstm_dist/training/lr_rule.py` gives the cell (factor 1 is the defaults' run), and extends a cell's sweep
 outward until its best rate has a worse rate on both sides and it has at least `--min-rates`
 rates. Every run uses the config defaults except the swept rate (and the grid's own settings), so
 "defaults" in the table means exactly what a user gets. One process per run: a single process with
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--embedding", type=int, default=64)
         p.add_argument("--bptt", type=int, default=32)
         p.add_argument("--steps", type=int, default=500)
-        p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+        p.add_argument("--device", default="cpu", choices=config_mod.choices("train.device"))
         p.add_argument("--set", action="append", default=[], metavar="section.key=value",
                        help="another setting for every run (repeatable)")
         p.add_argument("--seeds", type=int, default=2,
@@ -291,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--min-rates", type=int, default=4, help="rates per cell at least")
             p.add_argument("--max-doublings", type=int, default=4, help="never go further than 2^N from the rule")
         if name == "fit":
-            p.add_argument("--ref-batch", type=int, default=32, help="lr_ref_batch of the rules ranked")
-            p.add_argument("--ref-hidden", type=int, default=256, help="lr_ref_hidden of the rules ranked")
+            p.add_argument("--ref-batch", type=int, default=config_mod.TrainConfig.lr_ref_batch,
+                           help="lr_ref_batch of the rules ranked (default: the config's)")
+            p.add_argument("--ref-hidden", type=int, default=config_mod.TrainConfig.lr_ref_hidden,
+                           help="lr_ref_hidden of the rules ranked (default: the config's)")
             p.add_argument("--tolerance", type=float, default=0.03, help="bpc a cell may be from its best")
             p.add_argument("--top", type=int, default=10, help="rules to print")
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 non-zero exit, no traceback, and leaves every file it could touch exactly as it was.
 
 One table (`CASES`) drives it all. Each case runs a real entry point: the Python ones in this process
-(`main(argv)` under `lstm_dist.errors.run_cli`, as `python -m` runs them, with stdout/stderr captured at
+(`main(argv)` under `lstm_dist.common.errors.run_cli`, as `python -m` runs them, with stdout/stderr captured at
 the file-descriptor level), the launch scripts as subprocesses. Before and after each case the names,
 sizes and sha256 of every file under the directories it names (`watch`) are compared. The fixtures are
 made once per module: tiny prepared corpora (bytes and chars vocabularies), one finished tiny run of
@@ -199,6 +199,9 @@ SLOW = {"launch-streams-do-not-fit", "launch-truncated-train-bin", "launch-check
 
 # ------------------------------------------------------------------------------------------ running
 
+# `python -m lstm_dist.data` runs the package's __main__ module (the others are modules of their own).
+ENTRY_MODULES = {"data": "lstm_dist.data.__main__"}
+
 _ENV_DROP = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "LSTM_DIST_EXIT_FILE", "LSTM_DIST_DEBUG", "LSTM_DIST_CACHE", "TORCHELASTIC_RUN_ID")
 
@@ -208,7 +211,7 @@ def run_in_process(cmd: str, argv: list[str], capfd, monkeypatch) -> tuple[int, 
     captured at the file-descriptor level, so that C++ warnings and the like would show too."""
     for name in _ENV_DROP:
         monkeypatch.delenv(name, raising=False)
-    module = importlib.import_module(f"lstm_dist.{cmd}")
+    module = importlib.import_module(ENTRY_MODULES.get(cmd, f"lstm_dist.{cmd}"))
     threads = torch.get_num_threads()
     capfd.readouterr()
     try:
@@ -411,17 +414,25 @@ def test_there_are_over_30_cases_and_the_readme_lists_each():
 # ------------------------------------------------------------------------------------------ the real processes
 
 
-def test_the_real_entry_point_prints_the_same_line_and_a_traceback_only_under_lstm_dist_debug(paths):
-    """`python -m lstm_dist.train` as a user runs it: the same one line as in process; with
-    LSTM_DIST_DEBUG=1 the traceback of the user error comes first, and the line is still the last."""
+def test_the_real_entry_point_prints_the_same_line_and_a_traceback_only_under_lstm_dist_debug(paths, capfd, monkeypatch):
+    """`python -m lstm_dist.train` as a user runs it: the same one line as in process, and nothing else
+    (no warning printed while it starts); with LSTM_DIST_DEBUG=1 the traceback of the user error comes
+    first, and the line is still the last (shown in process: the same main() under the same run_cli)."""
     case = next(c for c in CASES if c.id == "config-warmup-longer-than-run")
     argv = [fill(a, paths) for a in case.args]
     status, out, err = run_subprocess("train", argv, {}, paths["work"])
     assert fill(case.expect, paths) in error_line(status, out, err, case)
-    status, out, err = run_subprocess("train", argv, {"LSTM_DIST_DEBUG": "1"}, paths["work"])
-    assert status == 2
-    lines = err.strip().splitlines()
+    monkeypatch.chdir(paths["work"])
+    for name in _ENV_DROP:  # no launch environment: a plain run on rank 0
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LSTM_DIST_DEBUG", "1")
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(importlib.import_module("lstm_dist.train").main, argv)
+    assert exit_info.value.code == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    err = "\n".join(lines)
     assert lines[0] == "Traceback (most recent call last):", err
-    assert "lstm_dist/config.py" in err and "UserError: train.warmup_steps=5000" in err
+    assert "lstm_dist/config/" in err and "UserError: train.warmup_steps=5000" in err
     assert lines[-1].startswith("error: ") and fill(case.expect, paths) in lines[-1]
     assert sum(line.startswith("error: ") for line in lines) == 1

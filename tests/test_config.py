@@ -1,4 +1,8 @@
-"""Configuration: layering, strict validation with one-line errors, round trips, the README reference."""
+"""Configuration: layering, strict validation with one-line errors, round trips, the README reference,
+and the one place each setting's allowed values and default are read from.
+
+The command line runs in this process (`main(argv)` under `run_cli`, as `python -m lstm_dist.config`
+runs it); `test_the_real_command_line` runs the real `python -m` command, for its exit status and streams."""
 
 from __future__ import annotations
 
@@ -9,14 +13,33 @@ from pathlib import Path
 import pytest
 
 from lstm_dist import config as C
+from lstm_dist.common.errors import UserError, run_cli
+from lstm_dist.config.__main__ import main
 from lstm_dist.config.reference import field_docs, reference_markdown
-from lstm_dist.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_config(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lstm_dist.config", *args], cwd=cwd, capture_output=True, text=True)
+    """The real `python -m lstm_dist.config ARGS`."""
+    return subprocess.run([sys.executable, "-m", "lstm_dist.config", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture
+def config_cli(capsys, monkeypatch):
+    """`python -m lstm_dist.config ARGS` in this process: (exit status, stdout, stderr)."""
+    for name in ("RANK", "LSTM_DIST_DEBUG"):  # errors print on rank 0, without a traceback
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, list(args))
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return run
 
 
 def test_defaults_yaml_then_overrides_win_in_order(tmp_path):
@@ -60,16 +83,16 @@ def test_saved_config_loads_back_equal(tmp_path):
         (["train=3"], "'train' is a section, not a setting"),
     ],
 )
-def test_each_bad_setting_is_one_line_and_exit_2(overrides, expected):
+def test_each_bad_setting_is_one_line_and_exit_2(overrides, expected, config_cli):
     with pytest.raises(UserError) as info:
         C.load(None, overrides)
     assert str(info.value).startswith(expected)
-    proc = run_config(*overrides)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    status, out, err = config_cli(*overrides)
+    assert status == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert lines[0].startswith("error: " + expected)
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -83,28 +106,33 @@ def test_each_bad_setting_is_one_line_and_exit_2(overrides, expected):
         ("- a\n- b\n", "the top level must be a mapping"),
     ],
 )
-def test_bad_yaml_files_are_one_line(tmp_path, text, expected):
+def test_bad_yaml_files_are_one_line(tmp_path, text, expected, config_cli):
     f = tmp_path / "bad.yaml"
     f.write_text(text)
-    proc = run_config("--config", str(f))
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert expected in proc.stderr
+    status, _, err = config_cli("--config", str(f))
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert expected in err
 
 
-def test_missing_config_file_names_it(tmp_path):
-    proc = run_config("--config", str(tmp_path / "nope.yaml"))
-    assert proc.returncode == 2
-    assert f"config file {tmp_path / 'nope.yaml'} not found" in proc.stderr
+def test_missing_config_file_names_it(tmp_path, config_cli):
+    status, _, err = config_cli("--config", str(tmp_path / "nope.yaml"))
+    assert status == 2
+    assert f"config file {tmp_path / 'nope.yaml'} not found" in err
 
 
-def test_print_config_is_loadable_yaml(tmp_path):
+def test_the_real_command_line(tmp_path):
+    """`python -m lstm_dist.config`: the resolved config as YAML that loads back (exit 0); a bad setting
+    is one line on stderr and exit 2, without a traceback."""
     proc = run_config("train.steps=42", "train.warmup_steps=10", "model.hidden=96")
     assert proc.returncode == 0, proc.stderr
     f = tmp_path / "printed.yaml"
     f.write_text(proc.stdout)
     cfg = C.load(f)
     assert cfg.train.steps == 42 and cfg.model.hidden == 96
+    bad = run_config("model.hiden=3")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == ["error: unknown key 'model.hiden'; did you mean 'model.hidden'?"]
 
 
 def test_every_field_is_documented_and_checked_configs_load():
@@ -119,3 +147,70 @@ def test_readme_reference_matches_the_dataclasses():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert reference_markdown() in readme, (
         "README's configuration reference is out of date: paste `python -m lstm_dist.config --reference` into it")
+
+
+def test_reference_flag_prints_the_table(config_cli):
+    status, out, _ = config_cli("--reference")
+    assert status == 0 and out == reference_markdown()
+
+
+def test_choices_and_checks_read_the_one_rule_of_a_setting():
+    """`choices` gives a Literal setting's values in the declared order; `check_setting` applies type
+    then range as a load does; `check_option` applies the same range to a command-line option, naming it."""
+    assert C.choices("train.device") == ("auto", "cpu", "cuda")
+    assert C.choices("log.wandb.mode") == ("auto", "online", "offline", "disabled")
+    with pytest.raises(TypeError):
+        C.choices("train.bptt")
+    with pytest.raises(KeyError):
+        C.choices("train.nope")
+    assert C.check_setting("model.hidden", "64", "the test") == 64  # text parsed as a load parses it
+    with pytest.raises(UserError, match=r"^model.hidden must be > 0, got 0$"):
+        C.check_setting("model.hidden", 0)
+    with pytest.raises(UserError, match=r"model.impl \(from the code\): 'fused' is not one of 'fast', 'reference'"):
+        C.check_setting("model.impl", "fused")
+    assert C.check_option("train.threads", 0, "--threads") == 0
+    with pytest.raises(UserError) as info:
+        C.check_option("train.threads", -1, "--threads")
+    assert str(info.value) == "--threads must be >= 0 (0 divides the cores among the local processes), got -1"
+    with pytest.raises(KeyError):
+        C.check_option("train.device", "cpu", "--device")  # no range rule: a choice is checked by its values
+
+
+def test_consumers_read_allowed_values_and_defaults_from_the_config():
+    """No copy of a setting's values or default outside the config: the command-line tools offer
+    `train.device`'s values, and the defaults of the code that stands for a setting are its default."""
+    import inspect
+
+    from lstm_dist.common import distributed
+    from lstm_dist.data import corpus, prepare
+    from lstm_dist.evaluate import build_parser as evaluate_parser
+    from lstm_dist.generate import build_parser as generate_parser
+    from lstm_dist.training.metrics import MODES, Metrics
+
+    for parser in (evaluate_parser(), generate_parser()):
+        device = next(a for a in parser._actions if a.dest == "device")
+        assert tuple(device.choices) == C.choices("train.device") and device.default == C.TrainConfig().device
+    assert distributed.DEVICES == C.choices("train.device")
+    assert MODES == C.choices("log.wandb.mode") and corpus.VOCABS == C.choices("data.vocab")
+    assert corpus.DEFAULT_DIRS["stdlib-docs"] == C.DataConfig().path
+    defaults = {k: p.default for k, p in inspect.signature(Metrics).parameters.items()}
+    w = C.WandbConfig()
+    assert (defaults["wandb_mode"], defaults["project"], defaults["init_timeout"]) == (w.mode, w.project, w.init_timeout)
+    assert inspect.signature(prepare.prepare).parameters["vocab"].default == C.DataConfig().vocab
+    setup = inspect.signature(distributed.setup.__wrapped__).parameters
+    assert setup["timeout_minutes"].default * 60 == C.TrainConfig().collective_timeout
+    assert setup["device_preference"].default == C.TrainConfig().device
+
+
+def test_the_config_imports_nothing_of_the_rest_of_the_package():
+    """Every layer reads the config, so it may read none of them (no import cycle): its modules import
+    only `lstm_dist.common.errors` and each other."""
+    import ast
+
+    for path in sorted((ROOT / "lstm_dist" / "config").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.startswith("lstm_dist"):
+                    assert name == "lstm_dist.common.errors" or name.startswith("lstm_dist.config"), (path.name, name)

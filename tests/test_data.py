@@ -6,6 +6,7 @@ value names the position it came from and coverage can be checked exactly.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -33,10 +34,31 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `python -m lstm_dist.data ARGS`, in a process of its own."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RANK", None)  # errors print on rank 0 only
     return subprocess.run([sys.executable, "-m", "lstm_dist.data", *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=120)
+
+
+@pytest.fixture
+def cli_here(capsys, monkeypatch):
+    """`python -m lstm_dist.data ARGS` in this process (its main() under run_cli, as `python -m` runs it),
+    answered as `cli` answers: a CompletedProcess with the exit status and both streams."""
+    from lstm_dist.common.errors import run_cli
+    from lstm_dist.data.__main__ import main
+
+    monkeypatch.delenv("RANK", raising=False)  # errors print on rank 0 only
+
+    def run(*args) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, argv)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, exit_info.value.code, out, err)
+
+    return run
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
@@ -141,7 +163,7 @@ def write_texts(d: Path, train: str, valid: str, test: str) -> dict[str, Path]:
     return paths
 
 
-def test_prepare_files_cli_both_vocabs(tmp_path):
+def test_prepare_files_cli_both_vocabs(tmp_path, cli_here):
     # > 2 MB (one read chunk), odd byte offset so a 2-byte 'é' straddles the chunk boundary
     train = "a" + "é" * 1_100_000 + "日本 text\n" * 1000 + "\U0001f600 with and never seen, a plain test line\n"
     valid = "é text with € and \U0001f680 never seen\n"
@@ -149,7 +171,7 @@ def test_prepare_files_cli_both_vocabs(tmp_path):
     p = write_texts(tmp_path / "src", train, valid, test)
     for vocab in ("bytes", "chars"):
         out = tmp_path / f"c-{vocab}"
-        r = cli("prepare", "--source", "files", "--train", p["train"], "--valid", p["valid"], "--test", p["test"],
+        r = cli_here("prepare", "--source", "files", "--train", p["train"], "--valid", p["valid"], "--test", p["test"],
                 "--out", out, "--vocab", vocab)
         assert r.returncode == 0, r.stderr
         meta = json.loads((out / "meta.json").read_text())
@@ -177,7 +199,7 @@ def test_prepare_files_cli_both_vocabs(tmp_path):
         assert load_vocab(out) == corpus.vocab
 
 
-def test_prepare_is_atomic_and_refuses_to_overwrite(tmp_path):
+def test_prepare_is_atomic_and_refuses_to_overwrite(tmp_path, cli_here):
     p = write_texts(tmp_path / "src", "train text " * 100, "valid", "test")
     out = tmp_path / "corpus"
     opts = dict(train=p["train"], valid=p["valid"], test=p["test"])
@@ -194,52 +216,51 @@ def test_prepare_is_atomic_and_refuses_to_overwrite(tmp_path):
     # a failing prepare (invalid UTF-8 in test) leaves neither a corpus nor a temporary directory
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok \xff\xfe broken")
-    r = cli("prepare", "--source", "files", "--train", p["train"], "--valid", p["valid"], "--test", bad,
+    r = cli_here("prepare", "--source", "files", "--train", p["train"], "--valid", p["valid"], "--test", bad,
             "--out", tmp_path / "new")
     assert_one_line_error(r, "bad.txt", "UTF-8")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.txt", "corpus", "src"]
 
 
-def test_prepare_cli_user_errors(tmp_path):
+def test_prepare_cli_user_errors(tmp_path, cli_here):
     p = write_texts(tmp_path / "src", "train", "", "test")
-    r = cli("prepare", "--source", "files", "--train", tmp_path / "nope.txt", "--valid", p["valid"], "--test", p["test"],
+    r = cli_here("prepare", "--source", "files", "--train", tmp_path / "nope.txt", "--valid", p["valid"], "--test", p["test"],
             "--out", tmp_path / "c")
     assert_one_line_error(r, "--train", "nope.txt", "does not exist")
-    r = cli("prepare", "--source", "files", "--train", p["train"], "--valid", p["valid"], "--test", p["test"],
+    r = cli_here("prepare", "--source", "files", "--train", p["train"], "--valid", p["valid"], "--test", p["test"],
             "--out", tmp_path / "c")
     assert_one_line_error(r, "valid split", "empty")
-    r = cli("prepare", "--source", "files", "--train", p["train"], "--out", tmp_path / "c")
+    r = cli_here("prepare", "--source", "files", "--train", p["train"], "--out", tmp_path / "c")
     assert_one_line_error(r, "--valid", "--test")
-    r = cli("prepare", "--source", "stdlib-docs", "--zip", "x.zip", "--out", tmp_path / "c")
+    r = cli_here("prepare", "--source", "stdlib-docs", "--zip", "x.zip", "--out", tmp_path / "c")
     assert_one_line_error(r, "--zip", "stdlib-docs")
     assert not (tmp_path / "c").exists()
 
 
 def test_prepare_stdlib_docs_cli(tmp_path):
-    outs = []
-    for i in range(2):
-        out = tmp_path / f"sd{i}"
+    """Two real runs of `prepare --source stdlib-docs`, one per vocabulary, in processes of their own (so
+    a salted hash would show): the same text, byte for byte, in every split; prose; 90/5/5 by document."""
+    outs = {}
+    for vocab in ("bytes", "chars"):
+        out = tmp_path / f"sd-{vocab}"
         t = time.monotonic()
-        r = cli("prepare", "--source", "stdlib-docs", "--out", out)
+        r = cli("prepare", "--source", "stdlib-docs", "--out", out, "--vocab", vocab)
         took = time.monotonic() - t
         assert r.returncode == 0, r.stderr
         assert took < 30, took
-        outs.append(out)
-    meta = json.loads((outs[0] / "meta.json").read_text())
+        outs[vocab] = Corpus(out)
+    meta = json.loads((tmp_path / "sd-bytes" / "meta.json").read_text())
     total = sum(s["bytes"] for s in meta["splits"].values())
     assert 500_000 < total < 5_000_000, total
     train = meta["splits"]["train"]["bytes"]
     assert 0.8 < train / total < 0.97  # ~90/5/5 by document
-    for s in ("train", "valid", "test"):
-        a, b = (o / f"{s}.bin" for o in outs)
-        assert a.read_bytes() == b.read_bytes()
-    text = (outs[0] / "train.bin").read_bytes().decode("utf-8")
+    b, c = outs["bytes"], outs["chars"]
+    assert c.vocab.kind == "chars"
+    for s in ("train", "valid", "test"):  # the chars corpus decodes to the bytes corpus's exact bytes
+        assert c.vocab.decode(c.split(s)).encode("utf-8") == b.split(s).tobytes()
+        assert c.meta["splits"][s]["sha256"] == b.meta["splits"][s]["sha256"]
+    text = b.split("train").tobytes().decode("utf-8")
     assert "Return" in text and text.count("\n\n") > 1000  # prose, many documents
-    out = tmp_path / "sd-chars"
-    r = cli("prepare", "--source", "stdlib-docs", "--out", out, "--vocab", "chars")
-    assert r.returncode == 0, r.stderr
-    c = Corpus(out)
-    assert c.vocab.kind == "chars" and c.vocab.decode(c.split("train")) == text
 
 
 # ------------------------------------------------------------------------------------------ corpus
@@ -472,10 +493,12 @@ def test_eval_on_a_memmap_with_partial_last_window(tmp_path):
 
 
 def test_the_training_path_imports_nothing_of_preparation():
-    """Reading (corpus, streams) is apart from preparing (prepare, wikitext): the trainer loads only the former."""
+    """Reading (corpus, streams) is apart from preparing (prepare, sources): the trainer loads only the former."""
     code = ("import sys, lstm_dist.train, lstm_dist.evaluate, lstm_dist.generate; "
-            "print(sorted(m for m in sys.modules if m in ('lstm_dist.prepare', 'lstm_dist.wikitext', 'lstm_dist.data')))")
+            "print(sorted(m for m in sys.modules if m.startswith('lstm_dist.data')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    loaded = ast.literal_eval(proc.stdout)
+    assert "lstm_dist.data.corpus" in loaded and "lstm_dist.data.streams" in loaded, loaded
+    assert not {"lstm_dist.data.prepare", "lstm_dist.data.sources", "lstm_dist.data.__main__"} & set(loaded), loaded

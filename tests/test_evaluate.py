@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, child_env, make_text, prepare_corpus, run_train
+from conftest import TINY, child_env, make_text, prepare_corpus
 from lstm_dist.training.checkpoint import list_checkpoints
 from lstm_dist.data.corpus import Corpus
 from lstm_dist.data.streams import eval_segments
@@ -23,13 +23,23 @@ from lstm_dist.inference.load import load_model
 
 def trained_run(tmp_path_factory, vocab: str) -> Path:
     """The run directory of a real 2-step training run on a tiny corpus with `vocab`; trained once per
-    session (the directory under the session's base temp is reused by every test file)."""
+    session (the directory under the session's base temp is reused by every test file), by the real
+    trainer's main() in this process, as `python -m lstm_dist.train` runs it (the real command line
+    is proven by the launch tests; here it would only add a second import of torch)."""
+    from lstm_dist import train
+
     root = tmp_path_factory.getbasetemp() / f"tiny-run-{vocab}"
     run_dir = root / "runs" / "tiny"
     if not list_checkpoints(run_dir):
         corpus = prepare_corpus(root / "corpus", vocab=vocab)
-        run_train(1, *TINY, f"data.path={corpus}", f"run.dir={root / 'runs'}", "run.name=tiny", "train.steps=2",
-                  cwd=root)
+        argv = [*TINY, f"data.path={corpus}", f"run.dir={root / 'runs'}", "run.name=tiny", "train.steps=2"]
+        threads = torch.get_num_threads()
+        try:
+            with pytest.raises(SystemExit) as done:
+                run_cli(train.main, argv)
+        finally:
+            torch.set_num_threads(threads)  # the trainer sets its own; the rest of the session keeps ours
+        assert done.value.code == 0 and list_checkpoints(run_dir), f"training exited {done.value.code}"
     return run_dir
 
 
@@ -54,7 +64,7 @@ def chars_run(tmp_path_factory) -> Path:
 
 def reference_bits(model, ids: np.ndarray, streams: int) -> float:
     """Σ -log2 p(x_t | x_<t) computed directly: each evaluation segment (the same cut as
-    data.eval_segments) as one whole sequence at batch 1 from a zero state, summed in float64."""
+    data.streams.eval_segments) as one whole sequence at batch 1 from a zero state, summed in float64."""
     ids = np.asarray(ids, dtype=np.int64)
     bounds = eval_segments(len(ids), streams)
     total = 0.0
@@ -193,6 +203,7 @@ def test_text_that_is_not_utf8_is_refused_with_either_vocabulary_as_prepare_refu
 def test_bad_input_ends_in_one_line(capsys, bytes_run, chars_run, tmp_path, text_file):
     ck = str(bytes_run)
     assert "does not exist" in user_error(capsys, "--checkpoint", str(tmp_path / "nowhere"))
+    assert "missing.pt" in user_error(capsys, "--checkpoint", str(tmp_path / "missing.pt"))
     (tmp_path / "empty_run").mkdir()
     assert "holds no checkpoints" in user_error(capsys, "--checkpoint", str(tmp_path / "empty_run"))
     bad = tmp_path / "bad.pt"
@@ -205,7 +216,11 @@ def test_bad_input_ends_in_one_line(capsys, bytes_run, chars_run, tmp_path, text
     other = load_model(chars_run).cfg.data.path  # a corpus with another vocabulary
     assert "vocabulary" in user_error(capsys, "--checkpoint", ck, "--data", other)
     assert "does not exist" in user_error(capsys, "--checkpoint", ck, "--data", str(tmp_path / "no-corpus"))
-    assert "--batch" in user_error(capsys, "--checkpoint", ck, "--text", str(text_file), "--batch", "0")
+    # the options that stand for settings of the run follow those settings' rules
+    assert user_error(capsys, "--checkpoint", ck, "--text", str(text_file), "--batch", "0") == "error: --batch must be > 0, got 0\n"
+    assert user_error(capsys, "--checkpoint", ck, "--bptt", "-1").startswith("error: --bptt must be > 0, got -1")
+    assert user_error(capsys, "--checkpoint", ck, "--threads", "-2") == \
+        "error: --threads must be >= 0 (0 divides the cores among the local processes), got -2\n"
     assert "--split" in user_error(capsys, "--checkpoint", ck, "--split", "train")
     one = tmp_path / "one.txt"
     one.write_text("a")
@@ -213,14 +228,15 @@ def test_bad_input_ends_in_one_line(capsys, bytes_run, chars_run, tmp_path, text
 
 
 def evaluate_cmd(nproc: int, *argv: str) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, "-m", "lstm_dist.evaluate", *argv]
+    """The real command under torchrun with `nproc` processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "lstm_dist.evaluate", *argv]
 
 
 @pytest.mark.slow
 def test_two_processes_sum_to_the_same_bits_as_one(capsys, bytes_run, text_file, tmp_path):
+    """The real command line too (`torchrun ... -m lstm_dist.evaluate`): exit 0 and one JSON line from
+    rank 0; its one-line errors and plain output are proven in this process, by the same main()."""
     model = load_model(bytes_run).model
     ids = np.frombuffer(text_file.read_bytes(), dtype=np.uint8)
     argv = ["--checkpoint", str(bytes_run), "--text", str(text_file), "--bptt", "7", "--json", "--device", "cpu"]
@@ -234,16 +250,6 @@ def test_two_processes_sum_to_the_same_bits_as_one(capsys, bytes_run, text_file,
     assert two["world"] == 2 and two["chars"] == one["chars"] == len(ids) - 1
     assert two["bits"] == pytest.approx(one["bits"], rel=1e-6)
     assert two["bits"] == pytest.approx(reference_bits(model, ids, streams=4), rel=1e-5)
-
-
-@pytest.mark.slow
-def test_the_real_command_line(bytes_run, tmp_path):
-    ok = subprocess.run(evaluate_cmd(1, "--checkpoint", str(bytes_run), "--split", "test"), cwd=tmp_path,
-                        env=child_env(), capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0 and ok.stdout.startswith("test split of ") and "bits per byte" in ok.stdout, ok.stderr
-    bad = subprocess.run(evaluate_cmd(1, "--checkpoint", str(tmp_path / "missing.pt")), cwd=tmp_path,
-                         env=child_env(), capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "missing.pt" in bad.stderr
 
 
 def test_max_windows_caps_each_rank_to_its_first_windows(bytes_run):

@@ -112,7 +112,9 @@ def test_ids_come_out_in_chunks_as_they_are_made(bytes_run):
     model = load_model(bytes_run).model
     chunks = list(generate(model, [65], 30, emit_every_s=0.0))
     assert [tuple(c.shape) for c in chunks] == [(1, 1)] * 30
-    assert sum(c.shape[0] for c in list(generate(model, [65], 2500))) == 2500
+    # past the 1,024-row buffer: it is emitted when full and filled again from its start
+    chunks = list(generate(model, [65], 1100, emit_every_s=60.0))
+    assert [c.shape[0] for c in chunks] == [1024, 76]
 
 
 def test_sample_text_for_the_training_log_leaves_the_model_mode_and_the_global_rng_alone(chars_run):
@@ -159,12 +161,12 @@ def test_text_streams_and_matches_the_whole_decoding(bytes_run, monkeypatch, cap
     prompt = "naïve café ☃ the"
     rec = Recorder()
     monkeypatch.setattr(sys, "stdout", rec)
-    assert main(["--checkpoint", str(bytes_run), "--prompt", prompt, "--length", "2500", "--seed", "4"]) == 0
+    assert main(["--checkpoint", str(bytes_run), "--prompt", prompt, "--length", "1100", "--seed", "4"]) == 0
     monkeypatch.undo()
     assert rec.flushed[0] == prompt  # the prompt shows before any character is drawn
-    assert len(rec.flushed) >= 4  # then the text arrives in pieces (at most 1024 characters each)
+    assert len(rec.flushed) >= 3  # then the text arrives in pieces (at most 1024 characters each)
     model = load_model(bytes_run).model
-    ids = ids_of(model, list(prompt.encode()), 2500, seed=4, temperature=0.8)[:, 0].tolist()  # the CLI default
+    ids = ids_of(model, list(prompt.encode()), 1100, seed=4, temperature=0.8)[:, 0].tolist()  # the CLI default
     assert rec.getvalue() == prompt + bytes(ids).decode("utf-8", errors="replace") + "\n"
     assert "characters" in capsys.readouterr().err  # the speed line goes to stderr
 

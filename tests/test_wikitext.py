@@ -230,9 +230,10 @@ def test_zip_without_the_wikitext_layout(tmp_path):
 
 def test_stdlib_docs_is_deterministic_prose(tmp_path):
     # (byte-identical output across runs and its size are checked through the CLI in test_data.py)
-    docs = stdlib_documents()
-    assert docs == stdlib_documents(sysconfig.get_paths()["stdlib"])
+    docs = stdlib_documents()  # this interpreter's standard library, parsed once (seconds)
     names = [q for q, _ in docs]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])  # the default root: every document comes from a module there
+    assert {q.split(".")[0] for q in names} <= {p.stem for p in stdlib.iterdir()}
     assert len(set(names)) > 1000
     assert "json.loads" in names and not any(".test." in q or q.startswith("test.") for q in names)
     split_sizes = {s: sum(_split_of(q) == s for q in names) / len(names) for s in ("train", "valid", "test")}

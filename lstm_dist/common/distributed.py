@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lstm_dist.common.errors import EveryRankError, UserError, first_line
+from lstm_dist.config import TrainConfig, choices
 
 T = TypeVar("T")
 
@@ -63,7 +64,9 @@ def read_env() -> tuple[int, int, int, int]:
     return rank, world, local_rank, local_world
 
 
-DEVICES = ("auto", "cpu", "cuda")
+# The values of `train.device`, read from the config (the one place they are written); the command-line
+# tools offer the same ones as `--device`.
+DEVICES = choices("train.device")
 
 
 def master_port() -> int:
@@ -134,9 +137,12 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 
 
 @contextlib.contextmanager
-def setup(device_preference: str = "auto", timeout_minutes: float = 30.0,
+def setup(device_preference: str = TrainConfig.device, timeout_minutes: float = TrainConfig.collective_timeout / 60,
           setting: str = "train.device=") -> Iterator[DistEnv]:
     """Join the process group (when launched by torchrun) and tear it down on every way out.
+
+    `device_preference` is a value of `train.device` (see `pick_device`); `timeout_minutes` is how long a
+    collective waits for the slowest rank, by default `train.collective_timeout`'s default.
 
     Outside torchrun, MASTER_ADDR in the environment also makes a process group (a world of one unless
     RANK/WORLD_SIZE say otherwise); then MASTER_PORT must be set, and a port another program holds is a

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from lstm_dist.common.errors import run_cli
-from lstm_dist.config import add_arguments, load
+from lstm_dist.config.loading import add_arguments, load
 from lstm_dist.config.reference import reference_markdown
 
 

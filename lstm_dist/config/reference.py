@@ -1,4 +1,4 @@
-"""The configuration reference: README's table of every setting, made from `config.py` itself (each
+"""The configuration reference: README's table of every setting, made from `schema.py` itself (each
 field's type, default and the `#:` comment above it). `python -m lstm_dist.config --reference` prints
 it; a test keeps README's copy in step."""
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 import inspect
 from typing import Any, Literal, get_args, get_origin
 
-from lstm_dist.config import Config, _get, _hints, _is_section, leaf_fields
+from lstm_dist.config.schema import Config, is_section, leaf_fields, section_fields, value_at
 
 
 def field_docs() -> dict[str, str]:
-    """Dotted key -> the `#:` comment above the field in this file."""
+    """Dotted key -> the `#:` comment above the field where its section is declared (schema.py)."""
     docs: dict[str, str] = {}
 
     def walk(cls: type, prefix: str) -> None:
@@ -26,8 +26,8 @@ def field_docs() -> dict[str, str]:
                 name = s.split(":", 1)[0].strip()
                 docs[f"{prefix}{name}"] = pending
             pending = ""
-        for name, tp in _hints(cls).items():
-            if _is_section(tp):
+        for name, tp in section_fields(cls).items():
+            if is_section(tp):
                 walk(tp, f"{prefix}{name}.")
 
     walk(Config, "")
@@ -46,7 +46,7 @@ def reference_markdown() -> str:
     rows = ["| key | type | default | what it does |", "| --- | --- | --- | --- |"]
     docs = field_docs()
     for key, tp in leaf_fields().items():
-        value = _get(defaults, key)
+        value = value_at(defaults, key)
         shown = f"`{value}`" if value != "" else '`""`'
         rows.append(f"| `{key}` | {_type_name(tp)} | {shown} | {docs[key]} |")
     return "\n".join(rows) + "\n"

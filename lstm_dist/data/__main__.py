@@ -7,7 +7,7 @@
     python -m lstm_dist.data prepare --source files --train a.txt --valid b.txt --test c.txt --out data/mine
     python -m lstm_dist.data bench --size-mb 540          # open time, batches/s, private memory
 
-Preparation is `lstm_dist.prepare`, reading `lstm_dist.corpus`, the windows `lstm_dist.streams`.
+Preparation is `lstm_dist.data.prepare`, reading `lstm_dist.data.corpus`, the windows `lstm_dist.data.streams`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 
 from lstm_dist.data.corpus import SPLITS, VOCABS, Corpus, Vocab
 from lstm_dist.common.errors import UserError, run_cli
+from lstm_dist.config import DataConfig
 from lstm_dist.data.prepare import prepare
 from lstm_dist.data.sources import SOURCES
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare", help="prepare a corpus directory from a source")
     p.add_argument("--source", required=True, choices=SOURCES, help="where the text comes from")
     p.add_argument("--out", required=True, help="corpus directory to create")
-    p.add_argument("--vocab", default="bytes", choices=VOCABS, help="bytes (uint8, default) or chars (uint16)")
+    p.add_argument("--vocab", default=DataConfig.vocab, choices=VOCABS, help="bytes (uint8, default) or chars (uint16)")
     p.add_argument("--force", action="store_true", help="replace an existing different corpus at --out")
     g = p.add_argument_group("wikitext103")
     g.add_argument("--zip", help="local copy of wikitext-103-raw-v1.zip (no download)")

@@ -1,6 +1,6 @@
 """Reading a prepared corpus directory: its vocabulary and its splits as read-only memmaps.
 
-A corpus directory (made by `lstm_dist.prepare`) holds train.bin, valid.bin, test.bin (the token
+A corpus directory (made by `lstm_dist.data.prepare`) holds train.bin, valid.bin, test.bin (the token
 ids of each split, raw), vocab.json and meta.json. Vocabularies:
 
 - ``bytes`` (default): the 256 byte values of the UTF-8 text. A prepared split is the text's bytes
@@ -37,8 +37,9 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 
 from lstm_dist.common.errors import UserError
+from lstm_dist.config import DataConfig, choices
 
-VOCABS = ("bytes", "chars")
+VOCABS = choices("data.vocab")  # the vocabulary kinds, as the config declares data.vocab's values
 SPLITS = ("train", "valid", "test")
 
 # Where each built-in source lives by default, relative to the working directory. A directory
@@ -46,7 +47,8 @@ SPLITS = ("train", "valid", "test")
 # vocabulary) is recognised by `builtin_source_for`, so a trainer pointed at a missing default
 # directory can prepare it itself. wikitext103 can only be prepared that way when its archive can
 # be downloaded (or is already in the cache).
-DEFAULT_DIRS = {"stdlib-docs": "data/stdlib-docs", "wikitext103": "data/wikitext103"}
+# The stdlib-docs directory is the config's default data.path (written there, read here).
+DEFAULT_DIRS = {"stdlib-docs": DataConfig.path, "wikitext103": "data/wikitext103"}
 CHARS_SUFFIX = "-chars"
 
 

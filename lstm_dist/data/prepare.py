@@ -1,7 +1,7 @@
 """Preparing a corpus directory from a source's text: ``prepare(source, out, vocab=...)``.
 
 Where the text comes from (WikiText-103, the built-in stdlib-docs corpus, files) is
-`lstm_dist.wikitext`; what a corpus directory holds, and reading it, is `lstm_dist.corpus`. This
+`lstm_dist.data.sources`; what a corpus directory holds, and reading it, is `lstm_dist.data.corpus`. This
 module streams each split in chunks, encodes it with the vocabulary, and writes the directory
 atomically. The command line is `python -m lstm_dist.data prepare`.
 """
@@ -21,6 +21,7 @@ import numpy as np
 from lstm_dist import __version__
 from lstm_dist.data.corpus import SPLITS, VOCABS, Vocab, code_points, utf8_chunks
 from lstm_dist.common.errors import UserError
+from lstm_dist.config import DataConfig
 from lstm_dist.data.sources import SplitInput, source_inputs
 
 # Read/encode granularity: bounds peak memory whatever the file size. Kept small (well under glibc's
@@ -29,7 +30,7 @@ CHUNK_BYTES = 2 << 20
 
 def _decoded_chunks(inp: SplitInput) -> Iterator[tuple[bytes, str]]:
     """(raw chunk, its text) in order, read the one way all outside text is read
-    (`lstm_dist.corpus.utf8_chunks`: strict UTF-8, CR and a BOM kept as characters); invalid UTF-8
+    (`lstm_dist.data.corpus.utf8_chunks`: strict UTF-8, CR and a BOM kept as characters); invalid UTF-8
     becomes a UserError naming the input and the byte offset."""
     stream: BinaryIO = inp.open()
     try:
@@ -93,14 +94,14 @@ def _same_corpus(a: dict, b: dict) -> bool:
     return key(a) == key(b)
 
 
-def prepare(source: str, out: str | os.PathLike, vocab: str = "bytes", force: bool = False,
+def prepare(source: str, out: str | os.PathLike, vocab: str = DataConfig.vocab, force: bool = False,
             quiet: bool = False, **source_options) -> Path:
     """Prepare `source` into the corpus directory `out` and return its path.
 
     Writes train.bin/valid.bin/test.bin, vocab.json and meta.json into a temporary directory next
     to `out` and renames it into place, so a failed run leaves no half corpus. If `out` already
     holds the same corpus (same input hashes and vocabulary) it is kept as is; a different one is
-    replaced only with `force=True`. `source_options` go to `lstm_dist.wikitext.source_inputs`.
+    replaced only with `force=True`. `source_options` go to `lstm_dist.data.sources.source_inputs`.
     Call it on one process per machine: concurrent calls are safe but do the work twice.
     """
     if vocab not in VOCABS:

@@ -3,7 +3,7 @@ or any three UTF-8 files.
 
 Every source answers the same question, "how do I read the train/valid/test text as bytes?", with a
 `SplitInput` per split: a name for messages and `meta.json`, and a function that opens a binary
-stream. Nothing here encodes or stores tokens; that is `lstm_dist.prepare`'s job, which reads
+stream. Nothing here encodes or stores tokens; that is `lstm_dist.data.prepare`'s job, which reads
 these streams in chunks so a 540 MB split never sits in memory.
 
 Sources:
@@ -18,7 +18,7 @@ Sources:
   and split by a stable hash of each document's qualified name (about 90/5/5). The same Python gives
   the same bytes on every run.
 - ``files``: ``--train FILE --valid FILE --test FILE``, any UTF-8 text, read verbatim as every text
-  from outside is (`lstm_dist.corpus.utf8_chunks`): a CR and a leading byte-order mark are characters.
+  from outside is (`lstm_dist.data.corpus.utf8_chunks`): a CR and a leading byte-order mark are characters.
 """
 
 from __future__ import annotations

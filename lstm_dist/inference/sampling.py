@@ -55,6 +55,8 @@ def outside_top_p(sorted_scaled_logits: torch.Tensor, top_p: float) -> torch.Ten
 
 
 SETTING_NAMES = ("temperature", "top_k", "top_p")
+# The temperature of the samples in the training log and of `generate` unless --temperature says otherwise.
+DEFAULT_TEMPERATURE = 0.8
 
 
 def check_settings(temperature: float, top_k: int, top_p: float, names: tuple[str, str, str] = SETTING_NAMES) -> None:
@@ -182,10 +184,10 @@ class TextDecoder:
         return self._utf8.decode(bytes(ids), final=final)
 
 
-def sample_text(model: torch.nn.Module, vocab, prompt: str, length: int, *, temperature: float = 0.8,
+def sample_text(model: torch.nn.Module, vocab, prompt: str, length: int, *, temperature: float = DEFAULT_TEMPERATURE,
                 seed: int = 0) -> str:
     """One sample as text (used for the training log): the `length` ids after `prompt`, decoded.
-    The prompt is taken as given (`lstm_dist.corpus.text_from_string`), as `generate --prompt` takes
+    The prompt is taken as given (`lstm_dist.data.corpus.text_from_string`), as `generate --prompt` takes
     it; characters a chars vocabulary lacks become its unknown id (`sample_prompt_note` says which)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
