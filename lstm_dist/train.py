@@ -37,7 +37,7 @@ from lstm_dist.common.atomic import atomic_write_text
 from lstm_dist.common.distributed import setup
 from lstm_dist.common.errors import EXIT_USER_ERROR, EveryRankError, UserError, print_error, run_cli
 from lstm_dist.training import lr_rule
-from lstm_dist.training.loop import Trainer, open_metrics  # noqa: F401  (tests/test_metrics.py imports open_metrics from here)
+from lstm_dist.training.loop import Trainer
 from lstm_dist.training.stopping import EXIT_NONFINITE, NonFiniteStop, Preemption
 
 

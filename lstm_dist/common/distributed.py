@@ -129,13 +129,6 @@ def cpu_threads(requested: int, local_world: int) -> int:
     return requested or max(1, len(os.sched_getaffinity(0)) // local_world)
 
 
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when asked for; on the CPU (or without `bf16`) full precision."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @contextlib.contextmanager
 def setup(device_preference: str = TrainConfig.device, timeout_minutes: float = TrainConfig.collective_timeout / 60,
           setting: str = "train.device=") -> Iterator[DistEnv]:

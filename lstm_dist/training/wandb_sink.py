@@ -180,6 +180,8 @@ class WandbSink:
                 pass
 
     def log_text(self, step: int, key: str, text: str) -> None:
+        if self.run is None:  # disabled (or fallen back to disabled): nothing to log, and no wandb import (~0.5 s)
+            return
         import wandb
 
         panel = lambda: wandb.Html(f"<pre>{html.escape(text)}</pre>", inject=False)  # noqa: E731
