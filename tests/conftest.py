@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import io
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from lstm_dist.common.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,9 +127,78 @@ def run_group(cmd: list[str], cwd: Path, env: dict | None = None,
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(nproc: int, *overrides: str, cwd: Path, env: dict | None = None,
+              timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """`nproc` training processes started directly, as torchrun's workers are (RANK, WORLD_SIZE,
+    LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT in their environment), without torchrun itself: the
+    same code path in every rank for one process fewer (torchrun's own start-up costs as much CPU as a
+    rank's). For tests of training, not of torchrun; those launch torchrun (`train_cmd`). stdout and
+    stderr are the ranks', rank 0's first; the status is the first non-zero one. A launch that runs over
+    `timeout` has every rank's process group killed and fails the test."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        rank_env = {**(env or child_env()), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", "lstm_dist.train", *overrides], cwd=cwd, env=rank_env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    try:  # read every rank's pipes at once: a rank blocked on a full pipe would stall the others' collectives
+        with concurrent.futures.ThreadPoolExecutor(nproc) as pool:
+            outs = list(pool.map(lambda p: finish(p, timeout), procs))
+    finally:
+        for proc in procs:  # a rank left waiting for one that failed its launch
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    code = next((p.returncode for p in procs if p.returncode != 0), 0)
+    return subprocess.CompletedProcess(["lstm_dist.train", *overrides], code, "".join(o for o, _ in outs),
+                                       "".join(e for _, e in outs))
+
+
+def train_here(*overrides: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m lstm_dist.train OVERRIDES` run by its real main() in this process, in `cwd`, with
+    `env` added to the environment: its status, stdout and stderr as a subprocess's would be. For a
+    one-process run whose command line the launch tests already prove: a process of its own would only
+    import torch again (seconds of CPU). What the trainer changes for the process (torch's threads, the
+    working directory, the environment) is put back."""
+    from lstm_dist import train
+
+    out, err = io.StringIO(), io.StringIO()
+    threads, here, saved = torch.get_num_threads(), os.getcwd(), dict(os.environ)
+    os.environ.update(env or {})
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                run_cli(train.main, list(overrides))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["lstm_dist.train", *overrides], code, out.getvalue(), err.getvalue())
+
+
 def run_train(nproc: int, *overrides: str, cwd: Path, timeout: float = LAUNCH_TIMEOUT,
               check: bool = True) -> subprocess.CompletedProcess:
-    proc = run_group(train_cmd(nproc, *overrides), cwd=cwd, timeout=timeout)
+    """A training run: 1 in this process (`train_here`), n > 1 ranks started directly (`run_ranks`),
+    -n under torchrun (`train_cmd`: the path a job takes, a process group even for one process)."""
+    if nproc == 1:
+        proc = train_here(*overrides, cwd=cwd)
+    elif nproc > 1:
+        proc = run_ranks(nproc, *overrides, cwd=cwd, timeout=timeout)
+    else:
+        proc = run_group(train_cmd(nproc, *overrides), cwd=cwd, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc

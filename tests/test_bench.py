@@ -8,16 +8,33 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lstm_dist.bench.__main__ import main
+from lstm_dist.common.errors import run_cli
 from lstm_dist.bench.layers import format_table, window_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
+    """The real `python -m lstm_dist.bench ARGS`, a process of its own."""
     return subprocess.run([sys.executable, "-m", "lstm_dist.bench", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
+
+
+def bench_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`python -m lstm_dist.bench ARGS` through its main() in this process (`run_cli`, as the command
+    runs it): the real command line is proven by the test above; a process here would only import torch again."""
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as done:
+            run_cli(main, list(args))
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, done.value.code, out, err)
 
 
 def test_bench_json_through_the_entry_point():
@@ -69,14 +86,14 @@ def test_table_shows_mfu_on_cuda_only():
     (["--batch", "0"], "--batch must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
 ])
-def test_bad_options_end_in_one_line(args, needle):
-    proc = run_bench(*args)
+def test_bad_options_end_in_one_line(args, needle, capsys):
+    proc = bench_here(capsys, *args)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {needle}, got 0"]
 
 
-def test_train_bench_times_both_models_at_every_shape_asked():
-    proc = run_bench("--train", "--shape", "1,8,4,2", "--shape", "2,8,4,3", "--bptt", "5", "--vocab", "7",
+def test_train_bench_times_both_models_at_every_shape_asked(capsys):
+    proc = bench_here(capsys, "--train", "--shape", "1,8,4,2", "--shape", "2,8,4,3", "--bptt", "5", "--vocab", "7",
                      "--repeats", "2", "--warmup", "1", "--threads", "1", "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
@@ -89,8 +106,8 @@ def test_train_bench_times_both_models_at_every_shape_asked():
     assert r["worst_ratio"] == max(row["ratio"] for row in r["rows"])
 
 
-def test_train_bench_rejects_a_malformed_shape_in_one_line():
-    proc = run_bench("--train", "--shape", "2,512,128")
+def test_train_bench_rejects_a_malformed_shape_in_one_line(capsys):
+    proc = bench_here(capsys, "--train", "--shape", "2,512,128")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --shape expects layers,hidden,embedding,batch, got '2,512,128'; try --shape 2,512,128,64"]

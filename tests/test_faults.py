@@ -2,8 +2,11 @@
 checkpoints, a full disk, a failing rank, W&B out of reach, a run directory that is not shared or that
 another live run holds, a signal or a non-finite loss on one rank only.
 
-Faults are placed exactly with LSTM_DIST_FAULT (lstm_dist/faults.py); every launch runs in its own
-process group with a timeout well under a minute, and the group is killed if it runs over.
+Faults are placed exactly with LSTM_DIST_FAULT (lstm_dist/common/faults.py). What torchrun or a launch
+script does about a failing rank goes through them; what the ranks agree on among themselves runs as
+ranks started directly (conftest.run_ranks); a one-process run that the fault does not kill runs in this
+process (conftest.train_here). Every launch runs in its own process group with a timeout, and the
+group is killed if it runs over.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCH_TIMEOUT, ROOT, TINY, child_env, load_ckpt, losses, read_metrics, run_group
+from conftest import LAUNCH_TIMEOUT, ROOT, TINY, child_env, load_ckpt, losses, read_metrics, run_group, run_ranks, train_here
 
 pytestmark = pytest.mark.slow
 IN_CI = os.environ.get("CI") == "true"
@@ -46,6 +49,13 @@ def launch(cmd: list[str], cwd: Path, fault: str | None = None, env: dict | None
            timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     """Run `cmd` in a process group of its own (killed whole if it runs over), with the fault armed."""
     return run_group(cmd, cwd, {**child_env(), **(env or {}), **({"LSTM_DIST_FAULT": fault} if fault else {})}, timeout)
+
+
+def ranks(nproc: int, *args: str, cwd: Path, fault: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`nproc` training processes started without torchrun (conftest.run_ranks), with the fault armed: for
+    what the ranks agree on among themselves. What torchrun does about a rank (restart it, end the others)
+    is tested through torchrun."""
+    return run_ranks(nproc, *args, cwd=cwd, env={**child_env(), **(env or {}), **({"LSTM_DIST_FAULT": fault} if fault else {})})
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -75,9 +85,9 @@ def straight2(tmp_path_factory, tiny_corpus) -> Path:
 
 @pytest.fixture(scope="module")
 def straight1(tmp_path_factory, tiny_corpus) -> Path:
-    """The same on one plain process."""
+    """The same on one process (this one: conftest.train_here)."""
     tmp = tmp_path_factory.mktemp("straight1")
-    ok(launch(python(*overrides(tmp, tiny_corpus, "run", "train.steps=20", "checkpoint.every=5")), cwd=tmp))
+    ok(train_here(*overrides(tmp, tiny_corpus, "run", "train.steps=20", "checkpoint.every=5"), cwd=tmp))
     return tmp / "run"
 
 
@@ -109,7 +119,7 @@ def test_killed_while_writing_a_checkpoint_the_previous_one_survives(tmp_path, t
     assert load_ckpt(cdir / "step_00000005.pt")["step"] == 5
     leftovers = [p.name for p in cdir.iterdir() if ".tmp." in p.name]
     assert bool(leftovers) == (point == "checkpoint-before-rename"), leftovers
-    proc = ok(launch(python(*args), cwd=tmp_path))
+    proc = ok(train_here(*args, cwd=tmp_path))
     assert f"resumed from {cdir / 'step_00000005.pt'} at step 5" in proc.stdout, proc.stdout
     assert not [p.name for p in cdir.iterdir() if ".tmp." in p.name], "a stale temporary file was left behind"
     assert_same(final(tmp_path / "run", 20), final(straight1, 20))
@@ -120,12 +130,12 @@ def test_a_damaged_checkpoint_is_refused_and_auto_falls_back_to_the_previous_one
     newest = tmp_path / "run" / "checkpoints" / "step_00000020.pt"
     newest.write_bytes(b"not a checkpoint, overwritten by something else\n" * 50)
     args = overrides(tmp_path, tiny_corpus, "run", "train.steps=20", "checkpoint.every=5")
-    refused = launch(python(*args, f"checkpoint.resume={newest}"), cwd=tmp_path)
+    refused = train_here(*args, f"checkpoint.resume={newest}", cwd=tmp_path)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
         f"error: checkpoint {newest} cannot be loaded: it is truncated or not a checkpoint (not the zip archive "
         "torch.save writes); use another checkpoint"]
-    proc = ok(launch(python(*args), cwd=tmp_path))
+    proc = ok(train_here(*args, cwd=tmp_path))
     assert f"warning: checkpoint {newest} cannot be loaded" in proc.stdout
     assert "falling back to the previous checkpoint" in proc.stdout
     assert "step_00000015.pt at step 15" in proc.stdout
@@ -193,8 +203,8 @@ def test_a_mistake_one_rank_meets_alone_is_printed_by_that_rank(tmp_path, tiny_c
 
 
 def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path, tiny_corpus):
-    proc = ok(launch(torchrun(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=10")), cwd=tmp_path,
-                     fault="nonfinite:step=5:rank=1"))
+    proc = ok(ranks(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=10"), cwd=tmp_path,
+                    fault="nonfinite:step=5:rank=1"))
     assert proc.stdout.count("non-finite loss or gradient") == 1
     assert "warning: step 5: non-finite loss or gradient" in proc.stdout
     logged = losses(tmp_path / "run")
@@ -281,7 +291,7 @@ def test_a_second_live_run_in_the_same_directory_is_refused_but_a_dead_ones_lock
         while not ((tmp_path / "run" / "metrics.jsonl").exists() and read_metrics(tmp_path / "run")):
             assert time.monotonic() < deadline and first.poll() is None, "the first run did not start training"
             time.sleep(0.2)
-        second = launch(python(*args, "train.steps=5"), cwd=tmp_path)
+        second = train_here(*args, "train.steps=5", cwd=tmp_path)
         assert second.returncode == 2
         assert second.stderr.strip() == (
             f"error: run directory {tmp_path / 'run'} is in use by another run (host {socket.gethostname()}, "
@@ -290,7 +300,7 @@ def test_a_second_live_run_in_the_same_directory_is_refused_but_a_dead_ones_lock
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    ok(launch(python(*args, "train.steps=5"), cwd=tmp_path))  # the dead run's lock does not block
+    ok(train_here(*args, "train.steps=5", cwd=tmp_path))  # the dead run's lock does not block
 
 
 def test_a_rank_that_stops_answering_fails_the_job_after_the_collective_timeout(tmp_path, tiny_corpus):
@@ -303,8 +313,8 @@ def test_a_rank_that_stops_answering_fails_the_job_after_the_collective_timeout(
 
 
 def test_a_rank_that_cannot_compile_makes_every_rank_fall_back_together(tmp_path, tiny_corpus):
-    proc = ok(launch(torchrun(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=2", "model.compile=true")),
-                     cwd=tmp_path, fault="compile-fails:rank=1"))
+    proc = ok(ranks(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=2", "model.compile=true"),
+                    cwd=tmp_path, fault="compile-fails:rank=1"))
     lines = [line for line in proc.stdout.splitlines() if "torch.compile of the LSTM step failed" in line]
     assert lines == ["warning: torch.compile of the LSTM step failed on rank 1 (injected by "
                      "LSTM_DIST_FAULT=compile-fails); every rank runs the eager step"], proc.stdout[-2000:]
@@ -316,8 +326,8 @@ def test_a_rank_without_the_cpu_loops_makes_every_rank_run_the_eager_loops(tmp_p
 
     if cpu_loops.get() is None:
         pytest.skip(f"the C++ loops cannot be built here ({cpu_loops.failure()}); nothing to fall back from")
-    run = lambda name, **kw: ok(launch(torchrun(2, *overrides(tmp_path, tiny_corpus, name, "train.steps=2")),  # noqa: E731
-                                       cwd=tmp_path, **kw))
+    run = lambda name, **kw: ok(ranks(2, *overrides(tmp_path, tiny_corpus, name, "train.steps=2"),  # noqa: E731
+                                      cwd=tmp_path, **kw))
     proc = run("fallback", fault="cpu-loops-fail:rank=1")
     lines = [line for line in proc.stdout.splitlines() if "C++ LSTM loops" in line]
     assert lines == ["warning: the C++ LSTM loops are not available on rank 1 (injected by "

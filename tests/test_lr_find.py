@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import child_env, read_metrics, run_train
+from lstm_dist.common.errors import run_cli
+from lstm_dist.lr_find import main
 
 SMALL = ["model.embedding=16", "model.hidden=64", "model.layers=1", "model.compile=false", "train.batch_size=16",
          "train.bptt=32", "train.device=cpu", "train.threads=1"]
@@ -37,8 +39,18 @@ def suggested(stdout: str) -> float:
     (["--world", "0"], "--world must be at least 1"),
     (["train.nope=1"], "unknown key 'train.nope'"),
 ])
-def test_bad_arguments_end_in_one_line_and_exit_2(tmp_path, args, message):
-    proc = lr_find(*args, cwd=tmp_path)
+def test_bad_arguments_end_in_one_line_and_exit_2(tmp_path, args, message, capsys, monkeypatch):
+    # The first case through the real command line; the others through its main() in this process (a
+    # process each would only import torch again).
+    if args == ["--start", "0"]:
+        proc = lr_find(*args, cwd=tmp_path)
+    else:
+        monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:
+            run_cli(main, list(args))
+        out, err = capsys.readouterr()
+        proc = subprocess.CompletedProcess(args, done.value.code, out, err)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr

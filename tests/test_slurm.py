@@ -2,8 +2,8 @@
 
 The cluster (tests/slurm_cluster.sh) is brought up once for the whole test run, since slurmctld takes
 port 6817 on every address, and torn down at the end whatever happened. Jobs run the real script, the
-real srun and torchrun, and real training processes; their weights are compared with a plain
-`torchrun --standalone` run of the same world size, which must give the same numbers bit for bit.
+real srun and torchrun, and real training processes; their weights are compared with a run of the
+same world size on this machine, which must give the same numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def job_args(corpus: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
 
 
 def standalone(corpus: Path, run_dir: Path, steps: int, *extra: str) -> dict[str, torch.Tensor]:
+    """The final weights of the same run on two processes of this machine (conftest.run_train)."""
     args = job_args(corpus, run_dir, steps, *extra)
     run_train(2, "--config", str(ROOT / args[0]), *args[1:], cwd=run_dir.parent.parent)
     return final_weights(run_dir, steps)
@@ -142,7 +143,7 @@ def standalone(corpus: Path, run_dir: Path, steps: int, *extra: str) -> dict[str
 
 @pytest.fixture(scope="module")
 def plain_60(tmp_path_factory, tiny_corpus) -> dict[str, torch.Tensor]:
-    """The final weights of `torchrun --standalone --nproc_per_node=2` after 60 steps: what every job must match."""
+    """The final weights of two processes on this machine after 60 steps: what every job must match."""
     return standalone(tiny_corpus, tmp_path_factory.mktemp("plain") / "runs" / "plain", 60)
 
 
@@ -313,7 +314,9 @@ def test_scancel_checkpoints_every_rank_and_is_not_requeued(slurm, tmp_path, tin
     info = wait_for(slurm, job, finished, "finished")
     text = log.read_text()
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), text
-    stopped = int(re.search(r"stop requested \(SIGTERM\): checkpointing at step (\d+)", text).group(1))
+    # scancel signals every process of the job; the rank that sees it first decides the step, so rank 0
+    # may say it heard it from another rank
+    stopped = int(re.search(r"stop requested \((?:SIGTERM|on another rank)\): checkpointing at step (\d+)", text).group(1))
     saved = load_ckpt(run_dir / "checkpoints" / f"step_{stopped:08d}.pt")
     assert len({(r["stream"]["epoch"], r["stream"]["window"]) for r in saved["ranks"]}) == 1
     assert text.rstrip().splitlines()[-1].startswith("[slurm/train.sh] stopped by SIGTERM after writing a checkpoint; "
