@@ -170,11 +170,13 @@ def train_here(*overrides: str, cwd: Path, env: dict | None = None) -> subproces
     import torch again (seconds of CPU). What the trainer changes for the process (torch's threads, the
     working directory, the environment) is put back."""
     from lstm_dist import train
+    from lstm_dist.common import faults
 
     out, err = io.StringIO(), io.StringIO()
     threads, here, saved = torch.get_num_threads(), os.getcwd(), dict(os.environ)
     os.environ.update(env or {})
     os.chdir(cwd)
+    faults._spec.cache_clear()  # a process reads LSTM_DIST_FAULT once: this run reads its own
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -185,20 +187,21 @@ def train_here(*overrides: str, cwd: Path, env: dict | None = None) -> subproces
         os.chdir(here)
         os.environ.clear()
         os.environ.update(saved)
+        faults._spec.cache_clear()
         torch.set_num_threads(threads)
     return subprocess.CompletedProcess(["lstm_dist.train", *overrides], code, out.getvalue(), err.getvalue())
 
 
 def run_train(nproc: int, *overrides: str, cwd: Path, timeout: float = LAUNCH_TIMEOUT,
-              check: bool = True) -> subprocess.CompletedProcess:
+              check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """A training run: 1 in this process (`train_here`), n > 1 ranks started directly (`run_ranks`),
     -n under torchrun (`train_cmd`: the path a job takes, a process group even for one process)."""
     if nproc == 1:
-        proc = train_here(*overrides, cwd=cwd)
+        proc = train_here(*overrides, cwd=cwd, env=env)
     elif nproc > 1:
-        proc = run_ranks(nproc, *overrides, cwd=cwd, timeout=timeout)
+        proc = run_ranks(nproc, *overrides, cwd=cwd, timeout=timeout, env=env and {**child_env(), **env})
     else:
-        proc = run_group(train_cmd(nproc, *overrides), cwd=cwd, timeout=timeout)
+        proc = run_group(train_cmd(nproc, *overrides), cwd=cwd, env=env and {**child_env(), **env}, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
@@ -219,6 +222,17 @@ def load_ckpt(path: Path) -> dict:
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     return prepare_corpus(tmp_path_factory.mktemp("corpus") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, tiny_corpus) -> Path:
+    """The run directory of 20 steps on 2 ranks (TINY: 7 windows an epoch, so it crosses epoch boundaries),
+    a checkpoint every 5: what every interrupted, killed or resumed 2-rank run of the tests must end as,
+    bit for bit. Trained once per test session (per pytest-xdist worker)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    run_train(2, *TINY, f"data.path={tiny_corpus}", f"run.dir={tmp}", "run.name=straight", "train.steps=20",
+              "checkpoint.every=5", cwd=tmp)
+    return tmp / "straight"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,7 +26,8 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } >"$out/gpu.txt" 2>&1
 
 status=0
-timeout 150 python -m pytest -m cuda -q -p no:cacheprovider >"$out/cuda_tests.txt" 2>&1 || status=1
+# -o addopts=: in one process, without pyproject's `-n auto` (a GPU machine may lack pytest-xdist)
+timeout 150 python -m pytest -m cuda -q -p no:cacheprovider -o addopts= >"$out/cuda_tests.txt" 2>&1 || status=1
 bench() {  # name, seconds, args...
   local name=$1 limit=$2; shift 2
   timeout "$limit" python -m lstm_dist.bench --device cuda "$@" --json >"$out/$name.json" 2>"$out/$name.err" || status=1

@@ -76,14 +76,6 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight2(tmp_path_factory, tiny_corpus) -> Path:
-    """20 steps on 2 processes with a checkpoint every 5: what an interrupted run must end as."""
-    tmp = tmp_path_factory.mktemp("straight2")
-    ok(launch(torchrun(2, *overrides(tmp, tiny_corpus, "run", "train.steps=20", "checkpoint.every=5")), cwd=tmp))
-    return tmp / "run"
-
-
-@pytest.fixture(scope="module")
 def straight1(tmp_path_factory, tiny_corpus) -> Path:
     """The same on one process (this one: conftest.train_here)."""
     tmp = tmp_path_factory.mktemp("straight1")
@@ -94,7 +86,7 @@ def straight1(tmp_path_factory, tiny_corpus) -> Path:
 # ---------------------------------------------------------------- crashes and kills
 
 
-def test_a_sigkilled_worker_is_restarted_by_torchrun_and_the_run_ends_bit_identical(tmp_path, tiny_corpus, straight2):
+def test_a_sigkilled_worker_is_restarted_by_torchrun_and_the_run_ends_bit_identical(tmp_path, tiny_corpus, straight_run):
     # With torch 2.13, workers restarted by torchrun read their peers' addresses from the first attempt
     # out of the rendezvous store torchrun shares with them, and fail to connect (pytorch/pytorch#135712,
     # #167288); not sharing it is what a user of --max-restarts sets too (README: Faults and bad input).
@@ -102,11 +94,11 @@ def test_a_sigkilled_worker_is_restarted_by_torchrun_and_the_run_ends_bit_identi
                               restarts=1), cwd=tmp_path, fault="kill:step=12:rank=1",
                      env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}))
     assert "resumed from" in proc.stdout and "step_00000010.pt at step 10" in proc.stdout, proc.stdout
-    assert_same(final(tmp_path / "run", 20), final(straight2, 20))
+    assert_same(final(tmp_path / "run", 20), final(straight_run, 20))
     # metrics.jsonl holds every step once: the steps after the checkpoint were dropped and trained again
     steps = [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m]
     assert steps == list(range(1, 21))
-    assert losses(tmp_path / "run") == losses(straight2)
+    assert losses(tmp_path / "run") == losses(straight_run)
 
 
 @pytest.mark.parametrize("point", ["checkpoint-before-rename", "checkpoint-before-latest"])

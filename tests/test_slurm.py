@@ -142,14 +142,15 @@ def standalone(corpus: Path, run_dir: Path, steps: int, *extra: str) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def plain_60(tmp_path_factory, tiny_corpus) -> dict[str, torch.Tensor]:
-    """The final weights of two processes on this machine after 60 steps: what every job must match."""
-    return standalone(tiny_corpus, tmp_path_factory.mktemp("plain") / "runs" / "plain", 60)
+def plain_20(straight_run) -> dict[str, torch.Tensor]:
+    """The final weights of two processes on this machine after 20 steps (conftest.straight_run, the same
+    settings but for its checkpoint cadence, which moves no number): what every job must match."""
+    return final_weights(straight_run, 20)
 
 
 @pytest.mark.slow
-def test_two_nodes_train_like_one_torchrun_and_the_log_ends_cleanly(slurm, tmp_path, tiny_corpus, plain_60):
-    job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, tmp_path / "runs" / "slurm", 60), nproc=1, nodes=2)
+def test_two_nodes_train_like_one_torchrun_and_the_log_ends_cleanly(slurm, tmp_path, tiny_corpus, plain_20):
+    job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, tmp_path / "runs" / "slurm", 20), nproc=1, nodes=2)
     info = wait_for(slurm, job, finished, "finished")
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), text
@@ -159,18 +160,18 @@ def test_two_nodes_train_like_one_torchrun_and_the_log_ends_cleanly(slurm, tmp_p
     # A clean end: no traceback of any node, no error line, and the script's own last word.
     assert "Traceback" not in text and "error" not in text.lower(), text
     assert text.rstrip().splitlines()[-1] == "[slurm/train.sh] training finished"
-    assert_same_weights(final_weights(tmp_path / "runs" / "slurm", 60), plain_60)
+    assert_same_weights(final_weights(tmp_path / "runs" / "slurm", 20), plain_20)
 
 
 @pytest.mark.slow
-def test_the_same_script_runs_two_processes_on_one_node(slurm, tmp_path, tiny_corpus, plain_60):
-    job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, tmp_path / "runs" / "one", 60), nproc=2, nodes=1)
+def test_the_same_script_runs_two_processes_on_one_node(slurm, tmp_path, tiny_corpus, plain_20):
+    job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, tmp_path / "runs" / "one", 20), nproc=2, nodes=1)
     info = wait_for(slurm, job, finished, "finished")
     text = log.read_text()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
     assert "1 node(s) (node1) × 2 process(es)" in text
     assert "(node1: ranks 0-1)" in text
-    assert_same_weights(final_weights(tmp_path / "runs" / "one", 60), plain_60)
+    assert_same_weights(final_weights(tmp_path / "runs" / "one", 20), plain_20)
 
 
 def warn_when_training(slurm_env: dict, job: str, log: Path, run_dir: Path, after_step: int = 20) -> None:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, child_env, load_ckpt, losses, make_text, read_metrics, finish, run_group, run_train, train_cmd
+from conftest import TINY, child_env, load_ckpt, losses, make_text, read_metrics, run_group, run_ranks, run_train, train_cmd
 from lstm_dist.training import checkpoint as ckpt
 from lstm_dist.config import from_dict
 from lstm_dist.training.lr_rule import peak_lr
@@ -60,16 +57,9 @@ def test_two_ranks_of_four_streams_equal_one_rank_of_eight(tmp_path, tiny_corpus
     assert losses(tmp_path / "one")[10] < losses(tmp_path / "one")[1]
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, tiny_corpus):
-    """20 steps on 2 processes, crossing epoch boundaries (7 windows an epoch), checkpoints every 5."""
-    tmp = tmp_path_factory.mktemp("straight")
-    proc = run_train(2, *common(tmp, tiny_corpus, "straight", "train.steps=20", "checkpoint.every=5"), cwd=tmp)
-    return tmp, proc
-
 
 def test_resume_from_half_way_is_bit_identical(tmp_path, tiny_corpus, straight_run):
-    tmp, _ = straight_run
+    tmp = straight_run.parent  # conftest.straight_run: 20 steps, 2 ranks, a checkpoint every 5
     half = tmp / "straight" / "checkpoints" / "step_00000010.pt"
     proc = run_train(2, *common(tmp_path, tiny_corpus, "resumed", "train.steps=20", "checkpoint.every=5",
                                 f"checkpoint.resume={half}"), cwd=tmp_path)
@@ -108,7 +98,7 @@ def test_exact_resume_with_dropout_and_samples_leave_the_training_rng_alone(tmp_
 
 
 def test_auto_resume_continues_a_finished_run_and_falls_back_past_a_bad_checkpoint(tmp_path, tiny_corpus, straight_run):
-    tmp, _ = straight_run
+    tmp = straight_run.parent  # conftest.straight_run: 20 steps, 2 ranks, a checkpoint every 5
     run_dir = tmp_path / "straight"
     import shutil
 
@@ -126,7 +116,7 @@ def test_auto_resume_continues_a_finished_run_and_falls_back_past_a_bad_checkpoi
 
 
 def test_one_process_resumes_a_two_process_checkpoint_with_a_recut(tmp_path, tiny_corpus, straight_run):
-    tmp, _ = straight_run
+    tmp = straight_run.parent  # conftest.straight_run: 20 steps, 2 ranks, a checkpoint every 5
     half = tmp / "straight" / "checkpoints" / "step_00000010.pt"
     proc = run_train(1, *common(tmp_path, tiny_corpus, "single", "train.steps=14", "train.batch_size=3",
                                 f"checkpoint.resume={half}"), cwd=tmp_path)
@@ -138,53 +128,30 @@ def test_one_process_resumes_a_two_process_checkpoint_with_a_recut(tmp_path, tin
     assert len(saved["ranks"]) == 1
 
 
-def test_sigterm_checkpoints_at_a_step_boundary_and_resume_is_exact(tmp_path, tiny_corpus):
-    steps = 200
-    args = common(tmp_path, tiny_corpus, "preempted", f"train.steps={steps}", "checkpoint.every=0")
-    # Through the documented launcher, which forwards the signal to torchrun and exits with the run's status.
-    launcher = [str(ROOT / "launch" / "torchrun.sh"), str(ROOT / "configs" / "smoke.yaml"), *args]
-    proc = subprocess.Popen(launcher, cwd=tmp_path, env={**child_env(), "NPROC": "2"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    metrics = tmp_path / "preempted" / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = finish(proc)
-    files = ckpt.list_checkpoints(tmp_path / "preempted")
-    assert len(files) == 1, out
-    stopped = load_ckpt(files[0])["step"]
-    assert 3 <= stopped < steps, out
-    assert f"checkpointing at step {stopped} and exiting with {EXIT_PREEMPTED}" in out
-    assert proc.returncode == EXIT_PREEMPTED, out
-    assert sorted(losses(tmp_path / "preempted")) == list(range(1, stopped + 1))
+def test_a_stop_signal_checkpoints_at_a_step_boundary_and_resume_is_exact(tmp_path, tiny_corpus, straight_run):
+    """A stop signal on one rank (LSTM_DIST_FAULT=preempt: SIGUSR1 to itself after step 7, as a scheduler
+    sends it) stops every rank at the next step boundary with a checkpoint and exit 75; resumed, the run
+    ends bit for bit as the one never stopped (conftest.straight_run, the same settings). A signal from
+    outside, through the launch scripts and Slurm: tests/test_launch.py, tests/test_slurm.py."""
+    args = common(tmp_path, tiny_corpus, "preempted", "train.steps=20", "checkpoint.every=5")
+    proc = run_ranks(2, *args, cwd=tmp_path, env={**child_env(), "LSTM_DIST_FAULT": "preempt:step=7:rank=1"})
+    assert proc.returncode == EXIT_PREEMPTED, proc.stdout + proc.stderr
+    assert f"checkpointing at step 8 and exiting with {EXIT_PREEMPTED}" in proc.stdout, proc.stdout
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "preempted")] == ["step_00000005.pt", "step_00000008.pt"]
+    assert sorted(losses(tmp_path / "preempted")) == list(range(1, 9))
 
     # A plain process (world of one, as under srun without torchrun) exits with the code itself.
-    single = subprocess.Popen(train_cmd(1, *common(tmp_path, tiny_corpus, "single", f"train.steps={steps}",
-                                                    "checkpoint.every=0")),
-                              cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    m1 = tmp_path / "single" / "metrics.jsonl"
-    while not (m1.exists() and len(m1.read_text().splitlines()) >= 2):
-        assert single.poll() is None, single.stdout.read()
-        time.sleep(0.05)
-    single.send_signal(signal.SIGUSR1)
-    finish(single)
-    assert single.returncode == EXIT_PREEMPTED
+    single = run_train(1, *common(tmp_path, tiny_corpus, "single", "train.steps=20", "checkpoint.every=0"),
+                       cwd=tmp_path, check=False, env={"LSTM_DIST_FAULT": "preempt:step=2"})
+    assert single.returncode == EXIT_PREEMPTED and "checkpointing at step 3" in single.stdout, single.stdout
 
-    # Resume the preempted run (same settings) to the end and compare with a run never stopped.
-    smoke = ["--config", str(ROOT / "configs" / "smoke.yaml")]
-    run_train(2, *smoke, *args, cwd=tmp_path)
-    run_train(2, *smoke, *common(tmp_path, tiny_corpus, "uninterrupted", f"train.steps={steps}", "checkpoint.every=0"),
-              cwd=tmp_path)
-    a = load_ckpt(tmp_path / "preempted" / "checkpoints" / f"step_{steps:08d}.pt")
-    b = load_ckpt(tmp_path / "uninterrupted" / "checkpoints" / f"step_{steps:08d}.pt")
+    # Resume the preempted run (same settings) to the end: the run never stopped, bit for bit.
+    proc = run_train(2, *args, cwd=tmp_path)
+    assert f"resumed from {tmp_path / 'preempted' / 'checkpoints' / 'step_00000008.pt'} at step 8" in proc.stdout
+    a = load_ckpt(tmp_path / "preempted" / "checkpoints" / "step_00000020.pt")
+    b = load_ckpt(straight_run / "checkpoints" / "step_00000020.pt")
     assert_same_state(a, b, exact=True)
-    la, lb = losses(tmp_path / "preempted"), losses(tmp_path / "uninterrupted")
-    assert la == lb
+    assert losses(tmp_path / "preempted") == losses(straight_run)
 
 
 class _RunsCode:
@@ -214,7 +181,7 @@ def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path, tiny_co
 
 
 def test_a_checkpoint_of_another_model_is_one_line(tmp_path, tiny_corpus, straight_run):
-    tmp, _ = straight_run
+    tmp = straight_run.parent  # conftest.straight_run: 20 steps, 2 ranks, a checkpoint every 5
     half = tmp / "straight" / "checkpoints" / "step_00000010.pt"
     proc = run_train(1, *common(tmp_path, tiny_corpus, "other", "train.steps=2", "model.hidden=48",
                                 f"checkpoint.resume={half}"), cwd=tmp_path, check=False)
@@ -247,7 +214,7 @@ def test_a_resumed_run_lists_every_changed_setting_and_an_extended_run_keeps_its
     20 -> 30) and changing the clipping are each one line; the rate goes on from the one in force
     (no jump: recomputing the cosine over 30 steps would restart it high); the anchor is part of the
     run's state, so a later resume follows it bit for bit; `recompute` is there and says so."""
-    tmp, _ = straight_run
+    tmp = straight_run.parent  # conftest.straight_run: 20 steps, 2 ranks, a checkpoint every 5
     end = tmp / "straight" / "checkpoints" / "step_00000020.pt"
     was = {m["step"]: m["lr"] for m in read_metrics(tmp / "straight") if "lr" in m}[20]
     # one process × 8 streams (the same 8 streams as 2 × 4, re-cut): plain python, seconds cheaper than torchrun
