@@ -80,7 +80,7 @@ def train_cmd(nproc: int, *overrides: str) -> list[str]:
 LAUNCH_TIMEOUT = 120.0
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below `pid` (children's children too), from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -106,7 +106,7 @@ def finish(proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> tuple[str
     except subprocess.TimeoutExpired:
         # The group, and every descendant that left it (torchrun starts its workers in sessions of their
         # own): one of those would hold the pipes open and communicate() would wait for ever.
-        stray = _descendants(proc.pid)
+        stray = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
         for pid in stray:
             try:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCH_TIMEOUT, ROOT, TINY, child_env, load_ckpt, losses, read_metrics, run_group, run_ranks, train_here
+from conftest import LAUNCH_TIMEOUT, ROOT, TINY, child_env, free_port, load_ckpt, losses, read_metrics, run_group, run_ranks, train_here
 
 pytestmark = pytest.mark.slow
 IN_CI = os.environ.get("CI") == "true"
@@ -239,12 +239,6 @@ def test_wandb_out_of_reach_trains_on_offline_with_one_warning(tmp_path, tiny_co
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "the run was not logged offline"
     assert elapsed < TIMEOUT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_run_directory_the_nodes_do_not_share_is_refused(tmp_path, tiny_corpus):

@@ -10,20 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import LAUNCH_TIMEOUT, ROOT, TINY, child_env, load_ckpt, read_metrics, run_group
+from conftest import LAUNCH_TIMEOUT, ROOT, TINY, child_env, descendants, free_port, load_ckpt, read_metrics, run_group
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_by_hand_train_like_one_node_with_two_processes(tmp_path, tiny_corpus, straight_run):
@@ -83,23 +76,6 @@ def test_a_user_error_through_the_launcher_is_one_line_and_its_status(tmp_path):
 
 
 # ------------------------------------------------------------------ stopping a launcher
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun's workers run in sessions of their own: a killpg misses them)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
