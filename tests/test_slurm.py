@@ -26,8 +26,7 @@ CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
 SCRIPTS = [ROOT / "slurm" / "train.sh", CLUSTER, ROOT / "tests" / "gpu_check.sh", *sorted((ROOT / "launch").glob("*.sh"))]
 IN_CI = os.environ.get("CI") == "true"
 # One cluster per machine (slurmctld takes port 6817, the namespaces have fixed names): every test of
-# this file runs on the same pytest-xdist worker, one after another.
-pytestmark = pytest.mark.xdist_group("slurm")
+# this file runs on the same pytest-xdist worker, one after another (pyproject: --dist loadfile).
 
 
 def skip_or_fail(reason: str):
