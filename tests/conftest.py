@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import concurrent.futures
+import atexit
 import contextlib
+import importlib
 import io
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -134,33 +140,157 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(nproc: int, *overrides: str, cwd: Path, env: dict | None = None,
-              timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
-    """`nproc` training processes started directly, as torchrun's workers are (RANK, WORLD_SIZE,
-    LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT in their environment), without torchrun itself: the
-    same code path in every rank for one process fewer (torchrun's own start-up costs as much CPU as a
-    rank's). For tests of training, not of torchrun; those launch torchrun (`train_cmd`). stdout and
-    stderr are the ranks', rank 0's first; the status is the first non-zero one. A launch that runs over
-    `timeout` has every rank's process group killed and fails the test."""
-    port = str(free_port())
-    procs = []
-    for rank in range(nproc):
-        rank_env = {**(env or child_env()), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-m", "lstm_dist.train", *overrides], cwd=cwd, env=rank_env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True))
-    try:  # read every rank's pipes at once: a rank blocked on a full pipe would stall the others' collectives
-        with concurrent.futures.ThreadPoolExecutor(nproc) as pool:
-            outs = list(pool.map(lambda p: finish(p, timeout), procs))
+# ---------------------------------------------------------------- processes of our entry points, forked
+#
+# Most of a tiny run's process is interpreter start-up: importing torch (~2.5 s of CPU here) and
+# torch._dynamo (~2.3 s more: torch.optim's step imports it). A test that needs separate processes of
+# an entry point (the ranks of a run, a process a fault kills) gets them forked from a server that
+# imported those once per pytest worker (multiprocessing's fork server: a clean single-threaded
+# process, not the pytest worker). Each is a real process of its own, with its own pid, session,
+# environment, working directory, stdout and stderr, running the entry point's real main() through
+# run_cli exactly as `python -m lstm_dist.X` does; only the imports are shared. The command lines
+# themselves, torchrun and the launch scripts are tested as they are, in processes started from scratch.
+
+_FORK = multiprocessing.get_context("forkserver")
+_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "lstm_dist.train", "lstm_dist.evaluate", "conftest"]
+
+
+def _entry_main(module: str, argv: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    """In the forked process: become what `python -m MODULE ARGV` is (a session of its own, `cwd`, exactly
+    `env`, stdout and stderr to the files `out` and `err`, unbuffered), run the module's main() through
+    run_cli, and exit as the interpreter would: status of SystemExit, 1 and the traceback for any other
+    exception, atexit handlers run."""
+    os.setsid()
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, errors="backslashreplace")
+    sys.argv = [module, *argv]
+    try:
+        run_cli(importlib.import_module(module).main, list(argv))
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
+def _fork_server_started() -> None:
+    """The fork server of this pytest worker, with torch and our entry points imported (once; ~5 s)."""
+    if getattr(_fork_server_started, "done", False):
+        return
+    _FORK.set_forkserver_preload(_PRELOAD)
+    saved = dict(os.environ)
+    os.environ.update(child_env())  # what the server's imports see (OpenMP reads OMP_NUM_THREADS on loading)
+    try:
+        multiprocessing.forkserver.ensure_running()
     finally:
-        for proc in procs:  # a rank left waiting for one that failed its launch
+        os.environ.clear()
+        os.environ.update(saved)
+    _fork_server_started.done = True
+
+
+class Entry:
+    """`python -m MODULE ARGV` in `cwd` with exactly `env`, as a forked process (see above): `pid` (also
+    its process group's), `poll()`, `wait(timeout)`, `returncode` (minus the signal's number when a signal
+    ended it, as subprocess says), and `stdout` / `stderr` once it has ended."""
+
+    def __init__(self, module: str, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+        _fork_server_started()
+        self.args = [module, *argv]
+        self._dir = Path(tempfile.mkdtemp(prefix="lstm_dist_entry."))
+        self._out, self._err = self._dir / "stdout", self._dir / "stderr"
+        self._process = _FORK.Process(target=_entry_main, args=(module, list(argv), str(cwd), dict(env),
+                                                                 str(self._out), str(self._err)))
+        self._process.start()
+        self.pid = self._process.pid
+        self.stdout = self.stderr = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The status; raises subprocess.TimeoutExpired if it is still running after `timeout` seconds."""
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        if self.stdout is None:
+            # the session's leader is gone; anything it started and left behind goes with it
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.stdout = self._out.read_text(errors="replace") if self._out.exists() else ""
+            self.stderr = self._err.read_text(errors="replace") if self._err.exists() else ""
+            for path in (self._out, self._err):
+                path.unlink(missing_ok=True)
+            self._dir.rmdir()
+        return self._process.exitcode
+
+    def kill(self) -> None:
+        """SIGKILL to its whole session (and to itself, in case it has not made the session yet)."""
+        for send in (os.killpg, os.kill):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                send(self.pid, signal.SIGKILL)
+
+
+def run_entries(module: str, argvs: list[list[str]], envs: list[dict[str, str]], cwd: Path,
+                timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """Processes of `module` (one per argv and env), all started, then waited for together: stdout and
+    stderr are theirs, the first's first; the status is the first non-zero one. If any runs over
+    `timeout`, every one is killed and the test fails."""
+    procs = [Entry(module, argv, cwd, env) for argv, env in zip(argvs, envs)]
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+        raise AssertionError(f"{module} {' '.join(argvs[0][:6])}... ran over {timeout:.0f}s and was killed\n"
+                             + "".join(f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}\n" for p in procs)) from None
+    finally:
+        for proc in procs:  # a process left waiting for one that failed
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait()
     code = next((p.returncode for p in procs if p.returncode != 0), 0)
-    return subprocess.CompletedProcess(["lstm_dist.train", *overrides], code, "".join(o for o, _ in outs),
-                                       "".join(e for _, e in outs))
+    return subprocess.CompletedProcess([module, *argvs[0]], code, "".join(p.stdout for p in procs),
+                                       "".join(p.stderr for p in procs))
+
+
+def rank_envs(nproc: int, env: dict | None = None) -> list[dict[str, str]]:
+    """What torchrun puts in the environment of each of its `nproc` workers on one node (RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), on top of `env`."""
+    port = str(free_port())
+    return [{**(env or child_env()), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+             "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            for rank in range(nproc)]
+
+
+def run_ranks(nproc: int, *overrides: str, cwd: Path, env: dict | None = None,
+              timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """`nproc` training processes started directly, as torchrun's workers are (`rank_envs`), without
+    torchrun itself, forked (`Entry`): the same code path in every rank at a fraction of the start-up.
+    For tests of training, not of torchrun; those launch torchrun (`train_cmd`). stdout and stderr are
+    the ranks', rank 0's first; the status is the first non-zero one. A launch that runs over `timeout`
+    has every rank killed and fails the test."""
+    return run_entries("lstm_dist.train", [list(overrides)] * nproc, rank_envs(nproc, env), cwd, timeout)
 
 
 def train_here(*overrides: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -4,9 +4,10 @@ another live run holds, a signal or a non-finite loss on one rank only.
 
 Faults are placed exactly with LSTM_DIST_FAULT (lstm_dist/common/faults.py). What torchrun or a launch
 script does about a failing rank goes through them; what the ranks agree on among themselves runs as
-ranks started directly (conftest.run_ranks); a one-process run that the fault does not kill runs in this
-process (conftest.train_here). Every launch runs in its own process group with a timeout, and the
-group is killed if it runs over.
+ranks started directly (conftest.run_ranks); a process that a fault kills, or that must outlive a moment
+of the test, is a process of its own (conftest.Entry); a one-process run that the fault does not kill
+runs in this process (conftest.train_here). Every launch runs in its own process group with a timeout,
+and the group is killed if it runs over.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCH_TIMEOUT, ROOT, TINY, child_env, free_port, load_ckpt, losses, read_metrics, run_group, run_ranks, train_here
+from conftest import (LAUNCH_TIMEOUT, ROOT, TINY, Entry, child_env, load_ckpt, losses, rank_envs, read_metrics,
+                      run_entries, run_group, run_ranks, train_here)
 
 pytestmark = pytest.mark.slow
 IN_CI = os.environ.get("CI") == "true"
@@ -41,8 +43,10 @@ def torchrun(nproc: int, *args: str, restarts: int = 0) -> list[str]:
             f"--max-restarts={restarts}", "-m", "lstm_dist.train", *args]
 
 
-def python(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lstm_dist.train", *args]
+def alone(*args: str, cwd: Path, fault: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """One training process of its own (conftest.Entry, killed if it runs over), with the fault armed."""
+    return run_entries("lstm_dist.train", [list(args)],
+                       [{**child_env(), **(env or {}), **({"LSTM_DIST_FAULT": fault} if fault else {})}], cwd, TIMEOUT)
 
 
 def launch(cmd: list[str], cwd: Path, fault: str | None = None, env: dict | None = None,
@@ -104,7 +108,7 @@ def test_a_sigkilled_worker_is_restarted_by_torchrun_and_the_run_ends_bit_identi
 @pytest.mark.parametrize("point", ["checkpoint-before-rename", "checkpoint-before-latest"])
 def test_killed_while_writing_a_checkpoint_the_previous_one_survives(tmp_path, tiny_corpus, straight1, point):
     args = overrides(tmp_path, tiny_corpus, "run", "train.steps=20", "checkpoint.every=5")
-    proc = launch(python(*args), cwd=tmp_path, fault=f"{point}:step=10")
+    proc = alone(*args, cwd=tmp_path, fault=f"{point}:step=10")
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     cdir = tmp_path / "run" / "checkpoints"
     assert (cdir / "latest").read_text().strip() == "step_00000005.pt"
@@ -152,8 +156,7 @@ def small_disk():
 
 def test_a_full_disk_stops_training_cleanly_and_keeps_the_last_checkpoint(tmp_path, tiny_corpus, small_disk):
     args = overrides(small_disk, tiny_corpus, "run", "train.steps=40", "checkpoint.every=5")
-    proc = launch([str(ROOT / "launch" / "torchrun.sh"), str(ROOT / "configs" / "smoke.yaml"), *args], cwd=tmp_path,
-                  env={"NPROC": "2"})
+    proc = ranks(2, "--config", str(ROOT / "configs" / "smoke.yaml"), *args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
@@ -167,9 +170,11 @@ def test_a_full_disk_stops_training_cleanly_and_keeps_the_last_checkpoint(tmp_pa
 
 
 def test_a_crash_on_one_rank_ends_every_rank_promptly_with_its_message(tmp_path, tiny_corpus):
+    # Ranks started directly: the other rank ends by itself (its collective sees the connection close),
+    # without torchrun ending it (which the next test proves torchrun does too).
     t0 = time.monotonic()
-    proc = launch(torchrun(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=100000")), cwd=tmp_path,
-                  fault="raise:step=5:rank=1")
+    proc = ranks(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=100000"), cwd=tmp_path,
+                 fault="raise:step=5:rank=1")
     assert proc.returncode != 0
     assert "RuntimeError: fault injected on rank 1 after step 5" in proc.stderr
     assert time.monotonic() - t0 < TIMEOUT
@@ -183,8 +188,8 @@ def test_a_killed_rank_ends_every_rank_promptly(tmp_path, tiny_corpus):
 
 
 def test_a_mistake_one_rank_meets_alone_is_printed_by_that_rank(tmp_path, tiny_corpus):
-    proc = launch(torchrun(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=100000")), cwd=tmp_path,
-                  fault="user-error:step=5:rank=1", env={"LSTM_DIST_EXIT_FILE": str(tmp_path / "status")})
+    proc = ranks(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=100000"), cwd=tmp_path,
+                 fault="user-error:step=5:rank=1", env={"LSTM_DIST_EXIT_FILE": str(tmp_path / "status")})
     assert proc.returncode != 0
     line = "error: rank 1: fault injected on rank 1 after step 5 (a mistake one rank met alone)"
     assert proc.stderr.count(line) == 1, proc.stderr[-3000:]
@@ -205,9 +210,9 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path, tiny_c
 
 
 def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_corpus):
-    proc = launch([str(ROOT / "launch" / "torchrun.sh"), str(ROOT / "configs" / "smoke.yaml"),
-                   *overrides(tmp_path, tiny_corpus, "run", "train.steps=1000", "checkpoint.every=0")],
-                  cwd=tmp_path, env={"NPROC": "2"}, fault="preempt:step=6:rank=1")
+    proc = ranks(2, "--config", str(ROOT / "configs" / "smoke.yaml"),
+                 *overrides(tmp_path, tiny_corpus, "run", "train.steps=1000", "checkpoint.every=0"),
+                 cwd=tmp_path, fault="preempt:step=6:rank=1")
     assert proc.returncode == 75, proc.stderr[-2000:]
     stopped = int(re.search(r"stop requested \(on another rank\): checkpointing at step (\d+)", proc.stdout).group(1))
     assert stopped == 7  # faults.py: the signal lands after step 6, the ranks agree on it at the end of step 7
@@ -229,10 +234,10 @@ def test_wandb_out_of_reach_trains_on_offline_with_one_warning(tmp_path, tiny_co
         else:
             s.close()
         t0 = time.monotonic()
-        proc = ok(launch(python(*overrides(tmp_path, tiny_corpus, "run", "train.steps=5", "log.wandb.mode=online",
-                                           "log.wandb.init_timeout=5")), cwd=tmp_path,
-                         env={"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
-                              "WANDB_DIR": str(tmp_path)}))
+        proc = ok(alone(*overrides(tmp_path, tiny_corpus, "run", "train.steps=5", "log.wandb.mode=online",
+                                   "log.wandb.init_timeout=5"), cwd=tmp_path,
+                        env={"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
+                             "WANDB_DIR": str(tmp_path)}))
         elapsed = time.monotonic() - t0
     warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "W&B" in warnings[0] and "offline" in warnings[0], proc.stdout + proc.stderr
@@ -242,36 +247,36 @@ def test_wandb_out_of_reach_trains_on_offline_with_one_warning(tmp_path, tiny_co
 
 
 def test_a_run_directory_the_nodes_do_not_share_is_refused(tmp_path, tiny_corpus):
-    # Two nodes by hand, each in its own working directory: a relative run.dir is a different directory on each.
-    port = free_port()
-    args = [str(ROOT / "configs" / "smoke.yaml"), *TINY, f"data.path={tiny_corpus}", "run.dir=runs", "train.steps=5"]
+    # Two nodes of one process each, as multinode.sh starts them (RANK 0 and 1, LOCAL_RANK 0 on each), each
+    # in its own working directory: a relative run.dir is a different directory on each.
+    args = ["--config", str(ROOT / "configs" / "smoke.yaml"), *TINY, f"data.path={tiny_corpus}", "run.dir=runs",
+            "train.steps=5"]
     nodes = []
-    for rank in (0, 1):
+    for env in rank_envs(2):
+        rank = env["RANK"]
         (tmp_path / f"node{rank}").mkdir()
-        nodes.append(subprocess.Popen([str(ROOT / "launch" / "multinode.sh"), *args], cwd=tmp_path / f"node{rank}",
-                                      env={**child_env(), "NNODES": "2", "NODE_RANK": str(rank), "NPROC": "1",
-                                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
-    outs = []
-    for p in nodes:
-        try:
-            outs.append(p.communicate(timeout=TIMEOUT))
-        except subprocess.TimeoutExpired:
-            for q in nodes:
-                os.killpg(q.pid, signal.SIGKILL)
-            raise AssertionError("a node hung")
-    assert [p.returncode for p in nodes] == [2, 2], outs
-    errors = [line for _, err in outs for line in err.splitlines() if line.startswith("error:")]
+        nodes.append(Entry("lstm_dist.train", args, tmp_path / f"node{rank}",
+                           {**env, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}))
+    try:
+        for node in nodes:
+            node.wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("a node hung") from None
+    finally:
+        for node in nodes:
+            node.kill()
+            node.wait()
+    assert [p.returncode for p in nodes] == [2, 2], [(p.stdout, p.stderr) for p in nodes]
+    errors = [line for p in nodes for line in p.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: run directory runs/smoke is not shared by every node: rank 1 (on {socket.gethostname()}) "
                       "cannot see the file rank 0 wrote there; put run.dir on a file system every node mounts "
-                      "(NFS, Lustre, ...)"], outs
+                      "(NFS, Lustre, ...)"], [(p.stdout, p.stderr) for p in nodes]
     assert not list((tmp_path / "node0" / "runs" / "smoke").glob("checkpoints/*"))
 
 
 def test_a_second_live_run_in_the_same_directory_is_refused_but_a_dead_ones_lock_is_not(tmp_path, tiny_corpus):
     args = overrides(tmp_path, tiny_corpus, "run", "checkpoint.every=0")
-    first = subprocess.Popen(python(*args, "train.steps=100000"), cwd=tmp_path, env=child_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = Entry("lstm_dist.train", [*args, "train.steps=100000"], tmp_path, child_env())
     try:
         deadline = time.monotonic() + TIMEOUT
         while not ((tmp_path / "run" / "metrics.jsonl").exists() and read_metrics(tmp_path / "run")):
@@ -284,18 +289,30 @@ def test_a_second_live_run_in_the_same_directory_is_refused_but_a_dead_ones_lock
             f"pid {first.pid}); wait for it to end or stop it, or choose another run.name")
         assert first.poll() is None, "the first run was disturbed"
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        first.kill()
         first.wait()
     ok(train_here(*args, "train.steps=5", cwd=tmp_path))  # the dead run's lock does not block
 
 
 def test_a_rank_that_stops_answering_fails_the_job_after_the_collective_timeout(tmp_path, tiny_corpus):
-    t0 = time.monotonic()
-    proc = launch(torchrun(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=100000",
-                                         "train.collective_timeout=5")), cwd=tmp_path, fault="hang:step=5:rank=1")
-    assert proc.returncode != 0
-    assert "timed out" in proc.stderr.lower(), proc.stderr[-3000:]
-    assert time.monotonic() - t0 < TIMEOUT
+    # Ranks started directly: what is tested is that train.collective_timeout reaches the process group and
+    # a rank waiting on a silent peer ends with an error. That torchrun then ends the job (the silent rank
+    # too, SIGKILL 30 s after its SIGTERM) is what it does for any failed rank (the crash test above).
+    args = overrides(tmp_path, tiny_corpus, "run", "train.steps=100000", "train.collective_timeout=5")
+    envs = rank_envs(2, {**child_env(), "LSTM_DIST_FAULT": "hang:step=5:rank=1"})
+    waiting, silent = (Entry("lstm_dist.train", args, tmp_path, env) for env in envs)
+    try:
+        t0 = time.monotonic()
+        assert waiting.wait(TIMEOUT) != 0, waiting.stdout
+        elapsed = time.monotonic() - t0
+        assert silent.poll() is None, "the silent rank was meant to be still asleep"
+    finally:
+        for proc in (waiting, silent):
+            proc.kill()
+            proc.wait()
+    assert "timed out" in waiting.stderr.lower(), waiting.stderr[-3000:]
+    assert elapsed < TIMEOUT
+    assert losses(tmp_path / "run") and max(losses(tmp_path / "run")) == 5  # it trained up to the silence
 
 
 def test_a_rank_that_cannot_compile_makes_every_rank_fall_back_together(tmp_path, tiny_corpus):
