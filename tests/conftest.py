@@ -365,8 +365,28 @@ def straight_run(tmp_path_factory, tiny_corpus) -> Path:
     return tmp / "straight"
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one and a half workers per core (at least 2). Much of the suite's time is waiting (on a
+    collective timeout, a W&B server that never answers, the Slurm scheduler) rather than computing, so
+    a core runs a waiting test and part of a computing one. PYTEST_XDIST_AUTO_NUM_WORKERS overrides."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").strip().isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, cores + cores // 2)
+
+
+# The files that take longest, longest first. pytest-xdist runs a file on one worker (--dist loadfile, so
+# that the Slurm cluster's tests stay together) and hands out files in collection order
+# (--no-loadscope-reorder): a long file handed out last would leave the other core idle while it runs.
+LONGEST_FIRST = ("test_faults.py", "test_slurm.py", "test_lr_sweep.py", "test_lr_find.py", "test_train.py",
+                 "test_launch.py", "test_model.py", "test_bad_input.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`cuda` tests skip, with the reason, where no GPU is visible; `pytest -m cuda` runs them on one."""
+    """The files in LONGEST_FIRST order, then the others as collected; and `cuda` tests skip, with the
+    reason, where no GPU is visible (`pytest -m cuda` runs them on one)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's order is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible); run `pytest -m cuda` on a GPU machine")

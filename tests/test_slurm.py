@@ -240,7 +240,8 @@ def test_a_user_error_is_not_requeued_and_ends_the_log_in_one_line(slurm, tmp_pa
 @pytest.mark.slow
 def test_requeues_stop_at_the_cap_with_a_clear_line(slurm, tmp_path, tiny_corpus):
     run_dir = tmp_path / "runs" / "cap"
-    job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, run_dir, 200, "checkpoint.every=0"), nproc=1, nodes=2,
+    # one node: the cap is the batch script's, whatever the job's size
+    job, log = sbatch(slurm, tmp_path, *job_args(tiny_corpus, run_dir, 200, "checkpoint.every=0"), nproc=1, nodes=1,
                       MAX_REQUEUES="0")
     warn_when_training(slurm, job, log, run_dir)
     info = wait_for(slurm, job, finished, "finished")
