@@ -365,6 +365,7 @@ def straight_run(tmp_path_factory, tiny_corpus) -> Path:
     return tmp / "straight"
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: none without it (`-p no:xdist`, gpu_check.sh)
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: one and a half workers per core (at least 2). Much of the suite's time is waiting (on a
     collective timeout, a W&B server that never answers, the Slurm scheduler) rather than computing, so
