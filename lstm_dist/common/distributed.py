@@ -104,11 +104,35 @@ def listen_failure(exc: BaseException, port: int, what: str,
     return None
 
 
-def pick_device(preference: str, local_rank: int = 0, setting: str = "train.device=") -> torch.device:
-    """This process's device: the CPU, or GPU `local_rank` (`auto`: CUDA when one is visible).
+def gpu_index(local_rank: int, local_world: int, visible: int, assigned: bool) -> int:
+    """The index, among the `visible` CUDA devices, of local rank `local_rank`'s GPU, for `local_world`
+    processes on this node; `assigned` says whether CUDA_VISIBLE_DEVICES is set. Two layouts work:
+
+    - every process sees the node's GPUs (torchrun's `--nproc_per_node`, `visible` >= `local_world`):
+      GPU `local_rank`;
+    - each process was given one GPU of its own (`visible` is 1 and CUDA_VISIBLE_DEVICES is set, as
+      Slurm's `--gpus-per-task=1` or a per-process launcher sets it): GPU 0 whatever the local rank.
+
+    Raises UserError for anything else: more processes than visible GPUs, or one GPU that every process
+    sees (CUDA_VISIBLE_DEVICES unset), where the processes would not each get a GPU of their own.
+    """
+    if visible >= max(local_world, local_rank + 1):
+        return local_rank
+    if visible == 1 and assigned:
+        return 0
+    raise UserError(f"local rank {local_rank} of {local_world} processes on this node sees {visible} GPU(s), "
+                    f"not one of its own; start at most {visible} process(es) per node (--nproc_per_node), or give "
+                    "each process one GPU (CUDA_VISIBLE_DEVICES, Slurm's --gpus-per-task=1)")
+
+
+def pick_device(preference: str, local_rank: int = 0, setting: str = "train.device=",
+                local_world: int = 1) -> torch.device:
+    """This process's device: the CPU, or its GPU among those visible (`gpu_index`; `auto`: CUDA when
+    one is visible), for local rank `local_rank` of `local_world` processes on this node.
 
     `setting` names the option in the one-line error, as the user wrote it (`train.device=` for the
-    trainer, `--device ` for the command-line tools).
+    trainer, `--device ` for the command-line tools). Raises UserError for an unknown preference,
+    `cuda` where none is visible, or GPUs that do not go round (`gpu_index`).
     """
     if preference not in DEVICES:
         raise UserError(f"{setting}{preference} is not one of {', '.join(DEVICES)}")
@@ -116,11 +140,8 @@ def pick_device(preference: str, local_rank: int = 0, setting: str = "train.devi
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError(f"{setting}cuda but no CUDA GPU is visible; use {setting}auto or {setting}cpu")
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise UserError(f"local rank {local_rank} has no GPU (this node sees {count}); "
-                        f"start at most {count} processes per node (--nproc_per_node)")
-    return torch.device("cuda", local_rank)
+    assigned = bool(os.environ.get("CUDA_VISIBLE_DEVICES", "").strip())
+    return torch.device("cuda", gpu_index(local_rank, local_world, torch.cuda.device_count(), assigned))
 
 
 def cpu_threads(requested: int, local_world: int) -> int:
@@ -142,7 +163,7 @@ def setup(device_preference: str = TrainConfig.device, timeout_minutes: float = 
     UserError naming it (see `listen_failure`), never a traceback.
     """
     rank, world, local_rank, local_world = read_env()
-    device = pick_device(device_preference, local_rank, setting)
+    device = pick_device(device_preference, local_rank, setting, local_world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     started = False

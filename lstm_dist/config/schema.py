@@ -133,7 +133,7 @@ class TrainConfig:
     collective_timeout: float = 600.0
     #: arithmetic: `fp32`, `bf16` (autocast on CUDA; state and cell update stay fp32), or `auto` (bf16 on CUDA, fp32 on CPU)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    #: device: `auto` (CUDA when available, one GPU per local rank), `cpu` or `cuda`
+    #: device: `auto` (CUDA when available, one GPU per local rank: GPU `LOCAL_RANK` where a process sees the node's GPUs, GPU 0 where a launcher gave each process one, e.g. `CUDA_VISIBLE_DEVICES` per process or Slurm's `--gpus-per-task=1`; a layout where the GPUs do not go round is one line), `cpu` or `cuda`
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: torch intra-op threads per process on the CPU; 0 divides the cores among the local processes
     threads: int = 0
