@@ -598,3 +598,36 @@ def test_cpp_loops_fall_back_to_the_eager_loops_where_they_cannot_be_built(tmp_p
         "warning: the C++ LSTM loops are not available on rank 0 (LSTM_DIST_CPU_LOOPS=0); every rank runs the "
         "eager loops (slower on the CPU, the same numbers to ~5e-7)", "CHOSE eager"], proc.stdout
     assert not (tmp_path / "ext-off").exists()  # nothing was built, nor a build directory made
+
+
+# ---------------------------------------------------------------- TF32
+
+
+def test_tf32_is_a_cuda_setting_said_where_the_precision_is_said():
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    for setting in (True, False):
+        k = choose_kernels(ModelConfig(hidden=5, compile=False), "fp32", CPU, batch=2, say=print, tf32=setting)
+        assert not k.tf32 and k.precision() == "fp32"  # the CPU has no TF32: nothing claimed, no flag touched
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    assert Kernels("eager", tf32=True).precision() == "fp32 (TF32 products)"
+    assert Kernels("eager", bf16=True, tf32=True).precision() == "bf16"
+    assert Kernels("cpp_loops").describe().startswith("fp32, ")
+    from lstm_dist.bench.timing import baseline_dtype
+    from lstm_dist.config import TrainConfig
+
+    assert TrainConfig().tf32 is True  # as cuDNN's LSTM, which the benches compare with
+    assert baseline_dtype("float32", torch.device("cuda"), tf32=True) == "float32 (TF32 products)"
+    assert baseline_dtype("float32", CPU, tf32=True) == "float32"
+
+
+@pytest.mark.cuda
+def test_tf32_setting_sets_both_flags_on_cuda():
+    cuda = torch.device("cuda")
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for setting in (True, False):
+            k = choose_kernels(ModelConfig(hidden=8, compile=False), "fp32", cuda, batch=2, say=print, tf32=setting)
+            assert k.tf32 is setting
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (setting, setting)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -34,7 +34,7 @@ def bench_kernels(args: argparse.Namespace, device: torch.device) -> Kernels:
                             compile=not args.no_compile)
     precision = "bf16" if args.dtype == "bfloat16" and device.type == "cuda" else "fp32"
     return choose_kernels(model_cfg, precision, device, batch=args.batch,
-                          say=lambda line: print(line, file=sys.stderr, flush=True))
+                          say=lambda line: print(line, file=sys.stderr, flush=True), tf32=not args.no_tf32)
 
 
 def _make_runners(args: argparse.Namespace, device: torch.device,
@@ -110,7 +110,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "kernels": kernels.name,
         "compile": kernels.runs_compiled(),
-        "baseline_computes_in": baseline_dtype(args.dtype, device),
+        "tf32": kernels.tf32,
+        "baseline_computes_in": baseline_dtype(args.dtype, device, kernels.tf32),
         "flops_per_window": flops,
         "torch_version": torch.__version__,
     }

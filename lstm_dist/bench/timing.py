@@ -19,9 +19,12 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def baseline_dtype(dtype: str, device: torch.device) -> str:
+def baseline_dtype(dtype: str, device: torch.device, tf32: bool = False) -> str:
     """What torch.nn.LSTM computes in under our --dtype: autocast's cast policy sends `lstm` to fp16
-    on CUDA (cuDNN), so a bf16 comparison there is ours in bf16 against cuDNN in fp16."""
+    on CUDA (cuDNN), so a bf16 comparison there is ours in bf16 against cuDNN in fp16; in float32 on
+    CUDA with `tf32`, cuDNN's products run in TF32 (as ours do)."""
     if dtype == "bfloat16" and device.type == "cuda":
         return "float16 (cuDNN under autocast)"
+    if device.type == "cuda" and tf32:
+        return f"{dtype} (TF32 products)"
     return dtype

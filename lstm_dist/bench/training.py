@@ -85,14 +85,15 @@ def _stepper(model: nn.Module, vocab: int, batch: int, bptt: int, device: torch.
 
 
 def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: int, vocab: int,
-                device: torch.device, bf16: bool, use_compile: bool, repeats: int, warmup: int) -> dict:
+                device: torch.device, bf16: bool, use_compile: bool, repeats: int, warmup: int,
+                tf32: bool = True) -> dict:
     """Median step time of both models at one shape, interleaved."""
     model_cfg = ModelConfig(embedding=embedding, hidden=hidden, layers=layers, compile=use_compile)
     # The kernels a training run of this shape would choose (a fallback warning goes to stderr). `auto`:
     # bf16 autocast on CUDA, fp32 on the CPU, as --dtype bfloat16 has always meant here, without the
     # note that train.precision=bf16 gives on a CPU.
     kernels = choose_kernels(model_cfg, "auto" if bf16 else "fp32", device, batch=batch,
-                             say=lambda line: print(line, file=sys.stderr, flush=True))
+                             say=lambda line: print(line, file=sys.stderr, flush=True), tf32=tf32)
     torch.manual_seed(0)
     ours = CharLSTM.from_config(model_cfg, vocab, kernels=kernels).to(device)
     theirs = TorchLSTMModel(ours).to(device)
@@ -110,7 +111,7 @@ def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: i
         for name, fn in steps.items():
             times[name].append(timed(fn, device))
     row = {"layers": layers, "hidden": hidden, "embedding": embedding, "batch": batch, "bptt": bptt,
-           "kernels": kernels.describe(), "compiled": kernels.runs_compiled()}
+           "kernels": kernels.describe(), "compiled": kernels.runs_compiled(), "tf32": kernels.tf32}
     for name, ts in times.items():
         ms = statistics.median(ts) * 1e3
         row[f"{name}_ms"] = ms
@@ -126,14 +127,14 @@ def run_train_bench(args, device: torch.device) -> dict:
     bf16 = args.dtype == "bfloat16"
     use_compile = not args.no_compile
     rows = [bench_shape(*shape, bptt=args.bptt, vocab=args.vocab, device=device, bf16=bf16,
-                        use_compile=use_compile, repeats=args.repeats, warmup=args.warmup)
+                        use_compile=use_compile, repeats=args.repeats, warmup=args.warmup, tf32=not args.no_tf32)
             for shape in shapes]
     return {
         "mode": "train",
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype,
-        "baseline_computes_in": baseline_dtype(args.dtype, device),
+        "baseline_computes_in": baseline_dtype(args.dtype, device, not args.no_tf32),
         "threads": torch.get_num_threads(),
         "vocab": args.vocab,
         "repeats": args.repeats,

@@ -133,6 +133,8 @@ class TrainConfig:
     collective_timeout: float = 600.0
     #: arithmetic: `fp32`, `bf16` (autocast on CUDA; state and cell update stay fp32), or `auto` (bf16 on CUDA, fp32 on CPU)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    #: on CUDA, fp32 matrix products (torch's and cuDNN's) in TF32, as cuDNN's own LSTM does by default: tensor-core speed with a 10-bit mantissa in the products' inputs; `false` for full FP32 (no effect on the CPU, or on the products bf16 autocast runs in bf16)
+    tf32: bool = True
     #: device: `auto` (CUDA when available, one GPU per local rank: GPU `LOCAL_RANK` where a process sees the node's GPUs, GPU 0 where a launcher gave each process one, e.g. `CUDA_VISIBLE_DEVICES` per process or Slurm's `--gpus-per-task=1`; a layout where the GPUs do not go round is one line), `cpu` or `cuda`
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: torch intra-op threads per process on the CPU; 0 divides the cores among the local processes

@@ -127,13 +127,15 @@ class Kernels:
     products run in bf16 (the state and the cell update stay fp32); mkl_packed: the recurrent product
     through MKL's packed-weight GEMM where this torch has it (fp32 on the CPU; else addmm, ~1e-6 apart);
     force: run the entry's loops on any device, not only its `devices` (how the tests run the compiled
-    CUDA steps on the CPU). Raises ValueError for a name not in the table.
+    CUDA steps on the CPU); tf32: fp32 products run in TF32 (CUDA only; `choose_kernels` sets torch's
+    flags to match). Raises ValueError for a name not in the table.
     """
 
     name: str = "eager"
     bf16: bool = False
     mkl_packed: bool = True
     force: bool = False
+    tf32: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in KERNELS:
@@ -158,9 +160,13 @@ class Kernels:
         this process (where it fails mid-run, the eager step runs from then on, after one warning)."""
         return self.name == "compiled" and loops.compile_available()
 
+    def precision(self) -> str:
+        """The arithmetic in a word or three: "bf16", "fp32 (TF32 products)" or "fp32"."""
+        return "bf16" if self.bf16 else ("fp32 (TF32 products)" if self.tf32 else "fp32")
+
     def describe(self) -> str:
         """A short phrase for the log: the precision and the path, e.g. "fp32, C++ CPU loops"."""
-        return f"{'bf16' if self.bf16 else 'fp32'}, {self.spec.phrase}"
+        return f"{self.precision()}, {self.spec.phrase}"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context the training step runs its forward in: bf16 autocast on CUDA when `bf16`, else none."""
@@ -195,14 +201,23 @@ def _every_rank_can(spec: KernelSpec, device: torch.device, batch: int, hidden: 
     return True
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 for this process's fp32 matrix products on CUDA, torch's (`torch.backends.cuda.matmul`)
+    and cuDNN's (`torch.backends.cudnn`), both on or both off: the setting is the same for our products
+    and for the `nn.LSTM` the benches compare with."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def choose_kernels(model_cfg: ModelConfig, precision: str, device: torch.device, *, batch: int,
-                   say: Callable[[str], None]) -> Kernels:
+                   say: Callable[[str], None], tf32: bool = True) -> Kernels:
     """The kernels every rank runs, chosen from the config and the machine (the module docstring).
 
     model_cfg: the run's `ModelConfig` (impl, compile, hidden are read); precision: `train.precision`
     (`auto` and `bf16` mean bf16 autocast on CUDA; on the CPU everything is fp32, and `bf16` there is
     said in one note line); device: this rank's; batch: streams per rank (the shape the compiled steps
     are probed at). `say` gets rank 0's lines (a fallback warning, the note); other ranks say nothing.
+    tf32: `train.tf32`; on CUDA it sets the process's TF32 flags (`set_tf32`), on the CPU it means nothing.
     A collective: every rank calls it, at the same point (it gathers what each rank could run; with no
     process group it is a world of one). It may build the C++ loops (~30 s, once per version) or
     compile the pointwise steps; it draws no random number. Raises UserError for a `model.impl` or
@@ -212,11 +227,14 @@ def choose_kernels(model_cfg: ModelConfig, precision: str, device: torch.device,
     impl = check_setting("model.impl", model_cfg.impl)
     tell = say if _rank() == 0 else (lambda line: None)
     bf16 = device.type == "cuda" and precision in ("auto", "bf16")
+    tf32 = device.type == "cuda" and tf32
+    if device.type == "cuda":
+        set_tf32(tf32)
     if precision == "bf16" and not bf16:
         tell(NOTE_BF16_ON_CPU)
     for name, spec in KERNELS.items():
         if spec.impl != impl or not spec.wanted(model_cfg, device):
             continue
         if _every_rank_can(spec, device, batch, model_cfg.hidden, tell) and device.type in spec.devices:
-            return Kernels(name, bf16=bf16)
+            return Kernels(name, bf16=bf16, tf32=tf32)
     raise RuntimeError(f"no LSTM kernels for model.impl={impl} on {device.type}")  # a table without a last resort

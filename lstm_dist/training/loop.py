@@ -67,7 +67,7 @@ def start_lines(trainer: "Trainer") -> list[str]:
     anchor = trainer.schedule.anchor
     return [f"training {sum(q.numel() for q in trainer.model.parameters()):,} parameters on {env.world} "
             f"process(es) ({placement()}) × {t.batch_size} streams × bptt {t.bptt} ({trainer.device.type}, "
-            f"{'bf16' if trainer.kernels.bf16 else 'fp32'}, {torch.get_num_threads()} threads/process); "
+            f"{trainer.kernels.precision()}, {torch.get_num_threads()} threads/process); "
             f"steps {p.step + 1}..{t.steps}; run directory {trainer.run_dir}",
             f"learning rate: {lr_rule.explain(trainer.cfg, env.world)}, {schedule_phrase(t)}"
             + (f"; continued from step {anchor[0]} at {anchor[1]:.4g} of the peak (train.resume_schedule)"
@@ -114,7 +114,8 @@ class Trainer:
         self.stream = on_every_rank(lambda: TokenStream(splits["train"], env.rank, env.world, t.batch_size, t.bptt,
                                                         seed=cfg.run.seed, random_offset=cfg.data.random_offset))
         seed_everything(init_seed(cfg.run.seed))
-        self.kernels = choose_kernels(cfg.model, t.precision, self.device, batch=t.batch_size, say=self.say)
+        self.kernels = choose_kernels(cfg.model, t.precision, self.device, batch=t.batch_size, say=self.say,
+                                      tf32=t.tf32)
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size, kernels=self.kernels).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
         # the documented rule: train.lr scaled to this run's batch, width, depth
