@@ -125,8 +125,11 @@ class Trainer:
         self.progress = Progress(t.max_nonfinite, self.device)
         self.pieces = checkpoint_pieces(self)
         resumed = self._resume()
+        # gradient_as_bucket_view: the parameters' .grad are views into DDP's all-reduce buckets, so no copy
+        # of every gradient in and out of the buckets each step (the same sums, bit for bit).
         self.ddp_model = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
-                                                  else None) if env.distributed else self.model)
+                                                  else None, gradient_as_bucket_view=True)
+                          if env.distributed else self.model)
         self.training_step = TrainingStep(self.ddp_model, self.model, self.optimizer, t.clip_norm, self.kernels.autocast)
         self.evaluation = Evaluation(cfg, env, self.model, self.vocab, splits, self.kernels.bf16, self.say)
         at = self.progress.step if resumed else None
