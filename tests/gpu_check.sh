@@ -1,66 +1,117 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should check, in one call of under five minutes (docs/gpu.md says why each part):
+# Everything a lent GPU should check, in one call of under six minutes (docs/gpu.md says why each part):
 #
 #   tests/gpu_check.sh                # results in ./gpu-check/, or in $OUT when it is set
+#   tests/gpu_check.sh --dry-run      # every Python entry it calls, at tiny shapes on the CPU (CI runs it)
 #
+# 0. the environment: GPU, driver, torch, CUDA, cuDNN, NCCL, the TF32 flags;
 # 1. every `cuda` test (pytest -m cuda): compiled steps + bf16 autocast + 2 layers against fp32, a window
-#    with no host synchronisation, the one-GPU NCCL run with checkpoint and resume;
-# 2. `bench --train` over the grid of shapes, bf16 and fp32, ours against cuDNN's torch.nn.LSTM;
+#    with no host synchronisation, one visible GPU per process, TF32 flags, the one-GPU NCCL run with
+#    checkpoint and resume;
+# 2. `bench --train` over the grid of shapes, bf16 and fp32 (TF32 products, as cuDNN), ours against
+#    cuDNN's torch.nn.LSTM;
 # 3. the cluster config's shape (2 x 2048, embedding 256, batch 128, bptt 256): a training step and the
 #    layers alone, bf16, with MFU;
 # 4. a table of all of it in gpu_check.md, also printed.
-# It installs nothing when the package already imports (pip install -e . --no-deps otherwise), and
-# stops with one line where torch sees no GPU. Each part has its own time limit and the next runs anyway.
+#
+# The machine it is made for: its own python3 (or $PYTHON), torch 2.11 or later, no wandb, no network,
+# nothing installed; the package is imported from this checkout. At most 8 files come back from such a
+# machine, so it leaves two: gpu_check.md and gpu_check_logs.tgz (every part's raw output). Each part has
+# its own time limit and the next runs anyway; it stops with one line where torch sees no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-out=${OUT:-gpu-check}
-mkdir -p "$out"
-
-if ! python -c "import lstm_dist" 2>/dev/null; then
-  pip install -q --no-deps -e . >"$out/install.txt" 2>&1 || { echo "error: pip install -e . failed (see $out/install.txt)"; exit 1; }
+PY=${PYTHON:-python3}
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; elif [ -n "${1:-}" ]; then
+  echo "error: unknown argument ${1}; use tests/gpu_check.sh [--dry-run]" >&2; exit 2
 fi
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "error: torch sees no CUDA GPU here ($(python -c 'import torch; print(torch.__version__)')); run this on a GPU machine"
+out=${OUT:-gpu-check}
+raw="$out/raw"
+mkdir -p "$raw" || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! command -v "$PY" >/dev/null; then
+  echo "error: $PY not found; set PYTHON to the interpreter that has torch" >&2; exit 1
+fi
+if ! "$PY" -c "import lstm_dist, torch" 2>"$raw/import.txt"; then
+  echo "error: $PY cannot import torch and lstm_dist from this checkout (see $raw/import.txt)" >&2; exit 1
+fi
+if [ $dry = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "error: torch sees no CUDA GPU here ($("$PY" -c 'import torch; print(torch.__version__)')); run this on a GPU machine, or --dry-run" >&2
   exit 1
 fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } >"$out/gpu.txt" 2>&1
+
+"$PY" - >"$raw/environment.txt" 2>&1 <<'EOF'
+import torch
+print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| cuDNN", torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+try:
+    nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
+except Exception as exc:  # noqa: BLE001 - a build without NCCL
+    nccl = f"unavailable ({type(exc).__name__})"
+print("NCCL", nccl)
+print("TF32 at start: matmul", torch.backends.cuda.matmul.allow_tf32, "| cudnn", torch.backends.cudnn.allow_tf32,
+      "| float32_matmul_precision", torch.get_float32_matmul_precision())
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        print(f"GPU {i}: {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs")
+else:
+    print("GPU: none (a CPU dry run)")
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$raw/environment.txt" 2>&1
 
 status=0
-# -o addopts=: in one process, without pyproject's `-n auto` (a GPU machine may lack pytest-xdist)
-timeout 150 python -m pytest -m cuda -q -p no:cacheprovider -o addopts= >"$out/cuda_tests.txt" 2>&1 || status=1
+if [ $dry = 1 ]; then
+  # float32 for the layers alone: oneDNN has no bf16 LSTM on every CPU, and the dtype is the GPU run's concern
+  device=cpu; grid=(--shape "1,8,4,2" --bptt 8); cluster=(--shape "2,16,8,2" --bptt 8)
+  layers=(--dtype float32 --hidden 16 --embedding 8 --batch 2 --bptt 8)
+  tests=(--collect-only); t_tests=120; t_bench=120
+else
+  device=cuda; grid=(); cluster=(--shape "2,2048,256,128" --bptt 256)
+  layers=(--dtype bfloat16 --hidden 2048 --embedding 256 --batch 128 --bptt 256)
+  tests=(); t_tests=150; t_bench=60
+fi
+# In one process, without pyproject's `-n auto` and without pytest-xdist at all (a GPU machine may lack it;
+# the dry run then proves that conftest loads without it)
+timeout "$t_tests" "$PY" -m pytest -m cuda -q -p no:cacheprovider -p no:xdist -o addopts= "${tests[@]}" >"$raw/cuda_tests.txt" 2>&1 || status=1
 bench() {  # name, seconds, args...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" python -m lstm_dist.bench --device cuda "$@" --json >"$out/$name.json" 2>"$out/$name.err" || status=1
+  timeout "$limit" "$PY" -m lstm_dist.bench --device "$device" "$@" --json >"$raw/$name.json" 2>"$raw/$name.err" || status=1
 }
-bench train_bf16 60 --train --dtype bfloat16 --repeats 10
-bench train_fp32 45 --train --dtype float32 --repeats 10
-bench cluster_step 30 --train --dtype bfloat16 --shape 2,2048,256,128 --bptt 256 --repeats 10
-bench cluster_layers 30 --dtype bfloat16 --layers 2 --hidden 2048 --embedding 256 --batch 128 --bptt 256 --repeats 10 --skip-reference
+bench train_bf16 "$t_bench" --train --dtype bfloat16 --repeats 10 "${grid[@]}"
+bench train_fp32 "$t_bench" --train --dtype float32 --repeats 10 "${grid[@]}"
+bench cluster_step 30 --train --dtype bfloat16 "${cluster[@]}" --repeats 10
+bench cluster_layers 30 --layers 2 "${layers[@]}" --repeats 10 --skip-reference
 
-python - "$out" <<'EOF' | tee "$out/gpu_check.md"
+"$PY" - "$raw" "$dry" <<'EOF' | tee "$out/gpu_check.md"
 import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-print("# GPU check:", (out / "gpu.txt").read_text().strip().replace("\n", "; "))
-tests = (out / "cuda_tests.txt").read_text().strip().splitlines()
-print("\n`pytest -m cuda`:", tests[-1] if tests else "(no output)")
+raw, dry = pathlib.Path(sys.argv[1]), sys.argv[2] == "1"
+print("# GPU check" + (" (CPU DRY RUN: tiny shapes on the CPU; no figure below is a GPU's)" if dry else ""))
+print("\n## Environment\n")
+print("\n".join(f"- {line}" for line in (raw / "environment.txt").read_text().strip().splitlines()))
+tests = (raw / "cuda_tests.txt").read_text().strip().splitlines()
+print("\n## `pytest -m cuda`" + (" (collected only)" if dry else "") + "\n")
+print(tests[-1] if tests else "(no output)")
 for name in ("train_bf16", "train_fp32", "cluster_step"):
-    path = out / f"{name}.json"
     try:
-        r = json.loads(path.read_text())
+        r = json.loads((raw / f"{name}.json").read_text())
     except (OSError, ValueError):
-        print(f"\n{name}: no result (see {name}.err)")
+        print(f"\n## {name}\n\nno result (see {name}.err in gpu_check_logs.tgz)")
         continue
-    print(f"\n## {name}: {r['device_name']}, {r['dtype']} (torch.nn.LSTM in {r['baseline_computes_in']}), compile={r['compile']}\n")
-    print("| layers | hidden | emb | batch | bptt | lstm_dist ms | nn.LSTM ms | ratio | lstm_dist chars/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n## {name}: {r['device_name']}, {r['dtype']} (torch.nn.LSTM in {r['baseline_computes_in']})\n")
+    print("| layers | hidden | emb | batch | bptt | kernels | lstm_dist ms | nn.LSTM ms | ratio | lstm_dist chars/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for w in r["rows"]:
-        print(f"| {w['layers']} | {w['hidden']} | {w['embedding']} | {w['batch']} | {w['bptt']} | {w['lstm_dist_ms']:.2f} | "
-              f"{w['torch_lstm_ms']:.2f} | {w['ratio']:.3f} | {w['lstm_dist_chars_per_s']:,.0f} |")
+        print(f"| {w['layers']} | {w['hidden']} | {w['embedding']} | {w['batch']} | {w['bptt']} | {w['kernels']} | "
+              f"{w['lstm_dist_ms']:.2f} | {w['torch_lstm_ms']:.2f} | {w['ratio']:.3f} | {w['lstm_dist_chars_per_s']:,.0f} |")
 try:
-    r = json.loads((out / "cluster_layers.json").read_text())
-    print(f"\n## cluster_layers (layers only, {r['dtype']}, kernels {r.get('kernels')}): fast {r['fast_ms']:.2f} ms (MFU {100 * r['fast_mfu']:.1f}%), "
-          f"torch.nn.LSTM {r['torch_lstm_ms']:.2f} ms (MFU {100 * r['torch_lstm_mfu']:.1f}%), ratio {r['ratio_fast_vs_torch_lstm']:.3f}")
+    r = json.loads((raw / "cluster_layers.json").read_text())
+    mfu = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731 - MFU is a GPU figure
+    print(f"\n## cluster_layers (layers only, {r['dtype']}, kernels {r.get('kernels')}, tf32 {r.get('tf32')})\n\n"
+          f"fast {r['fast_ms']:.2f} ms (MFU {mfu(r.get('fast_mfu'))}), torch.nn.LSTM {r['torch_lstm_ms']:.2f} ms "
+          f"(MFU {mfu(r.get('torch_lstm_mfu'))}), ratio {r['ratio_fast_vs_torch_lstm']:.3f}")
 except (OSError, ValueError, KeyError):
-    print("\ncluster_layers: no result (see cluster_layers.err)")
+    print("\n## cluster_layers\n\nno result (see cluster_layers.err in gpu_check_logs.tgz)")
 EOF
+tar czf "$out/gpu_check_logs.tgz" -C "$raw" . && rm -rf "$raw"
 exit $status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,28 @@ def test_train_bench_rejects_a_malformed_shape_in_one_line(capsys):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --shape expects layers,hidden,embedding,batch, got '2,512,128'; try --shape 2,512,128,64"]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_part_on_the_cpu_and_leaves_two_files(tmp_path):
+    """tests/gpu_check.sh --dry-run: every Python entry the GPU check calls, at tiny shapes on the CPU, so
+    that a typo or a missing import never costs a lent GPU's one call. It must leave at most 8 files (all
+    that comes back from that machine): the summary and one archive of the raw output."""
+    import tarfile
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    proc = subprocess.run(["bash", str(ROOT / "tests" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.md", "gpu_check_logs.tgz"]
+    md = (out / "gpu_check.md").read_text()
+    assert md.startswith("# GPU check (CPU DRY RUN")
+    for section in ("## Environment", "## `pytest -m cuda` (collected only)", "## train_bf16: cpu", "## train_fp32: cpu",
+                    "## cluster_step: cpu", "## cluster_layers (layers only"):
+        assert section in md, section
+    assert "no result" not in md, md
+    assert "tests collected" in md  # the cuda tests' modules import here (no wandb needed at collection)
+    with tarfile.open(out / "gpu_check_logs.tgz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"environment.txt", "cuda_tests.txt", "train_bf16.json", "cluster_layers.json"} <= names, names
