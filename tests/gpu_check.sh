@@ -16,7 +16,8 @@
 #
 # The machine it is made for: its own python3 (or $PYTHON), torch 2.11 or later, no wandb, no network,
 # nothing installed; the package is imported from this checkout. At most 8 files come back from such a
-# machine, so it leaves two: gpu_check.md and gpu_check_logs.tgz (every part's raw output). Each part has
+# machine, so it leaves three: gpu_check.md, gpu_check.jsonl (every bench result as one JSON line, written
+# the moment it is measured) and gpu_check_logs.tgz (every part's raw output). Each part has
 # its own time limit and the next runs anyway; it stops with one line where torch sees no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -28,6 +29,7 @@ fi
 out=${OUT:-gpu-check}
 raw="$out/raw"
 mkdir -p "$raw" || exit 1
+rm -f "$out/gpu_check.jsonl"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if ! command -v "$PY" >/dev/null; then
@@ -76,7 +78,10 @@ fi
 timeout "$t_tests" "$PY" -m pytest -m cuda -q -p no:cacheprovider -p no:xdist -o addopts= "${tests[@]}" >"$raw/cuda_tests.txt" 2>&1 || status=1
 bench() {  # name, seconds, args...
   local name=$1 limit=$2; shift 2
-  timeout "$limit" "$PY" -m lstm_dist.bench --device "$device" "$@" --json >"$raw/$name.json" 2>"$raw/$name.err" || status=1
+  # every result also goes to gpu_check.jsonl the moment it is measured: a part its time limit stops keeps
+  # the rows it finished
+  timeout "$limit" "$PY" -m lstm_dist.bench --device "$device" "$@" --json --jsonl "$out/gpu_check.jsonl" \
+    >"$raw/$name.json" 2>"$raw/$name.err" || status=1
 }
 bench train_bf16 "$t_bench" --train --dtype bfloat16 --repeats 10 "${grid[@]}"
 bench train_fp32 "$t_bench" --train --dtype float32 --repeats 10 "${grid[@]}"

@@ -118,7 +118,8 @@ def test_train_bench_rejects_a_malformed_shape_in_one_line(capsys):
 def test_gpu_check_dry_run_runs_every_part_on_the_cpu_and_leaves_two_files(tmp_path):
     """tests/gpu_check.sh --dry-run: every Python entry the GPU check calls, at tiny shapes on the CPU, so
     that a typo or a missing import never costs a lent GPU's one call. It must leave at most 8 files (all
-    that comes back from that machine): the summary and one archive of the raw output."""
+    that comes back from that machine): the summary, every bench result as a JSON line, and one archive of
+    the raw output."""
     import tarfile
 
     out = tmp_path / "out"
@@ -126,7 +127,11 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu_and_leaves_two_files(tmp_p
     proc = subprocess.run(["bash", str(ROOT / "tests" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.md", "gpu_check_logs.tgz"]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.jsonl", "gpu_check.md", "gpu_check_logs.tgz"]
+    lines = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+    # a row per shape of the three --train parts (one tiny shape each), and the layers' one result
+    assert [r.get("mode") for r in lines] == ["train", "train", "train", "layers"], lines
+    assert all("kernels" in r and "lstm_dist_ms" in r for r in lines[:3]), lines
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("# GPU check (CPU DRY RUN")
     for section in ("## Environment", "## `pytest -m cuda` (collected only)", "## train_bf16: cpu", "## train_fp32: cpu",

@@ -38,6 +38,7 @@ from typing import List, Optional
 import torch
 
 from lstm_dist.bench.layers import format_table, run_bench
+from lstm_dist.bench.timing import append_jsonl
 from lstm_dist.bench.training import format_train_table, run_train_bench
 from lstm_dist.common.distributed import pick_device
 from lstm_dist.common.errors import UserError, run_cli
@@ -68,6 +69,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=990.0, help="peak for MFU (default 990 = H200 dense bf16)")
     p.add_argument("--skip-reference", action="store_true", help="do not time the (slow) reference")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--jsonl", metavar="FILE", default=None,
+                   help="also append each result to FILE as one JSON line the moment it is measured (with --train, "
+                        "a line per shape), so that a bench stopped by a time limit keeps what it measured")
     p.add_argument("--train", action="store_true",
                    help="time a whole training step of CharLSTM vs the same model on torch.nn.LSTM over a grid of shapes")
     p.add_argument("--shape", action="append", metavar="L,H,E,B",
@@ -112,6 +116,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(result) if args.json else format_train_table(result))
         return 0
     result = run_bench(args)
+    if args.jsonl:
+        append_jsonl(args.jsonl, {"mode": "layers", **result})
     if args.json:
         print(json.dumps(result))
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Callable
 
@@ -17,6 +19,15 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append `record` to the file `path` as one JSON line, flushed and synced at once (a bench stopped
+    by a time limit right after keeps it)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def baseline_dtype(dtype: str, device: torch.device, tf32: bool = False) -> str:

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from lstm_dist.bench.timing import baseline_dtype, timed
+from lstm_dist.bench.timing import append_jsonl, baseline_dtype, timed
 from lstm_dist.config import ModelConfig, TrainConfig
 from lstm_dist.model.char_lstm import CharLSTM, State
 from lstm_dist.model.kernels import Kernels, choose_kernels
@@ -126,9 +126,13 @@ def run_train_bench(args, device: torch.device) -> dict:
     shapes = GRID if args.shape is None else tuple(args.shape)
     bf16 = args.dtype == "bfloat16"
     use_compile = not args.no_compile
-    rows = [bench_shape(*shape, bptt=args.bptt, vocab=args.vocab, device=device, bf16=bf16,
-                        use_compile=use_compile, repeats=args.repeats, warmup=args.warmup, tf32=not args.no_tf32)
-            for shape in shapes]
+    rows = []
+    for shape in shapes:
+        rows.append(bench_shape(*shape, bptt=args.bptt, vocab=args.vocab, device=device, bf16=bf16,
+                                use_compile=use_compile, repeats=args.repeats, warmup=args.warmup,
+                                tf32=not args.no_tf32))
+        if getattr(args, "jsonl", None):
+            append_jsonl(args.jsonl, {"mode": "train", "device": str(device), "dtype": args.dtype, **rows[-1]})
     return {
         "mode": "train",
         "device": str(device),
