@@ -131,7 +131,7 @@ def run_train_bench(args, device: torch.device) -> dict:
         rows.append(bench_shape(*shape, bptt=args.bptt, vocab=args.vocab, device=device, bf16=bf16,
                                 use_compile=use_compile, repeats=args.repeats, warmup=args.warmup,
                                 tf32=not args.no_tf32))
-        if getattr(args, "jsonl", None):
+        if args.jsonl:
             append_jsonl(args.jsonl, {"mode": "train", "device": str(device), "dtype": args.dtype, **rows[-1]})
     return {
         "mode": "train",
