@@ -67,11 +67,11 @@ if [ $dry = 1 ]; then
   # float32 for the layers alone: oneDNN has no bf16 LSTM on every CPU, and the dtype is the GPU run's concern
   device=cpu; grid=(--shape "1,8,4,2" --bptt 8); cluster=(--shape "2,16,8,2" --bptt 8)
   layers=(--dtype float32 --hidden 16 --embedding 8 --batch 2 --bptt 8)
-  tests=(--collect-only); t_tests=120; t_bench=120
+  tests=(--collect-only); t_tests=120; t_bench=120; t_cluster=120
 else
   device=cuda; grid=(); cluster=(--shape "2,2048,256,128" --bptt 256)
   layers=(--dtype bfloat16 --hidden 2048 --embedding 256 --batch 128 --bptt 256)
-  tests=(); t_tests=150; t_bench=60
+  tests=(); t_tests=150; t_bench=60; t_cluster=30
 fi
 # In one process, without pyproject's `-n auto` and without pytest-xdist at all (a GPU machine may lack it;
 # the dry run then proves that conftest loads without it)
@@ -85,8 +85,8 @@ bench() {  # name, seconds, args...
 }
 bench train_bf16 "$t_bench" --train --dtype bfloat16 --repeats 10 "${grid[@]}"
 bench train_fp32 "$t_bench" --train --dtype float32 --repeats 10 "${grid[@]}"
-bench cluster_step 30 --train --dtype bfloat16 "${cluster[@]}" --repeats 10
-bench cluster_layers 30 --layers 2 "${layers[@]}" --repeats 10 --skip-reference
+bench cluster_step "$t_cluster" --train --dtype bfloat16 "${cluster[@]}" --repeats 10
+bench cluster_layers "$t_cluster" --layers 2 "${layers[@]}" --repeats 10 --skip-reference
 
 "$PY" - "$raw" "$dry" <<'EOF' | tee "$out/gpu_check.md"
 import json, pathlib, sys
