@@ -41,8 +41,8 @@ require_port() {
 #   SIGQUIT only), so it stays up; its workers inherit the ignored signals until lstm_dist.train installs its
 #   own handlers for SIGTERM and SIGUSR1.
 # - SIGTERM or SIGUSR1 to this script: it says so in one line and sends the same signal to every process that
-#   torchrun started (its children, each in a session of its own). They set a flag, agree at the next step
-#   boundary, write one checkpoint and exit with 75 (see run_with_status); the script exits 75.
+#   torchrun started (its children, each in a session of its own). They set a flag, agree at the next log
+#   step (within log.every steps), write one checkpoint and exit with 75 (see run_with_status); the script exits 75.
 # - SIGINT (Ctrl-C) is the same stop, handed on as SIGTERM. A second SIGINT kills torchrun and the training
 #   processes at once, without a checkpoint (the last one written is untouched, as after any crash), and the
 #   script exits 130.

@@ -16,7 +16,7 @@ Each rank reads its own streams of the training split, carries every stream's (h
 window (detached: truncated BPTT), and DistributedDataParallel averages the gradients. The global
 gradient norm is clipped after that all-reduce, so every rank clips alike. A non-finite loss or
 gradient skips the optimizer step on every rank. SIGTERM or SIGUSR1 only set a flag; at the next
-step boundary the ranks agree on it, write a checkpoint and exit with EXIT_PREEMPTED so that a batch
+log step (the ranks read nothing back from the device between log lines) they agree on it, write a checkpoint and exit with EXIT_PREEMPTED so that a batch
 script can requeue the job. The loop is `lstm_dist.training.loop.Trainer`; this module is the command
 line around it: the config, the process group, and how the run's ending becomes an exit status.
 

@@ -30,7 +30,7 @@
 # node. SIGUSR1 because it is the signal neither torchrun nor NCCL acts on: torchrun turns SIGTERM, SIGINT,
 # SIGHUP and SIGQUIT into a shutdown of its workers that kills them after 30 s, whatever they are doing.
 # Each node's torchrun ignores SIGUSR1 (and SIGTERM) and so stays up; the training processes set a flag,
-# agree at the next step boundary, write one checkpoint, and exit with status 75 (launch/torchrun.sh and
+# agree at the next log step (within log.every steps), write one checkpoint, and exit with status 75 (launch/torchrun.sh and
 # launch/multinode.sh do the same without Slurm, sending the signal to torchrun's children themselves).
 # This script then requeues the job (`scontrol requeue`), which starts again from that checkpoint in the
 # same run directory, the same W&B run and the same log file (`--open-mode=append`). A requeued job waits

@@ -140,6 +140,31 @@ def test_the_op_counter_sees_a_host_sync_and_an_extra_op():
     assert sum(bwd.values()) > BUDGET[("mkl-packed" if torch._C.has_mkl else "addmm", False)][1]
 
 
+@pytest.mark.slow
+def test_each_shape_compiles_its_own_forward_step_into_one_kernel(monkeypatch):
+    """The compiled forward step writes outputs of one size, so inductor makes one kernel of it (its CPU
+    backend here; the GPU's count is gpu_check's `window` profile); and each shape gets a code object
+    of its own, so with dynamo's recompile limit at 1 two shapes still both compile: before, the second
+    shape was a recompile of the one function and would have hit the limit, dropping to eager."""
+    import torch._inductor.metrics as metrics
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cache hit generates no kernel to count
+    monkeypatch.setattr(loops, "_COMPILED", {})
+    monkeypatch.setattr(loops, "_COMPILE_FAILURE", None)
+    metrics.reset()
+    for batch, hid in ((2, 4), (3, 4)):
+        gates, c0 = torch.randn(batch, 4 * hid), torch.randn(batch, hid)
+        c, h = torch.empty(batch, hid), torch.empty(batch, hid)
+        loops._compiled_or_eager(loops._fwd_pointwise, lambda t: (gates, c0, c, h))(0)
+        i, f, g, o = gates.chunk(4, dim=1)
+        want_c = torch.sigmoid(f) * c0 + torch.sigmoid(i) * torch.tanh(g)
+        torch.testing.assert_close(c, want_c)
+        torch.testing.assert_close(h, torch.sigmoid(o) * torch.tanh(want_c))
+    assert loops.compile_available(), loops.compile_failure()
+    assert len(loops._COMPILED) == 2 and metrics.generated_kernel_count == 2  # one kernel per shape
+
+
 # ---------------------------------------------------------------- the C++ loops' build: one per version
 
 

@@ -209,6 +209,19 @@ def test_a_non_finite_loss_on_one_rank_is_skipped_on_every_rank(tmp_path, tiny_c
     assert final(tmp_path / "run", 10)["nonfinite_total"] == 1
 
 
+def test_a_compiled_step_failing_on_one_rank_mid_run_is_agreed_and_said_once(tmp_path, tiny_corpus):
+    """A compiled step that raises on rank 1 in step 3 (recorded as `loops` records a real one): at the
+    next log step (4) every rank learns it, runs uncompiled from there, and rank 0 says it once, naming
+    the rank; the run goes on to the end."""
+    proc = ok(ranks(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=8", "log.every=4"), cwd=tmp_path,
+                    fault="compile-fails-later:step=3:rank=1"))
+    said = [line for line in proc.stdout.splitlines() if "the compiled LSTM step failed" in line]
+    assert said == ["warning: the compiled LSTM step failed on rank 1 by step 4 (injected by "
+                    "LSTM_DIST_FAULT=compile-fails-later at step 3); this run's kernels (fp32, C++ CPU loops) "
+                    "compile nothing (model.compile=false skips compiling)"], proc.stdout[-2000:]
+    assert final(tmp_path / "run", 8)["step"] == 8
+
+
 def test_a_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_corpus):
     proc = ranks(2, "--config", str(ROOT / "configs" / "smoke.yaml"),
                  *overrides(tmp_path, tiny_corpus, "run", "train.steps=1000", "checkpoint.every=0"),

@@ -107,11 +107,58 @@ def test_sgd_has_momentum_beta1_and_l2_on_the_matrices():
         torch.testing.assert_close(p, p2, msg=n)
 
 
-def test_set_lr_reaches_every_group():
+def test_set_lr_reaches_every_group_in_place_and_after_a_load():
+    """AdamW's rate is a 0-d tensor on the parameters' device, written in place (the step reads nothing
+    the host sets); a state_dict loaded from a file puts a float or CPU tensor back, and the next
+    set_lr makes it a device tensor again. SGD (fused, float rates only) holds a float."""
     model = _model()
     opt = build_optimizer(model, TrainConfig(lr=0.1))
+    assert all(g["fused"] for g in opt.param_groups)
+    rates = [g["lr"] for g in opt.param_groups]
     set_lr(opt, 0.025)
-    assert [g["lr"] for g in opt.param_groups] == [0.025, 0.025]
+    assert all(isinstance(r, torch.Tensor) and r.dim() == 0 and r.device == torch.device("cpu") for r in rates)
+    assert [g["lr"] for g in opt.param_groups] == rates  # the same tensors, written in place
+    assert [float(r) for r in rates] == [pytest.approx(0.025)] * 2
+    saved = opt.state_dict()
+    saved["param_groups"][0]["lr"] = 0.5
+    opt.load_state_dict(saved)
+    set_lr(opt, 0.125)
+    assert all(isinstance(g["lr"], torch.Tensor) and float(g["lr"]) == 0.125 for g in opt.param_groups)
+    sgd = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1, beta1=0.9))
+    set_lr(sgd, 0.25)
+    assert [g["lr"] for g in sgd.param_groups] == [0.25, 0.25]
+    assert all(torch.equal(sgd.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in model.parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_failed_verdict_skips_the_step_on_the_device(optimizer):
+    """verdict() -> [mean loss, norm, failed]; apply(lr, failed=1) leaves the weights, the moments and
+    AdamW's step count as they were and hands back a zero state; the next good step updates as usual.
+    A loss above max_loss fails the step too; a finite one below it does not."""
+    torch.manual_seed(0)
+    model = _model()
+    opt = build_optimizer(model, TrainConfig(optimizer=optimizer, beta1=0.9, lr=0.01))
+    step = TrainingStep(model, model, opt, clip_norm=1.0, max_loss=100.0)
+    x, y = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
+    record, state = step(x, y, None, 0.01)  # one good step: moments exist
+    loss, norm, failed = record.tolist()
+    assert record.dtype == torch.float64 and 0 < loss < 100 and norm > 0 and failed == 0.0
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    poisoned = step.forward_backward(x, y, state, poison=True)
+    record = step.verdict(poisoned, step.clip())
+    assert record[2].item() == 1.0 and not torch.isfinite(record[0])
+    h, c = step.apply(0.01, record[2])
+    assert all(torch.equal(p.detach(), weights[n]) and p.grad is None for n, p in model.named_parameters())
+    for p in model.parameters():
+        assert all(torch.equal(v, moments[id(p)][k]) for k, v in opt.state[p].items())
+    assert not h.any() and not c.any()
+    assert step(x, y, (h, c), 0.01)[0][2].item() == 0.0
+    assert any(not torch.equal(p.detach(), weights[n]) for n, p in model.named_parameters())
+    low = TrainingStep(model, model, opt, clip_norm=1.0, max_loss=0.5)  # every loss here is above 0.5 nats
+    loss = low.forward_backward(x, y, None)
+    assert low.verdict(loss, low.clip())[2].item() == 1.0
+    low.discard()
 
 
 def test_the_schedule_is_described_as_it_runs():
@@ -139,7 +186,7 @@ def test_the_training_step_clips_sets_the_rate_and_hands_back_a_detached_state()
     assert norm > 1e-2  # far above the limit: the gradients were scaled down to it
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped.values()])) == pytest.approx(1e-3, rel=1e-4)
     h, c = step.apply(0.5)
-    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
+    assert [float(g["lr"]) for g in opt.param_groups] == [0.5, 0.5]
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), p0[n] - 0.5 * clipped[n], msg=n)
         assert p.grad is None

@@ -11,9 +11,10 @@ from typing import Callable, Dict, List
 
 import torch
 
-from lstm_dist.bench.timing import baseline_dtype, timed
+from lstm_dist.bench.timing import baseline_dtype, path_ran, timed
 from lstm_dist.common.distributed import pick_device
 from lstm_dist.config import ModelConfig
+from lstm_dist.model import loops
 from lstm_dist.model.char_lstm import LSTMLayer
 from lstm_dist.model.kernels import Kernels, choose_kernels
 
@@ -83,6 +84,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kernels = bench_kernels(args, device)
+    failure_before = loops.compile_failure()
     runners = _make_runners(args, device, kernels)
     warmup_s: Dict[str, float] = {}
     for name, fn in runners.items():
@@ -110,6 +112,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "kernels": kernels.name,
         "compile": kernels.runs_compiled(),
+        "path": path_ran(kernels, failure_before),
         "tf32": kernels.tf32,
         "baseline_computes_in": baseline_dtype(args.dtype, device, kernels.tf32),
         "flops_per_window": flops,
@@ -138,7 +141,7 @@ def format_table(r: dict) -> str:
         f"lstm_dist.bench  device={r['device_name']}  dtype={r['dtype']}  threads={r['threads']}  "
         f"batch={r['batch']} bptt={r['bptt']} embedding={r['embedding']} hidden={r['hidden']} "
         f"layers={r['layers']}  compile={r['compile']}  median of {r['repeats']}  "
-        f"(torch.nn.LSTM computes in {r['baseline_computes_in']})",
+        f"(torch.nn.LSTM computes in {r['baseline_computes_in']})  fast ran: {r['path']}",
     ]
     header = f"{'impl':<12}{'ms/window':>12}{'min ms':>10}{'chars/s':>14}{'vs torch':>10}{'1st win s':>11}"
     if cuda:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable
+from typing import Callable, Optional, TYPE_CHECKING
 
 import torch
+
+from lstm_dist.model import loops
+
+if TYPE_CHECKING:
+    from lstm_dist.model.kernels import Kernels
 
 
 def timed(fn: Callable[[], None], device: torch.device) -> float:
@@ -39,3 +44,15 @@ def baseline_dtype(dtype: str, device: torch.device, tf32: bool = False) -> str:
     if device.type == "cuda" and tf32:
         return f"{dtype} (TF32 products)"
     return dtype
+
+
+def path_ran(kernels: "Kernels", failure_before: Optional[str]) -> str:
+    """What a bench row ran, in words: the kernels' phrase (`Kernels.describe`), or, where the compiled
+    steps stopped (`loops.compile_failure`; `failure_before`: the failure already recorded when the
+    row began), that the row ran uncompiled, or ran both and its times mix them."""
+    failure = loops.compile_failure()
+    if kernels.name != "compiled" or failure is None:
+        return kernels.describe()
+    if failure_before is not None:
+        return f"{kernels.precision()}, uncompiled steps (compiling failed before this row: {failure})"
+    return f"{kernels.describe()}, then uncompiled (compiling failed during this row: {failure}; its times mix both)"

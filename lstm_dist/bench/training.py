@@ -27,8 +27,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from lstm_dist.bench.timing import append_jsonl, baseline_dtype, timed
+from lstm_dist.bench.timing import append_jsonl, baseline_dtype, path_ran, timed
 from lstm_dist.config import ModelConfig, TrainConfig
+from lstm_dist.model import loops
 from lstm_dist.model.char_lstm import CharLSTM, State
 from lstm_dist.model.kernels import Kernels, choose_kernels
 from lstm_dist.training.optim import build_optimizer
@@ -79,7 +80,7 @@ def _stepper(model: nn.Module, vocab: int, batch: int, bptt: int, device: torch.
 
     def run() -> None:
         tokens = torch.randint(0, vocab, (batch, bptt + 1), generator=gen).to(device)
-        _, _, state[0] = step(tokens[:, :-1], tokens[:, 1:], state[0], t.lr)
+        _, state[0] = step(tokens[:, :-1], tokens[:, 1:], state[0], t.lr)
 
     return run
 
@@ -94,6 +95,7 @@ def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: i
     # note that train.precision=bf16 gives on a CPU.
     kernels = choose_kernels(model_cfg, "auto" if bf16 else "fp32", device, batch=batch,
                              say=lambda line: print(line, file=sys.stderr, flush=True), tf32=tf32)
+    failure_before = loops.compile_failure()
     torch.manual_seed(0)
     ours = CharLSTM.from_config(model_cfg, vocab, kernels=kernels).to(device)
     theirs = TorchLSTMModel(ours).to(device)
@@ -111,7 +113,8 @@ def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: i
         for name, fn in steps.items():
             times[name].append(timed(fn, device))
     row = {"layers": layers, "hidden": hidden, "embedding": embedding, "batch": batch, "bptt": bptt,
-           "kernels": kernels.describe(), "compiled": kernels.runs_compiled(), "tf32": kernels.tf32}
+           "kernels": kernels.describe(), "compiled": kernels.runs_compiled(), "tf32": kernels.tf32,
+           "path": path_ran(kernels, failure_before)}
     for name, ts in times.items():
         ms = statistics.median(ts) * 1e3
         row[f"{name}_ms"] = ms
@@ -156,13 +159,13 @@ def format_train_table(r: dict) -> str:
         f"{r['baseline_computes_in']})  threads={r['threads']}  vocab={r['vocab']}  compile={r['compile']}  "
         f"median of {r['repeats']}, interleaved",
         f"{'layers':>6}{'hidden':>7}{'emb':>5}{'batch':>6}{'bptt':>5}"
-        f"{'lstm_dist ms':>14}{'nn.LSTM ms':>12}{'ratio':>7}{'lstm_dist chars/s':>19}{'nn.LSTM chars/s':>17}",
+        f"{'lstm_dist ms':>14}{'nn.LSTM ms':>12}{'ratio':>7}{'lstm_dist chars/s':>19}{'nn.LSTM chars/s':>17}  path",
     ]
     for row in r["rows"]:
         lines.append(
             f"{row['layers']:>6}{row['hidden']:>7}{row['embedding']:>5}{row['batch']:>6}{row['bptt']:>5}"
             f"{row['lstm_dist_ms']:>14.1f}{row['torch_lstm_ms']:>12.1f}{row['ratio']:>7.3f}"
-            f"{row['lstm_dist_chars_per_s']:>19,.0f}{row['torch_lstm_chars_per_s']:>17,.0f}"
+            f"{row['lstm_dist_chars_per_s']:>19,.0f}{row['torch_lstm_chars_per_s']:>17,.0f}  {row['path']}"
         )
     lines.append(f"worst ratio {r['worst_ratio']:.3f} (lstm_dist step time / torch.nn.LSTM step time; below 1 is faster)")
     return "\n".join(lines)

@@ -10,13 +10,14 @@ so that workers restarted by torchrun run clean.
     raise                     raise a RuntimeError after step S (a crash on one rank)
     user-error                raise a UserError after step S (a mistake that rank met alone)
     preempt                   send this process SIGUSR1 after step S (a signal on one rank only); as
-                              with a real signal, the ranks agree on it at the end of the next step,
-                              so the checkpoint is of step S+1 (`preempt:step=15` checkpoints at 16)
+                              with a real signal, the ranks agree on it at the next step the trainer
+                              settles at (with log.every=1, S+1: `preempt:step=15` checkpoints at 16)
     hang                      sleep for an hour after step S (a rank that stops answering)
     nonfinite                 make the loss of step S non-finite
     checkpoint-before-rename  SIGKILL once the checkpoint of step S is written, before it is renamed
     checkpoint-before-latest  SIGKILL once the checkpoint of step S is in place, before `latest` names it
     compile-fails             this rank reports that torch.compile of the LSTM step failed (at start-up)
+    compile-fails-later       this rank records a compiled LSTM step that raised in step S (mid-run)
     cpu-loops-fail            this rank reports that the C++ LSTM loops could not be built (at start-up)
 """
 
@@ -30,7 +31,8 @@ import time
 from lstm_dist.common.errors import UserError
 
 POINTS = ("kill", "raise", "user-error", "preempt", "hang", "nonfinite", "checkpoint-before-rename",
-          "checkpoint-before-latest", "compile-fails", "cpu-loops-fail")
+          "checkpoint-before-latest", "compile-fails", "compile-fails-later",
+          "cpu-loops-fail")
 AFTER_STEP = ("kill", "raise", "user-error", "preempt", "hang")
 
 

@@ -20,10 +20,14 @@ The pointwise update of a step exists in three forms, the same equations (`cell.
   buffer, forward 7 ops, backward 6, no allocation (`tests/test_fast_path.py` pins the counts). The
   definition, and what runs wherever another form does not apply.
 - compiled (`compiled_forward`, `compiled_backward`): a functional form of the step (`_fwd_pointwise`,
-  `_bwd_pointwise`) that `torch.compile` fuses into one kernel per step, compiled once per process on
-  first use. A small function with fixed shapes, never the time loop, so compile time does not grow
-  with the window. Where compiling fails (no C++ toolchain, no Triton) the eager step runs from then on,
-  after one warning (`compile_available()` says so).
+  `_bwd_pointwise`) that `torch.compile` fuses, compiled once per process and shape on first use (each
+  shape with a code object of its own, so dynamo's recompile limit is never met). A small function
+  with fixed shapes, never the time loop, so compile time does not grow with the window. The forward
+  step writes outputs of one size only ([B,H]: c_t, h_t, and under autocast h_t in the product's
+  dtype), so it is one kernel; the activations are written for the whole window after the loop
+  (`_activate`). Where compiling fails (no C++ toolchain, no Triton, anything at any call) the same
+  functions run uncompiled from then on; the failure is recorded (`compile_failure()`), agreed by every
+  rank of a training run at its next log step and said once (`training.loop`).
 - C++ (`cpp_forward`, `cpp_backward`): both loops in `csrc/lstm_loops.cpp` (`lstm_dist.model.cpu_loops`
   builds it), the cell update in one vectorised pass over the rows and no Python between steps; for
   fp32 on the CPU without autocast (a 2 × 256, batch-32 training step: ~12% faster than eager). A
@@ -32,12 +36,13 @@ The pointwise update of a step exists in three forms, the same equations (`cell.
 The recurrent product (`recurrent_product`) is shared by all three: MKL's packed-weight GEMM where this
 torch has it and the window is fp32 on the CPU (U packed once per window instead of inside every call;
 `Kernels.mkl_packed`), else one addmm into the gates buffer; under autocast the product in `mm`,
-added in fp32.
+accumulated in fp32: one addmm with `out_dtype` where the device has it (CUDA), else mm then add.
 """
 
 from __future__ import annotations
 
 import itertools
+import types
 import warnings
 from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
@@ -57,14 +62,16 @@ if TYPE_CHECKING:  # annotations only: kernels.py imports this module
 
 
 def recurrent_product(weight: Tensor, transposed: bool, batch: int, acc: torch.dtype, mm: Optional[torch.dtype],
-                      mkl_packed: bool) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+                      mkl_packed: bool, cast: bool = True) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """The per-step product of the recurrence, as `product(x, add, out)`: out = add + x M with
     M = weight^T (`transposed`: the forward's h U^T) or M = weight (the backward's dgates U).
 
     Three ways, chosen once per window: MKL's packed-weight GEMM (torch.ops.mkl, what inductor uses
     for fp32 linear on CPU: M packed once per window instead of inside every call) where
     `packed_weight` gives one; else one addmm; under autocast (`mm`, e.g. bf16) the product in that
-    dtype, added in fp32.
+    dtype: where the device's addmm takes `out_dtype` (CUDA, `product_to_acc`) one addmm that
+    multiplies in `mm` and accumulates and writes in `acc`, else mm then an add in `acc`. `cast`
+    False: x comes in `mm` already (the compiled steps write it so), no cast kernel per step.
     """
     m = weight.t() if transposed else weight  # [K, N]
     packed = packed_weight(m, batch, acc, mkl_packed) if mm is None else None
@@ -76,7 +83,35 @@ def recurrent_product(weight: Tensor, transposed: bool, batch: int, acc: torch.d
         m_acc = m.to(acc).contiguous()
         return lambda x, add, out: torch.addmm(add, x, m_acc, out=out)
     m_low = m.to(mm).contiguous()
-    return lambda x, add, out: torch.add(add, torch.mm(x.to(mm), m_low), out=out)
+    low = (lambda x: x.to(mm)) if cast else (lambda x: x)
+    if product_to_acc(m.device, mm, acc):
+        return lambda x, add, out: torch.addmm(add, low(x), m_low, out_dtype=acc, out=out)
+    return lambda x, add, out: torch.add(add, torch.mm(low(x), m_low), out=out)
+
+
+_PRODUCT_TO_ACC: dict = {}
+
+
+def product_to_acc(device: torch.device, mm: torch.dtype, acc: torch.dtype) -> bool:
+    """Whether `torch.addmm(add, a, b, out_dtype=acc, out=add)` with a, b in `mm` runs on `device` and
+    gives add + a b (one kernel where cast + mm + add were three): torch's CUDA addmm takes out_dtype
+    fp32 for bf16/fp16 operands (torch >= 2.8); the CPU's does not. Asked once per process and
+    (device type, dtypes), on a 16 x 16 case written in place, against the three-op form."""
+    key = (device.type, mm, acc)
+    if key not in _PRODUCT_TO_ACC:
+        ok = False
+        if device.type == "cuda":
+            try:
+                g = torch.Generator(device="cpu").manual_seed(0)
+                a, b, c = (torch.randn(16, 16, generator=g).to(device) for _ in range(3))
+                want = c + torch.mm(a.to(mm), b.to(mm)).to(acc)
+                got = c.to(acc).clone()
+                torch.addmm(got, a.to(mm), b.to(mm), out_dtype=acc, out=got)
+                ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2))
+            except (RuntimeError, TypeError):
+                ok = False
+        _PRODUCT_TO_ACC[key] = ok
+    return _PRODUCT_TO_ACC[key]
 
 
 def packed_weight(m: Tensor, batch: int, acc: torch.dtype, enabled: bool) -> Optional[Tuple[Tensor, Tensor]]:
@@ -97,18 +132,38 @@ def packed_weight(m: Tensor, batch: int, acc: torch.dtype, enabled: bool) -> Opt
 
 
 def _fwd_pointwise(gates: Tensor, c_prev: Tensor, c_out: Tensor, h_out: Tensor) -> None:
-    """Step t of the forward, for torch.compile to fuse: gates (pre-activations [B,4H]) become the
-    activations; writes c' and h'. The eager form is `_fwd_eager`."""
-    i, f, g, o, c, tc = cell_update(gates, c_prev)
-    gates.copy_(torch.cat([i, f, g, o], dim=1))
+    """Step t of the forward, for torch.compile to fuse into one kernel over [B,H]: from the
+    pre-activations gates [B,4H] (only read) and c_{t-1}, writes c_t and h_t. Every output has one
+    size, so inductor makes one kernel of it (writing the activations back into gates too, [B,4H],
+    made two); the window's activations are written after the loop in one pass (`_activate`)."""
+    _, _, _, o, c, tc = cell_update(gates, c_prev)
     c_out.copy_(c)
     h_out.copy_(o * tc)
+
+
+def _fwd_pointwise_low(gates: Tensor, c_prev: Tensor, c_out: Tensor, h_out: Tensor, h_low: Tensor) -> None:
+    """`_fwd_pointwise` under autocast: also writes h_t in the products' dtype (h_low, e.g. bf16), the
+    next step's recurrent product's operand, so that no cast kernel runs between the steps."""
+    _, _, _, o, c, tc = cell_update(gates, c_prev)
+    h = o * tc
+    c_out.copy_(c)
+    h_out.copy_(h)
+    h_low.copy_(h)
+
+
+def _activate(gates: Tensor) -> None:
+    """Pre-activations [T,B,4H] -> the activations (i, f, g, o), in place, for the whole window at once
+    (three ops; the loops' contract: gates holds the activations when the forward loop returns)."""
+    hid = gates.shape[-1] // 4
+    gates[..., : 2 * hid].sigmoid_()
+    gates[..., 2 * hid : 3 * hid].tanh_()
+    gates[..., 3 * hid :].sigmoid_()
 
 
 def _bwd_pointwise(dh: Tensor, dc: Tensor, dc_coef: Tensor, coef: Tensor, f: Tensor, dgates: Tensor) -> None:
     """Step t of the backward, for torch.compile to fuse: from dh_t and dc (= dc_{t+1} f_{t+1}) writes
     dgates_t and leaves dc_t f_t in dc (`_backward_coefficients` has the coefficients). The eager form
-    is `_bwd_eager`."""
+    is `_bwd_eager`. (Two output sizes, [B,4H] and [B,H]: likely two kernels; see docs/gpu.md.)"""
     hid = dc.shape[1]
     dct = dc + dh * dc_coef
     dgates.copy_(torch.cat([(dct.unsqueeze(1) * coef[:, : 3 * hid].unflatten(1, (3, hid))).flatten(1),
@@ -116,32 +171,71 @@ def _bwd_pointwise(dh: Tensor, dc: Tensor, dc_coef: Tensor, coef: Tensor, f: Ten
     dc.copy_(dct * f)
 
 
-_COMPILED: dict = {}  # this process's compiled steps, by name
-_COMPILE_FAILED = False
+def _bwd_pointwise_low(dh: Tensor, dc: Tensor, dc_coef: Tensor, coef: Tensor, f: Tensor, dgates: Tensor,
+                       dgates_low: Tensor) -> None:
+    """`_bwd_pointwise` under autocast: also writes dgates_t in the products' dtype (dgates_low, the
+    size of dgates, so no new output size), the next step's product operand: no cast kernel."""
+    _bwd_pointwise(dh, dc, dc_coef, coef, f, dgates)
+    dgates_low.copy_(dgates)
+
+
+_COMPILED: dict = {}  # this process's compiled steps, by (step, shapes and dtypes of its arguments)
+_COMPILE_FAILURE: Optional[str] = None  # why compiling failed in this process (None: it has not)
 
 
 def compile_available() -> bool:
-    """False once compiling the pointwise step has failed in this process (the eager step runs since)."""
-    return not _COMPILE_FAILED
+    """False once compiling a pointwise step has failed in this process, or `disable_compile` was
+    called: the same functions run uncompiled since."""
+    return _COMPILE_FAILURE is None
 
 
-def _compiled_or_eager(name: str, functional: Callable, eager: Callable[[int], None],
-                       args_of: Callable[[int], tuple]) -> Callable[[int], None]:
-    """Step t through `functional` compiled (once per process, on first use), or through `eager`
-    from the moment compiling fails (no C++ toolchain, no Triton, ...), with one warning."""
+def compile_failure() -> Optional[str]:
+    """Why the compiled steps stopped in this process ("RuntimeError: ..."), or None."""
+    return _COMPILE_FAILURE
+
+
+def disable_compile(why: str) -> None:
+    """Run the pointwise steps uncompiled from now on in this process (every rank does so together
+    when one rank's compile failed: `training.loop`), keeping the first reason."""
+    global _COMPILE_FAILURE
+    if _COMPILE_FAILURE is None:
+        _COMPILE_FAILURE = why
+
+
+def _own_code(fn: Callable, tag: str) -> Callable:
+    """`fn` with a code object of its own: dynamo keeps its compiled graphs, and counts recompiles
+    against `recompile_limit` (8), per code object, so one per shape never meets the limit."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _compiled(functional: Callable, args: tuple) -> Callable:
+    """`functional` compiled for these arguments' shapes and dtypes (once per process and key)."""
+    key = (functional.__name__, tuple((tuple(a.shape), tuple(a.stride()), a.dtype, a.device.type) for a in args))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = torch.compile(_own_code(functional, str(len(_COMPILED))), dynamic=False,
+                                            fullgraph=True)
+    return fn
+
+
+def _compiled_or_eager(functional: Callable, args_of: Callable[[int], tuple]) -> Callable[[int], None]:
+    """Step t through `functional` compiled for its shapes, or run as it is (the same ops, uncompiled,
+    the same results to rounding) once compiling has failed in this process. A failure is recorded
+    (`compile_failure`): a training run agrees on it across ranks at its next log step and says it
+    once there; a process with no process group (bench, generate) gets one warning here."""
 
     def step(t: int) -> None:
-        global _COMPILE_FAILED
-        if not _COMPILE_FAILED:
+        args = args_of(t)
+        if _COMPILE_FAILURE is None:
             try:
-                if name not in _COMPILED:
-                    _COMPILED[name] = torch.compile(functional, dynamic=False, fullgraph=True)
-                return _COMPILED[name](*args_of(t))
+                return _compiled(functional, args)(*args)
             except Exception as exc:
-                _COMPILE_FAILED = True
-                warnings.warn(f"torch.compile of the LSTM pointwise step failed ({type(exc).__name__}: "
-                              f"{first_line(exc)}); using eager pointwise ops", RuntimeWarning, stacklevel=2)
-        eager(t)
+                disable_compile(f"{type(exc).__name__}: {first_line(exc)}")
+                if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                    warnings.warn(f"torch.compile of the LSTM pointwise step failed ({_COMPILE_FAILURE}); "
+                                  "running the same step uncompiled", RuntimeWarning, stacklevel=2)
+        functional(*args)
 
     return step
 
@@ -164,25 +258,37 @@ def _forward(gates: Tensor, hs: Tensor, cs: Tensor, weight_hh: Tensor, mm, kerne
              compiled: bool) -> None:
     """The forward loop in Python, with the eager or the compiled step. tanh(c_t) goes through one
     [B,H] scratch that stays in cache (the backward recomputes it for the whole window in one op:
-    measured ~0.7 ms a layer and window faster at 2 x 256, batch 32, than keeping a [T,B,H] buffer)."""
+    measured ~0.7 ms a layer and window faster at 2 x 256, batch 32, than keeping a [T,B,H] buffer).
+    The compiled step leaves the pre-activations in gates and `_activate` turns them into activations
+    after the loop; under autocast it also writes h_t in the products' dtype for the next product."""
     steps, batch, four_h = gates.shape
     hid = four_h // 4
     steps_of = POOL.steps
     g_t, h_t, c_t = steps_of(gates), steps_of(hs), steps_of(cs)
+    if compiled:
+        if mm is None:
+            product = recurrent_product(weight_hh, True, batch, gates.dtype, mm, kernels.mkl_packed)
+            pointwise = _compiled_or_eager(_fwd_pointwise, lambda t: (g_t[t], c_t[t], c_t[t + 1], h_t[t + 1]))
+            for t in range(steps):
+                product(h_t[t], g_t[t], g_t[t])
+                pointwise(t)
+        else:
+            low = torch.empty(2, batch, hid, device=gates.device, dtype=mm)  # h_{t-1} for step t: low[t % 2]
+            low[0].copy_(h_t[0])
+            product = recurrent_product(weight_hh, True, batch, gates.dtype, mm, kernels.mkl_packed, cast=False)
+            pointwise = _compiled_or_eager(_fwd_pointwise_low,
+                                           lambda t: (g_t[t], c_t[t], c_t[t + 1], h_t[t + 1], low[(t + 1) % 2]))
+            for t in range(steps):
+                product(low[t % 2], g_t[t], g_t[t])
+                pointwise(t)
+        _activate(gates)
+        return
     tc = torch.empty(batch, hid, device=gates.device, dtype=gates.dtype)
     if_t = steps_of(gates, 0, 2 * hid)  # i and f: one sigmoid over both
     i_t, f_t, gg_t, o_t = (steps_of(gates, k * hid, (k + 1) * hid) for k in range(4))
-
     product = recurrent_product(weight_hh, True, batch, gates.dtype, mm, kernels.mkl_packed)
     # the step's views, zipped once per window
-    views = list(zip(if_t, gg_t, o_t, i_t, f_t, c_t[:-1], c_t[1:], itertools.repeat(tc), h_t[1:]))
-    if compiled:
-        pointwise = _compiled_or_eager("fwd", _fwd_pointwise, lambda t: _fwd_eager(*views[t]),
-                                       lambda t: (g_t[t], c_t[t], c_t[t + 1], h_t[t + 1]))
-        for t in range(steps):
-            product(h_t[t], g_t[t], g_t[t])
-            pointwise(t)
-        return
+    views = zip(if_t, gg_t, o_t, i_t, f_t, c_t[:-1], c_t[1:], itertools.repeat(tc), h_t[1:])
     for g, h_prev, step_views in zip(g_t, h_t, views):
         product(h_prev, g, g)
         _fwd_eager(*step_views)
@@ -277,9 +383,20 @@ def _backward(gates: Tensor, hs: Tensor, cs: Tensor, dy: Tensor, dc: Tensor, dga
     product = recurrent_product(weight_hh, False, batch, dy.dtype, mm, kernels.mkl_packed)
     nexts = (None,) + dg_t[:0:-1]  # dgates_{t+1} for t = T-1 .. 0 (none after the last step)
     per_step = list(zip(nexts, dy_t[::-1], a_t[::-1], f_t[::-1], *(v[::-1] for v in c_t), *(v[::-1] for v in d_t)))
+    if compiled and mm is not None:  # the step also writes dgates_t in `mm`: the next product's operand
+        low = torch.empty(2, batch, four_h, device=dy.device, dtype=mm)
+        product = recurrent_product(weight_hh, False, batch, dy.dtype, mm, kernels.mkl_packed, cast=False)
+        pointwise = _compiled_or_eager(_bwd_pointwise_low,
+                                       lambda t: (dh, dc, a_t[t], k_t[t], f_t[t], dg_t[t], low[t % 2]))
+        for t in range(steps - 1, -1, -1):
+            if t == steps - 1:
+                dh.copy_(dy_t[t])
+            else:
+                product(low[(t + 1) % 2], dy_t[t], dh)
+            pointwise(t)
+        return
     if compiled:
-        pointwise = _compiled_or_eager("bwd", _bwd_pointwise, lambda t: _bwd_eager(dh, dc, *per_step[steps - 1 - t][2:]),
-                                       lambda t: (dh, dc, a_t[t], k_t[t], f_t[t], dg_t[t]))
+        pointwise = _compiled_or_eager(_bwd_pointwise, lambda t: (dh, dc, a_t[t], k_t[t], f_t[t], dg_t[t]))
         for t in range(steps - 1, -1, -1):
             if t == steps - 1:
                 dh.copy_(dy_t[t])

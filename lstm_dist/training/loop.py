@@ -3,10 +3,13 @@ schedule, step), resumes it, then trains, logs, evaluates and checkpoints until 
 
 Each rank reads its own streams of the training split (`data.streams.TokenStream`), carries every
 stream's (h, c) `state` from window to window (detached: truncated BPTT), and DistributedDataParallel
-averages the gradients. One step is `training.step.TrainingStep`; between its parts the ranks share
-the loss and the stop flag in one all-reduce (`stopping.agree`): a non-finite or diverged loss, or a
-non-finite gradient norm, skips the optimizer step on every rank, and a SIGTERM/SIGUSR1 flag stops
-every rank at the same step boundary with a checkpoint.
+averages the gradients. One step is `training.step.TrainingStep`, queued with no host read: its
+verdict (the loss averaged over the ranks by one small all-reduce, the gradient norm, whether the step
+failed) stays on the device, and a failed step (a non-finite or diverged loss, a non-finite norm) is
+skipped there by the fused optimizer on every rank. The host reads the verdicts only at the steps it
+settles at (`Trainer.settles_at`: log, evaluation and checkpoint steps, the last one), where it also
+counts and reports failed steps and agrees with the other ranks on a SIGTERM/SIGUSR1 flag, which
+stops every rank at that step with a checkpoint.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lstm_dist.common import faults
 from lstm_dist.common.atomic import atomic_write_text
-from lstm_dist.common.distributed import DistEnv, cpu_threads, on_every_rank, placement
+from lstm_dist.common.distributed import DistEnv, all_objects, cpu_threads, on_every_rank, placement
 from lstm_dist.config import Config
 from lstm_dist.data.run_corpus import open_corpus
 from lstm_dist.data.streams import TokenStream
 from lstm_dist.inference.sampling import sample_prompt_note
 from lstm_dist.inference.scoring import LN2
 from lstm_dist.model.char_lstm import CharLSTM
+from lstm_dist.model import loops
 from lstm_dist.model.kernels import choose_kernels
 from lstm_dist.training import checkpoint as ckpt
 from lstm_dist.training import lr_rule
@@ -38,9 +42,9 @@ from lstm_dist.training.rundir import RunDirectory
 from lstm_dist.training.seeds import init_seed, rank_seed, seed_everything
 from lstm_dist.training.state import ModelWeights, Progress, RandomGenerators
 from lstm_dist.training.step import TrainingStep
-from lstm_dist.training.stopping import (EXIT_PREEMPTED, NonFiniteStop, Preemption, agree,
+from lstm_dist.training.stopping import (EXIT_PREEMPTED, NonFiniteStop, Preemption, agree_flags,
                                          failed_steps_advice)
-from lstm_dist.training.timing import LogInterval
+from lstm_dist.training.timing import LogInterval, StepClock
 
 
 def open_metrics(cfg: Config, resumed_at: int | None) -> Metrics:
@@ -126,11 +130,16 @@ class Trainer:
         self.pieces = checkpoint_pieces(self)
         resumed = self._resume()
         # gradient_as_bucket_view: the parameters' .grad are views into DDP's all-reduce buckets, so no copy
-        # of every gradient in and out of the buckets each step (the same sums, bit for bit).
+        # of every gradient in and out of the buckets each step (the same sums, bit for bit). Bucket sizes
+        # stay DDP's: docs/gpu.md ("Gradient all-reduce") says why they already follow the layers.
         self.ddp_model = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
                                                   else None, gradient_as_bucket_view=True)
                           if env.distributed else self.model)
-        self.training_step = TrainingStep(self.ddp_model, self.model, self.optimizer, t.clip_norm, self.kernels.autocast)
+        self.training_step = TrainingStep(self.ddp_model, self.model, self.optimizer, t.clip_norm, self.kernels.autocast,
+                                          max_loss=self.max_loss, world=env.world)
+        self.clock = StepClock(self.device)
+        self.pending: list[torch.Tensor] = []  # the verdicts of the steps queued since the host last read them
+        self._compile_agreed = False  # whether a failed compiled step was agreed on (and said) already
         self.evaluation = Evaluation(cfg, env, self.model, self.vocab, splits, self.kernels.bf16, self.say)
         at = self.progress.step if resumed else None
         self.metrics = on_every_rank(lambda: open_metrics(cfg, at) if env.is_main else NO_METRICS)
@@ -155,10 +164,6 @@ class Trainer:
         if self.env.is_main:
             print(text, flush=True)
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def save_checkpoint(self) -> None:
         t0, p = time.perf_counter(), self.progress
         path = ckpt.save_training(self.cfg, self.env, self.vocab, p.step, self.pieces)
@@ -166,38 +171,85 @@ class Trainer:
         if path is not None:
             self.say(f"checkpoint {path} ({time.perf_counter() - t0:.2f}s)")
 
-    def train_step(self, preempt_flag: float) -> tuple[float, float, bool, list[float]]:
-        """One window on every rank. Returns (mean loss, pre-clip grad norm, preempt agreed, [data, fwd+bwd, opt] seconds)."""
-        p = self.progress
-        t0 = time.perf_counter()
+    def train_step(self) -> None:
+        """One window on every rank, queued on the device with no host read (`training.step`): its
+        verdict (mean loss, norm, failed) joins `pending` and the clock has its four marks."""
+        p, clock = self.progress, self.clock
+        clock.mark()
         batch = self.stream.next()
-        x = batch.x.to(self.device, non_blocking=True)
-        y = batch.y.to(self.device, non_blocking=True)
+        x, y = batch.x, batch.y
+        if self.device.type == "cuda":  # pinned, so that the copy is queued and the host runs on
+            x, y = x.pin_memory(), y.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
         if batch.reset or p.state is None:
             p.state = self.model.init_state(x.shape[0], device=self.device)
-        t1 = time.perf_counter()
+        if faults.armed("compile-fails-later", p.step + 1):  # as a compiled step that raised in this step
+            loops.disable_compile(f"injected by LSTM_DIST_FAULT=compile-fails-later at step {p.step + 1}")
+        clock.mark()
         loss = self.training_step.forward_backward(x, y, p.state, poison=faults.armed("nonfinite", p.step + 1))
-        self._sync()
-        t2 = time.perf_counter()
-        norm = float(self.training_step.clip())
-        mean_loss, any_bad, stop = agree(loss, preempt_flag, self.env.world)
+        clock.mark()
+        record = self.training_step.verdict(loss, self.training_step.clip())
         p.step += 1
-        if any_bad or not math.isfinite(norm) or (self.max_loss and mean_loss > self.max_loss):
-            self.training_step.discard()
-            p.state = None  # a non-finite forward poisons the carried state: every rank restarts from zeros
-            self.say(p.nonfinite.skipped(p.step, mean_loss, norm, self.max_loss))
-            if p.nonfinite.exhausted:
-                raise NonFiniteStop(failed_steps_advice(p.nonfinite, self.run_dir, self.env.is_main))
-        else:
-            p.state = self.training_step.apply(self.schedule.lr(p.step))
-            p.nonfinite.ok()
-        self._sync()
-        t3 = time.perf_counter()
-        return mean_loss, norm, stop, [t1 - t0, t2 - t1, t3 - t2]
+        p.state = self.training_step.apply(self.schedule.lr(p.step), failed=record[2])
+        clock.mark()
+        self.pending.append(record)
+
+    def settle(self, window: LogInterval, preemption: Preemption) -> tuple[float, bool]:
+        """The host's look at the steps queued since the last one, at a step every rank settles at (a log,
+        evaluation or checkpoint step, the last one): their verdicts read back in one copy, each step's
+        failure counted and warned about in order, each step's loss and phases into `window`; then one
+        all-reduce of the stop flag and of whether a compiled step failed here (then every rank runs
+        uncompiled from here on: `_agree_compile_failure`). Returns (the last step's gradient norm, whether any rank was asked
+        to stop). Raises NonFiniteStop at the first step that made `train.max_nonfinite` failures in a
+        row (the steps queued after it ran, their updates lost with the run)."""
+        p = self.progress
+        records = torch.stack(self.pending).tolist() if self.pending else []
+        self.pending = []
+        phases = self.clock.take()
+        first = p.step - len(records) + 1
+        norm = math.nan
+        for i, ((loss, norm, failed), spent) in enumerate(zip(records, phases)):
+            step = first + i
+            window.add(loss, spent)
+            if failed:
+                self.say(p.nonfinite.skipped(step, loss, norm, self.max_loss))
+                if p.nonfinite.exhausted:
+                    if step != p.step:
+                        self.say(f"(read at step {p.step}: the steps queued after {step} ran, and are dropped with the run)")
+                    raise NonFiniteStop(failed_steps_advice(p.nonfinite, self.run_dir, self.env.is_main))
+            else:
+                p.nonfinite.ok()
+        stop, compile_failed = agree_flags([preemption.requested, loops.compile_failure() is not None], self.device)
+        if compile_failed and not self._compile_agreed:
+            self._agree_compile_failure()
+        return norm, stop
+
+    def _agree_compile_failure(self) -> None:
+        """A compiled step failed on some rank since the last settle (`loops.compile_failure`): every rank
+        runs the same steps uncompiled from here on, and rank 0 says so once, naming the first rank and why."""
+        self._compile_agreed = True
+        reasons = all_objects(loops.compile_failure())
+        rank, why = next((r, w) for r, w in enumerate(reasons) if w is not None)
+        loops.disable_compile(why)
+        what = ("every rank runs the same pointwise steps uncompiled from here on"
+                if self.kernels.name == "compiled" else f"this run's kernels ({self.kernels.describe()}) compile nothing")
+        self.say(f"warning: the compiled LSTM step failed on rank {rank} by step {self.progress.step} ({why}); {what}"
+                 " (model.compile=false skips compiling)")
+
+    def settles_at(self, step: int) -> bool:
+        """Whether the host reads the queued steps at `step`: the same steps on every rank (a collective)."""
+        t, cfg = self.cfg.train, self.cfg
+        at = lambda n: bool(n) and step % n == 0  # noqa: E731
+        return step == t.steps or at(cfg.log.every) or at(t.eval_every) or at(cfg.checkpoint.every)
 
     def run(self, preemption: Preemption) -> int:
         """Train to `train.steps` (exit status 0), or to a stop every rank agreed on (EXIT_PREEMPTED,
-        after a checkpoint). Raises NonFiniteStop on too many failed steps or a diverged final score."""
+        after a checkpoint). Raises NonFiniteStop on too many failed steps or a diverged final score.
+
+        Between two steps the host settles at (`settles_at`) it reads nothing from the device: it queues
+        steps. A stop signal is therefore agreed at the next step settled at (every `log.every` steps at
+        most), and a failed step is warned about there."""
         cfg, t, p = self.cfg, self.cfg.train, self.progress
         for line in start_lines(self):
             self.say(line)
@@ -205,12 +257,14 @@ class Trainer:
         every = lambda n: n and p.step % n == 0 and p.step < t.steps  # noqa: E731  (not at the end)
         while p.step < t.steps:
             window.begin()
-            loss, norm, stop, phases = self.train_step(1.0 if preemption.requested else 0.0)
+            self.train_step()
+            stop = False
+            if self.settles_at(p.step):
+                norm, stop = self.settle(window, preemption)
+            window.end()
             faults.after_step(p.step)
-            window.add(loss, phases)
             if p.step % cfg.log.every == 0 or p.step == t.steps:
                 self._log(window, norm)
-            window.end()
             if stop:
                 self.say(f"stop requested ({signal.Signals(preemption.signal).name if preemption.requested else 'on another rank'}):"
                          f" checkpointing at step {p.step} and exiting with {EXIT_PREEMPTED}; "

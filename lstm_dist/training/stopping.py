@@ -1,7 +1,7 @@
 """When a run stops, and how every rank agrees on it: the stop signal (SIGTERM/SIGUSR1 only set a
 flag), failed steps (a non-finite loss or gradient, or a diverged loss: skipped on every rank; too
-many in a row stop the run, with the advice of `failed_steps_advice`), the one small all-reduce per
-step that shares the loss and the flags among the ranks, and the exit status of each ending."""
+many in a row stop the run, with the advice of `failed_steps_advice`), the all-reduce that agrees on
+a stop at the steps the trainer settles at (`agree_flags`), and the exit status of each ending."""
 
 from __future__ import annotations
 
@@ -102,10 +102,9 @@ def failed_steps_advice(nonfinite: NonFinite, run_dir: Path, is_main: bool) -> s
     return head + f"it resumes from {healthy}, the last checkpoint written before the failures began{aside}"
 
 
-def agree(loss: torch.Tensor, preempt_flag: float, world: int) -> tuple[float, bool, bool]:
-    """One small all-reduce per step: (the mean loss over ranks, whether any rank saw a non-finite
-    loss, whether any rank was asked to stop). The gradient norm is already the same on every rank."""
-    bad = 0.0 if torch.isfinite(loss) else 1.0
-    flags = torch.tensor([bad, preempt_flag], device=loss.device)
-    total = all_reduce_sum(torch.cat([loss.detach().float().reshape(1), flags]).to(torch.float64)).tolist()
-    return total[0] / world, total[1] > 0, total[2] > 0
+def agree_flags(flags: list[bool], device: torch.device) -> list[bool]:
+    """Whether any rank raised each flag (the stop signal, a failed compiled step): one all-reduce of
+    this rank's flags, read back (a host synchronisation: called only at the steps the trainer settles
+    at, the same on every rank)."""
+    mine = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64, device=device)
+    return [total > 0 for total in all_reduce_sum(mine).tolist()]
