@@ -12,7 +12,12 @@
 #    cuDNN's torch.nn.LSTM;
 # 3. the cluster config's shape (2 x 2048, embedding 256, batch 128, bptt 256): a training step and the
 #    layers alone, bf16, with MFU;
-# 4. a table of all of it in gpu_check.md, also printed.
+# 4. the recurrent products alone at that shape (the device's own floor for the time loop), and one
+#    training step under torch.profiler: kernels per window, the share of it the GPU is busy, the top
+#    kernels (`python -m lstm_dist.bench.profile`);
+# 5. a real training run over NCCL at that shape (torchrun, the built-in corpus): 16 steps with a
+#    checkpoint at 8, then a resume from it to 16, the two runs' losses side by side;
+# 6. a table of all of it in gpu_check.md, also printed.
 #
 # The machine it is made for: its own python3 (or $PYTHON), torch 2.11 or later, no wandb, no network,
 # nothing installed; the package is imported from this checkout. At most 8 files come back from such a
@@ -67,11 +72,18 @@ if [ $dry = 1 ]; then
   # float32 for the layers alone: oneDNN has no bf16 LSTM on every CPU, and the dtype is the GPU run's concern
   device=cpu; grid=(--shape "1,8,4,2" --bptt 8); cluster=(--shape "2,16,8,2" --bptt 8)
   layers=(--dtype float32 --hidden 16 --embedding 8 --batch 2 --bptt 8)
-  tests=(--collect-only); t_tests=120; t_bench=120; t_cluster=120
+  tests=(--collect-only); t_tests=120; t_cluster=120; t_bf16=120; t_fp32=120
+  t_product=120; t_window=120; t_train=120
+  product=(--hidden 16 --batch 2 --bptt 8 --dtype float32); window=(--shape "2,16,8,2" --bptt 8 --dtype float32)
+  model=(model.hidden=16 model.embedding=8 model.layers=2 train.batch_size=2 train.bptt=8 train.threads=1)
 else
   device=cuda; grid=(); cluster=(--shape "2,2048,256,128" --bptt 256)
   layers=(--dtype bfloat16 --hidden 2048 --embedding 256 --batch 128 --bptt 256)
-  tests=(); t_tests=150; t_bench=60; t_cluster=30
+  # the parts' limits add up to 6 minutes; a part its limit stops keeps the rows it wrote
+  tests=(); t_tests=100; t_bf16=45; t_fp32=35; t_cluster=25; t_product=15; t_window=40; t_train=40
+  product=(--hidden 2048 --batch 128 --bptt 256 --dtype bfloat16); window=(--shape "2,2048,256,128" --bptt 256 --dtype bfloat16)
+  model=(model.hidden=2048 model.embedding=256 model.layers=2 train.batch_size=128 train.bptt=256
+         train.precision=bf16 model.compile=true)
 fi
 # In one process, without pyproject's `-n auto` and without pytest-xdist at all (a GPU machine may lack it;
 # the dry run then proves that conftest loads without it)
@@ -83,10 +95,29 @@ bench() {  # name, seconds, args...
   timeout "$limit" "$PY" -m lstm_dist.bench --device "$device" "$@" --json --jsonl "$out/gpu_check.jsonl" \
     >"$raw/$name.json" 2>"$raw/$name.err" || status=1
 }
-bench train_bf16 "$t_bench" --train --dtype bfloat16 --repeats 10 "${grid[@]}"
-bench train_fp32 "$t_bench" --train --dtype float32 --repeats 10 "${grid[@]}"
+bench train_bf16 "$t_bf16" --train --dtype bfloat16 --repeats 10 "${grid[@]}"
+bench train_fp32 "$t_fp32" --train --dtype float32 --repeats 10 "${grid[@]}"
 bench cluster_step "$t_cluster" --train --dtype bfloat16 "${cluster[@]}" --repeats 10
 bench cluster_layers "$t_cluster" --layers 2 "${layers[@]}" --repeats 10 --skip-reference
+profile_part() {  # part, seconds, args...
+  local part=$1 limit=$2; shift 2
+  timeout "$limit" "$PY" -m lstm_dist.bench.profile "$part" --device "$device" "$@" --jsonl "$out/gpu_check.jsonl" \
+    >"$raw/$part.json" 2>"$raw/$part.err" || status=1
+}
+profile_part product "$t_product" "${product[@]}"
+profile_part window "$t_window" "${window[@]}"
+# a real run over NCCL (gloo in the dry run): 16 steps, a checkpoint at 8, then a resume from it to 16
+work="$out/train_run"
+train=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m lstm_dist.train --config configs/smoke.yaml
+       "run.dir=$work" "data.path=$work/data" log.wandb.mode=disabled "train.device=$device" train.steps=16
+       checkpoint.every=8 log.every=4 train.eval_every=0 train.sample_chars=0 "${model[@]}")
+timeout "$t_train" "$PY" -m lstm_dist.data prepare --source stdlib-docs --out "$work/data" >"$raw/train_data.txt" 2>&1 \
+  || status=1
+timeout "$t_train" "${train[@]}" run.name=straight >"$raw/train_straight.txt" 2>&1 || status=1
+timeout "$t_train" "${train[@]}" run.name=resumed "checkpoint.resume=$work/straight/checkpoints/step_00000008.pt" \
+  >"$raw/train_resumed.txt" 2>&1 || status=1
+for name in straight resumed; do cp "$work/$name/metrics.jsonl" "$raw/train_$name.jsonl" 2>/dev/null; done
+rm -rf "$work"
 
 "$PY" - "$raw" "$dry" <<'EOF' | tee "$out/gpu_check.md"
 import json, pathlib, sys
@@ -117,6 +148,38 @@ try:
           f"(MFU {mfu(r.get('torch_lstm_mfu'))}), ratio {r['ratio_fast_vs_torch_lstm']:.3f}")
 except (OSError, ValueError, KeyError):
     print("\n## cluster_layers\n\nno result (see cluster_layers.err in gpu_check_logs.tgz)")
+try:
+    r = json.loads((raw / "product.json").read_text())
+    print(f"\n## product (the recurrent products alone, {r['dtype']}, hidden {r['hidden']}, batch {r['batch']}, "
+          f"bptt {r['bptt']})\n\n{r['product_ms_per_window_layer']:.2f} ms per window and layer (forward + backward), "
+          f"{r['product_tflops']:.1f} TFLOP/s; one kernel per product: {r['one_kernel_product']}")
+except (OSError, ValueError, KeyError):
+    print("\n## product\n\nno result (see product.err in gpu_check_logs.tgz)")
+try:
+    r = json.loads((raw / "window.json").read_text())
+    print(f"\n## window (one profiled training step, {r['dtype']}, {r['layers']} x {r['hidden']}, batch {r['batch']}, "
+          f"bptt {r['bptt']}; {r['path']})\n\n{r['kernels_per_window']} {r['counted']} per window "
+          f"({r['kernels_per_layer_step']:.2f} per layer and time step); busy {r['busy_ms']:.1f} ms of a "
+          f"{r['span_ms']:.1f} ms span ({100 * r['busy_share']:.1f}%)\n")
+    print("| top | count | ms |\n| --- | --- | --- |")
+    for k in r["top"]:
+        print(f"| `{k['name']}` | {k['count']} | {k['ms']:.2f} |")
+except (OSError, ValueError, KeyError):
+    print("\n## window\n\nno result (see window.err in gpu_check_logs.tgz)")
+def rows(name):
+    try:
+        return {m["step"]: m for m in map(json.loads, (raw / f"train_{name}.jsonl").read_text().splitlines())
+                if "loss" in m}
+    except (OSError, ValueError, KeyError):
+        return {}
+a, b = rows("straight"), rows("resumed")
+print("\n## training run (torchrun, one process, " + ("gloo" if dry else "NCCL") + "; checkpoint at 8, resumed to 16)\n")
+if not a or not b:
+    print("no result (see train_straight.txt and train_resumed.txt in gpu_check_logs.tgz)")
+else:
+    print("| step | straight loss | resumed loss | straight chars/s |\n| --- | --- | --- | --- |")
+    for step in sorted(set(a) & set(b)):
+        print(f"| {step} | {a[step]['loss']:.4f} | {b[step]['loss']:.4f} | {a[step].get('chars_per_s', 0):,.0f} |")
 EOF
 tar czf "$out/gpu_check_logs.tgz" -C "$raw" . && rm -rf "$raw"
 exit $status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_bench_table_has_a_row_per_implementation(capsys):
                  "--warmup", "0", "--no-compile", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
-    assert "batch=2 bptt=2 embedding=3 hidden=4" in lines[0]
+    assert "batch=2 bptt=2 embedding=3 hidden=4" in lines[0] and "fast ran: fp32, " in lines[0]
     assert [ln.split()[0] for ln in lines[2:]] == ["fast", "reference", "torch_lstm"]
     assert lines[-1].split()[4] == "1.000"  # torch's ratio to itself
 
@@ -73,13 +74,14 @@ def test_window_flops_formula():
 def test_table_shows_mfu_on_cuda_only():
     r = {"device": "cuda:0", "device_name": "H200", "dtype": "bfloat16", "threads": 1, "batch": 1, "bptt": 1,
          "embedding": 1, "hidden": 1, "layers": 1, "compile": True, "repeats": 1,
-         "baseline_computes_in": "float16 (cuDNN under autocast)"}
+         "baseline_computes_in": "float16 (cuDNN under autocast)", "path": "bf16, compiled CUDA steps"}
     for name, ms in (("fast", 1.0), ("reference", 4.0), ("torch_lstm", 2.0)):
         r.update({f"{name}_ms": ms, f"{name}_min_ms": ms, f"{name}_chars_per_s": 1e3 / ms,
                   f"{name}_first_window_s": 0.1, f"{name}_mfu": 0.25})
     text = format_table(r)
     assert "MFU" in text and "25.00%" in text
-    assert "torch.nn.LSTM computes in float16 (cuDNN under autocast)" in text.splitlines()[0]
+    assert "(torch.nn.LSTM computes in float16 (cuDNN under autocast))  fast ran: bf16, compiled CUDA steps" in \
+        text.splitlines()[0]
     assert "0.500" in text.splitlines()[2]
 
 
@@ -129,16 +131,23 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu_and_leaves_two_files(tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.jsonl", "gpu_check.md", "gpu_check_logs.tgz"]
     lines = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
-    # a row per shape of the three --train parts (one tiny shape each), and the layers' one result
-    assert [r.get("mode") for r in lines] == ["train", "train", "train", "layers"], lines
-    assert all("kernels" in r and "lstm_dist_ms" in r for r in lines[:3]), lines
+    # a row per shape of the three --train parts (one tiny shape each), the layers' one result, the
+    # products alone and the profiled window
+    assert [r.get("mode", r.get("part")) for r in lines] == ["train", "train", "train", "layers", "product",
+                                                            "window"], lines
+    assert all("kernels" in r and "lstm_dist_ms" in r and r["path"] for r in lines[:3]), lines
+    assert lines[5]["kernels_per_window"] > 0 and 0 < lines[5]["busy_share"] <= 1, lines[5]
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("# GPU check (CPU DRY RUN")
     for section in ("## Environment", "## `pytest -m cuda` (collected only)", "## train_bf16: cpu", "## train_fp32: cpu",
-                    "## cluster_step: cpu", "## cluster_layers (layers only"):
+                    "## cluster_step: cpu", "## cluster_layers (layers only", "## product (the recurrent products alone",
+                    "## window (one profiled training step", "CPU ops (dry run", "## training run (torchrun, one process, gloo"):
         assert section in md, section
+    # the training run: the straight and the resumed run logged steps 12 and 16 (every 4 from the resume at 8)
+    assert re.search(r"^\| 12 \| [0-9.]+ \| [0-9.]+ \|", md, re.M) and re.search(r"^\| 16 \| ", md, re.M), md
     assert "no result" not in md, md
     assert "tests collected" in md  # the cuda tests' modules import here (no wandb needed at collection)
     with tarfile.open(out / "gpu_check_logs.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
-    assert {"environment.txt", "cuda_tests.txt", "train_bf16.json", "cluster_layers.json"} <= names, names
+    assert {"environment.txt", "cuda_tests.txt", "train_bf16.json", "cluster_layers.json", "window.json",
+            "train_straight.txt", "train_resumed.txt"} <= names, names
