@@ -72,15 +72,16 @@ if [ $dry = 1 ]; then
   # float32 for the layers alone: oneDNN has no bf16 LSTM on every CPU, and the dtype is the GPU run's concern
   device=cpu; grid=(--shape "1,8,4,2" --bptt 8); cluster=(--shape "2,16,8,2" --bptt 8)
   layers=(--dtype float32 --hidden 16 --embedding 8 --batch 2 --bptt 8)
-  tests=(--collect-only); t_tests=120; t_cluster=120; t_bf16=120; t_fp32=120
+  tests=(--collect-only); reps=2; t_tests=120; t_cluster=120; t_bf16=120; t_fp32=120
   t_product=120; t_window=120; t_train=120
   product=(--hidden 16 --batch 2 --bptt 8 --dtype float32); window=(--shape "2,16,8,2" --bptt 8 --dtype float32)
-  model=(model.hidden=16 model.embedding=8 model.layers=2 train.batch_size=2 train.bptt=8 train.threads=1)
+  model=(model.hidden=16 model.embedding=8 model.layers=2 train.batch_size=2 train.bptt=8 train.threads=1
+         train.eval_max_windows=1)
 else
   device=cuda; grid=(); cluster=(--shape "2,2048,256,128" --bptt 256)
   layers=(--dtype bfloat16 --hidden 2048 --embedding 256 --batch 128 --bptt 256)
   # the parts' limits add up to 6 minutes; a part its limit stops keeps the rows it wrote
-  tests=(); t_tests=100; t_bf16=45; t_fp32=35; t_cluster=25; t_product=15; t_window=40; t_train=40
+  tests=(); reps=10; t_tests=100; t_bf16=45; t_fp32=35; t_cluster=25; t_product=15; t_window=40; t_train=40
   product=(--hidden 2048 --batch 128 --bptt 256 --dtype bfloat16); window=(--shape "2,2048,256,128" --bptt 256 --dtype bfloat16)
   model=(model.hidden=2048 model.embedding=256 model.layers=2 train.batch_size=128 train.bptt=256
          train.precision=bf16 model.compile=true)
@@ -95,16 +96,16 @@ bench() {  # name, seconds, args...
   timeout "$limit" "$PY" -m lstm_dist.bench --device "$device" "$@" --json --jsonl "$out/gpu_check.jsonl" \
     >"$raw/$name.json" 2>"$raw/$name.err" || status=1
 }
-bench train_bf16 "$t_bf16" --train --dtype bfloat16 --repeats 10 "${grid[@]}"
-bench train_fp32 "$t_fp32" --train --dtype float32 --repeats 10 "${grid[@]}"
-bench cluster_step "$t_cluster" --train --dtype bfloat16 "${cluster[@]}" --repeats 10
-bench cluster_layers "$t_cluster" --layers 2 "${layers[@]}" --repeats 10 --skip-reference
+bench train_bf16 "$t_bf16" --train --dtype bfloat16 --repeats "$reps" "${grid[@]}"
+bench train_fp32 "$t_fp32" --train --dtype float32 --repeats "$reps" "${grid[@]}"
+bench cluster_step "$t_cluster" --train --dtype bfloat16 "${cluster[@]}" --repeats "$reps"
+bench cluster_layers "$t_cluster" --layers 2 "${layers[@]}" --repeats "$reps" --skip-reference
 profile_part() {  # part, seconds, args...
   local part=$1 limit=$2; shift 2
   timeout "$limit" "$PY" -m lstm_dist.bench.profile "$part" --device "$device" "$@" --jsonl "$out/gpu_check.jsonl" \
     >"$raw/$part.json" 2>"$raw/$part.err" || status=1
 }
-profile_part product "$t_product" "${product[@]}"
+profile_part product "$t_product" "${product[@]}" --repeats "$reps"
 profile_part window "$t_window" "${window[@]}"
 # a real run over NCCL (gloo in the dry run): 16 steps, a checkpoint at 8, then a resume from it to 16
 work="$out/train_run"
