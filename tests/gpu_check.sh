@@ -10,8 +10,8 @@
 #    checkpoint and resume;
 # 2. `bench --train` over the grid of shapes, bf16 and fp32 (TF32 products, as cuDNN), ours against
 #    cuDNN's torch.nn.LSTM;
-# 3. the cluster config's shape (2 x 2048, embedding 256, batch 128, bptt 256): a training step and the
-#    layers alone, bf16, with MFU;
+# 3. the cluster config's shape (2 x 2048, embedding 256, batch 128, bptt 256): a training step (and one
+#    with the Triton forward step, model.triton) and the layers alone, bf16, with MFU;
 # 4. the recurrent products alone at that shape (the device's own floor for the time loop), and one
 #    training step under torch.profiler: kernels per window, the share of it the GPU is busy, the top
 #    kernels (`python -m lstm_dist.bench.profile`);
@@ -73,7 +73,7 @@ if [ $dry = 1 ]; then
   device=cpu; grid=(--shape "1,8,4,2" --bptt 8); cluster=(--shape "2,16,8,2" --bptt 8)
   layers=(--dtype float32 --hidden 16 --embedding 8 --batch 2 --bptt 8)
   tests=(--collect-only); reps=2; t_tests=120; t_cluster=120; t_bf16=120; t_fp32=120
-  t_product=120; t_window=120; t_train=120
+  t_product=120; t_window=120; t_train=120; t_prepare=120
   product=(--hidden 16 --batch 2 --bptt 8 --dtype float32); window=(--shape "2,16,8,2" --bptt 8 --dtype float32)
   model=(model.hidden=16 model.embedding=8 model.layers=2 train.batch_size=2 train.bptt=8 train.threads=1
          train.eval_max_windows=1)
@@ -81,7 +81,7 @@ else
   device=cuda; grid=(); cluster=(--shape "2,2048,256,128" --bptt 256)
   layers=(--dtype bfloat16 --hidden 2048 --embedding 256 --batch 128 --bptt 256)
   # the parts' limits add up to 6 minutes; a part its limit stops keeps the rows it wrote
-  tests=(); reps=10; t_tests=100; t_bf16=45; t_fp32=35; t_cluster=25; t_product=15; t_window=40; t_train=40
+  tests=(); reps=10; t_tests=90; t_bf16=40; t_fp32=30; t_cluster=25; t_product=10; t_window=30; t_train=35; t_prepare=15
   product=(--hidden 2048 --batch 128 --bptt 256 --dtype bfloat16); window=(--shape "2,2048,256,128" --bptt 256 --dtype bfloat16)
   model=(model.hidden=2048 model.embedding=256 model.layers=2 train.batch_size=128 train.bptt=256
          train.precision=bf16 model.compile=true)
@@ -99,6 +99,7 @@ bench() {  # name, seconds, args...
 bench train_bf16 "$t_bf16" --train --dtype bfloat16 --repeats "$reps" "${grid[@]}"
 bench train_fp32 "$t_fp32" --train --dtype float32 --repeats "$reps" "${grid[@]}"
 bench cluster_step "$t_cluster" --train --dtype bfloat16 "${cluster[@]}" --repeats "$reps"
+bench cluster_step_triton "$t_cluster" --train --dtype bfloat16 "${cluster[@]}" --repeats "$reps" --triton
 bench cluster_layers "$t_cluster" --layers 2 "${layers[@]}" --repeats "$reps" --skip-reference
 profile_part() {  # part, seconds, args...
   local part=$1 limit=$2; shift 2
@@ -112,7 +113,7 @@ work="$out/train_run"
 train=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m lstm_dist.train --config configs/smoke.yaml
        "run.dir=$work" "data.path=$work/data" log.wandb.mode=disabled "train.device=$device" train.steps=16
        checkpoint.every=8 log.every=4 train.eval_every=0 train.sample_chars=0 "${model[@]}")
-timeout "$t_train" "$PY" -m lstm_dist.data prepare --source stdlib-docs --out "$work/data" >"$raw/train_data.txt" 2>&1 \
+timeout "$t_prepare" "$PY" -m lstm_dist.data prepare --source stdlib-docs --out "$work/data" >"$raw/train_data.txt" 2>&1 \
   || status=1
 timeout "$t_train" "${train[@]}" run.name=straight >"$raw/train_straight.txt" 2>&1 || status=1
 timeout "$t_train" "${train[@]}" run.name=resumed "checkpoint.resume=$work/straight/checkpoints/step_00000008.pt" \
@@ -129,17 +130,17 @@ print("\n".join(f"- {line}" for line in (raw / "environment.txt").read_text().st
 tests = (raw / "cuda_tests.txt").read_text().strip().splitlines()
 print("\n## `pytest -m cuda`" + (" (collected only)" if dry else "") + "\n")
 print(tests[-1] if tests else "(no output)")
-for name in ("train_bf16", "train_fp32", "cluster_step"):
+for name in ("train_bf16", "train_fp32", "cluster_step", "cluster_step_triton"):
     try:
         r = json.loads((raw / f"{name}.json").read_text())
     except (OSError, ValueError):
         print(f"\n## {name}\n\nno result (see {name}.err in gpu_check_logs.tgz)")
         continue
     print(f"\n## {name}: {r['device_name']}, {r['dtype']} (torch.nn.LSTM in {r['baseline_computes_in']})\n")
-    print("| layers | hidden | emb | batch | bptt | kernels | lstm_dist ms | nn.LSTM ms | ratio | lstm_dist chars/s |")
+    print("| layers | hidden | emb | batch | bptt | path | lstm_dist ms | nn.LSTM ms | ratio | lstm_dist chars/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for w in r["rows"]:
-        print(f"| {w['layers']} | {w['hidden']} | {w['embedding']} | {w['batch']} | {w['bptt']} | {w['kernels']} | "
+        print(f"| {w['layers']} | {w['hidden']} | {w['embedding']} | {w['batch']} | {w['bptt']} | {w.get('path', w['kernels'])} | "
               f"{w['lstm_dist_ms']:.2f} | {w['torch_lstm_ms']:.2f} | {w['ratio']:.3f} | {w['lstm_dist_chars_per_s']:,.0f} |")
 try:
     r = json.loads((raw / "cluster_layers.json").read_text())

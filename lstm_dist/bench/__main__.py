@@ -64,6 +64,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed windows per implementation first (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-compile", action="store_true", help="fast implementation without torch.compile")
+    p.add_argument("--triton", action="store_true",
+                   help="on CUDA, the forward step as one Triton kernel (model.triton); each row's path says what ran")
     p.add_argument("--no-tf32", action="store_true",
                    help="on CUDA, fp32 products at full FP32 for both models (default: TF32, as train.tf32 and cuDNN)")
     p.add_argument("--peak-tflops", type=float, default=990.0, help="peak for MFU (default 990 = H200 dense bf16)")

@@ -32,7 +32,7 @@ def bench_kernels(args: argparse.Namespace, device: torch.device) -> Kernels:
     unless --no-compile (bf16 products under --dtype bfloat16 on CUDA; elsewhere the bench's own
     autocast does that). Lines from the choice (a fallback warning) go to stderr."""
     model_cfg = ModelConfig(embedding=args.embedding, hidden=args.hidden, layers=args.layers, impl="fast",
-                            compile=not args.no_compile)
+                            compile=not args.no_compile, triton=args.triton)
     precision = "bf16" if args.dtype == "bfloat16" and device.type == "cuda" else "fp32"
     return choose_kernels(model_cfg, precision, device, batch=args.batch,
                           say=lambda line: print(line, file=sys.stderr, flush=True), tf32=not args.no_tf32)

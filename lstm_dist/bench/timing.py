@@ -51,7 +51,7 @@ def path_ran(kernels: "Kernels", failure_before: Optional[str]) -> str:
     steps stopped (`loops.compile_failure`; `failure_before`: the failure already recorded when the
     row began), that the row ran uncompiled, or ran both and its times mix them."""
     failure = loops.compile_failure()
-    if kernels.name != "compiled" or failure is None:
+    if not kernels.compiles() or failure is None:
         return kernels.describe()
     if failure_before is not None:
         return f"{kernels.precision()}, uncompiled steps (compiling failed before this row: {failure})"

@@ -86,10 +86,10 @@ def _stepper(model: nn.Module, vocab: int, batch: int, bptt: int, device: torch.
 
 
 def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: int, vocab: int,
-                device: torch.device, bf16: bool, use_compile: bool, repeats: int, warmup: int,
+                device: torch.device, bf16: bool, use_compile: bool, repeats: int, warmup: int, triton: bool = False,
                 tf32: bool = True) -> dict:
     """Median step time of both models at one shape, interleaved."""
-    model_cfg = ModelConfig(embedding=embedding, hidden=hidden, layers=layers, compile=use_compile)
+    model_cfg = ModelConfig(embedding=embedding, hidden=hidden, layers=layers, compile=use_compile, triton=triton)
     # The kernels a training run of this shape would choose (a fallback warning goes to stderr). `auto`:
     # bf16 autocast on CUDA, fp32 on the CPU, as --dtype bfloat16 has always meant here, without the
     # note that train.precision=bf16 gives on a CPU.
@@ -132,7 +132,7 @@ def run_train_bench(args, device: torch.device) -> dict:
     rows = []
     for shape in shapes:
         rows.append(bench_shape(*shape, bptt=args.bptt, vocab=args.vocab, device=device, bf16=bf16,
-                                use_compile=use_compile, repeats=args.repeats, warmup=args.warmup,
+                                use_compile=use_compile, repeats=args.repeats, warmup=args.warmup, triton=args.triton,
                                 tf32=not args.no_tf32))
         if args.jsonl:
             append_jsonl(args.jsonl, {"mode": "train", "device": str(device), "dtype": args.dtype, **rows[-1]})

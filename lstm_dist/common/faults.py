@@ -18,6 +18,7 @@ so that workers restarted by torchrun run clean.
     checkpoint-before-latest  SIGKILL once the checkpoint of step S is in place, before `latest` names it
     compile-fails             this rank reports that torch.compile of the LSTM step failed (at start-up)
     compile-fails-later       this rank records a compiled LSTM step that raised in step S (mid-run)
+    triton-fails              this rank reports that the Triton LSTM step cannot run (at start-up)
     cpu-loops-fail            this rank reports that the C++ LSTM loops could not be built (at start-up)
 """
 
@@ -32,7 +33,7 @@ from lstm_dist.common.errors import UserError
 
 POINTS = ("kill", "raise", "user-error", "preempt", "hang", "nonfinite", "checkpoint-before-rename",
           "checkpoint-before-latest", "compile-fails", "compile-fails-later",
-          "cpu-loops-fail")
+          "triton-fails", "cpu-loops-fail")
 AFTER_STEP = ("kill", "raise", "user-error", "preempt", "hang")
 
 

@@ -7,6 +7,8 @@ against the reference and torch.nn.LSTM), skipping with the reason an entry this
 
     entry       model.impl  devices    what runs per layer and window
     reference   reference   cpu, cuda  `cell.lstm_layer_reference`: the equations step by step under autograd
+    triton      fast        cuda       `fast.lstm_layer_fast`, forward step one Triton kernel (model.triton,
+                                       opt-in), backward the compiled steps
     compiled    fast        cuda       `fast.lstm_layer_fast` with torch.compile'd pointwise steps
     cpp_loops   fast        cpu        `fast.lstm_layer_fast` with both time loops in C++ (fp32, AVX2, built once)
     eager       fast        cpu, cuda  `fast.lstm_layer_fast` with in-place eager steps: the definition
@@ -39,7 +41,7 @@ import torch.distributed as dist
 from lstm_dist.common import faults
 from lstm_dist.common.distributed import all_objects
 from lstm_dist.config import ModelConfig, check_setting
-from lstm_dist.model import cpu_loops, loops
+from lstm_dist.model import cpu_loops, loops, triton_loops
 from lstm_dist.model.cell import lstm_layer_reference
 from lstm_dist.model.fast import lstm_layer_fast
 
@@ -96,6 +98,15 @@ KERNELS: dict[str, KernelSpec] = {
     "reference": KernelSpec(
         impl="reference", phrase="reference autograd steps", devices=("cpu", "cuda"), dtypes=_ANY_FLOAT,
         autocast_products=True, layer=_reference_layer),
+    "triton": KernelSpec(
+        # The forward step as one Triton kernel per layer and time step (product + cell update); the
+        # backward is the compiled one. Opt-in (model.triton) until a GPU has measured it.
+        impl="fast", phrase="Triton forward step + compiled backward", devices=("cuda",), dtypes=(torch.float32,),
+        autocast_products=True, layer=lstm_layer_fast, forward_loop=triton_loops.triton_forward,
+        backward_loop=loops.compiled_backward, wanted=lambda model_cfg, device: model_cfg.triton,
+        why_not=triton_loops.available,
+        fallback="the Triton LSTM step cannot run on rank {rank} ({why}); every rank runs the next kernels in the table",
+        fault="triton-fails"),
     "compiled": KernelSpec(
         # On CUDA each eager op of a step is a kernel launch of its own; on the CPU these steps measured
         # slower than the eager ones (inductor's 1-ulp exp/tanh 2-3x slower than ATen's at these sizes,
@@ -155,10 +166,15 @@ class Kernels:
                  and (spec.autocast_products or not autocast_products))
         return spec if takes else KERNELS["eager"]
 
+    def compiles(self) -> bool:
+        """Whether this entry's loops compile pointwise steps (the compiled entry; the Triton one's backward)."""
+        spec = self.spec
+        return spec.forward_loop is loops.compiled_forward or spec.backward_loop is loops.compiled_backward
+
     def runs_compiled(self) -> bool:
-        """Whether the pointwise steps run compiled: the compiled entry, and compiling has not failed in
-        this process (where it fails mid-run, the eager step runs from then on, after one warning)."""
-        return self.name == "compiled" and loops.compile_available()
+        """Whether the pointwise steps run compiled: an entry that compiles them, and compiling has not
+        failed in this process (where it fails, the same steps run uncompiled from then on)."""
+        return self.compiles() and loops.compile_available()
 
     def precision(self) -> str:
         """The arithmetic in a word or three: "bf16", "fp32 (TF32 products)" or "fp32"."""

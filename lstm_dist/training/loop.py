@@ -233,7 +233,7 @@ class Trainer:
         rank, why = next((r, w) for r, w in enumerate(reasons) if w is not None)
         loops.disable_compile(why)
         what = ("every rank runs the same pointwise steps uncompiled from here on"
-                if self.kernels.name == "compiled" else f"this run's kernels ({self.kernels.describe()}) compile nothing")
+                if self.kernels.compiles() else f"this run's kernels ({self.kernels.describe()}) compile nothing")
         self.say(f"warning: the compiled LSTM step failed on rank {rank} by step {self.progress.step} ({why}); {what}"
                  " (model.compile=false skips compiling)")
 
