@@ -1,4 +1,4 @@
-"""The Triton forward step (`lstm_dist.model.triton_loops`) without a GPU: run by Triton's interpreter on
+"""The Triton step kernels (`lstm_dist.model.triton_loops`) without a GPU: run by Triton's interpreter on
 the CPU against the eager loops, and compiled for Hopper (sm_90) by Triton's own compiler and ptxas.
 
 The interpreter (`TRITON_INTERPRET=1`, read when a kernel is defined, so it runs in a process of its
@@ -50,7 +50,25 @@ INTERPRETED = textwrap.dedent(
             torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"{name} at {(steps, batch, hid, mm)}")
     print("FORWARD_OK")
 
-    # the whole layer as the kernel table runs it (Triton forward, compiled backward) against the eager
+    # the backward loop against the eager one, on the activations that forward wrote: dgates and dc
+    for steps, batch, hid, mm in ((3, 3, 20, None), (2, 17, 33, None), (3, 5, 20, torch.float16)):
+        gates = torch.randn(steps, batch, 4 * hid)
+        u = torch.randn(4 * hid, hid) * hid ** -0.5
+        hs, cs = torch.zeros(steps + 1, batch, hid), torch.zeros(steps + 1, batch, hid)
+        hs[0], cs[0] = torch.randn(batch, hid) * 0.5, torch.randn(batch, hid) * 0.5
+        loops.eager_forward(gates, hs, cs, u, None, Kernels("eager"))
+        dy = torch.randn(steps, batch, hid)
+        outs = []
+        for run in (triton_loops.triton_backward, loops.eager_backward):
+            dc, dgates = torch.randn(batch, hid, generator=torch.Generator().manual_seed(3)), torch.empty(steps, batch, 4 * hid)
+            run(gates, hs, cs, dy, dc, dgates, u, mm, Kernels("eager"))
+            outs.append((dgates, dc))
+        tol = 1e-6 if mm is None else 2e-3
+        for name, a, b in zip(("dgates", "dc"), *outs):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"{name} at {(steps, batch, hid, mm)}")
+    print("BACKWARD_OK")
+
+    # the whole layer as the kernel table runs it (both directions in Triton) against the eager
     # loops over two carried windows: values, the carried state and every gradient
     steps, batch, inp, hid = 4, 5, 6, 20
     g = torch.Generator().manual_seed(1)
@@ -86,14 +104,15 @@ INTERPRETED = textwrap.dedent(
 @pytest.mark.slow
 def test_the_interpreted_kernel_computes_what_the_eager_loops_compute(tmp_path):
     """Run by Triton's interpreter on the CPU: the forward loop against the eager loop (activations,
-    h, c; ragged tiles; fp16 products), and the layer (Triton forward + compiled backward) against the
-    eager layer over two carried windows, values and every gradient."""
+    h, c; ragged tiles; fp16 products), the backward loop likewise (dgates, dc), and the layer (both
+    directions in Triton) against the eager layer over two carried windows, values and every gradient,
+    and against torch.nn.LSTM."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT),
            "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))}
     proc = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == ["FORWARD_OK", "LAYER_OK"], proc.stdout
+    assert proc.stdout.split() == ["FORWARD_OK", "BACKWARD_OK", "LAYER_OK"], proc.stdout
 
 
 @pytest.mark.parametrize("operands,precision,batch,hidden", [
@@ -122,4 +141,33 @@ def test_the_kernel_compiles_for_hopper(operands, precision, batch, hidden):
                               target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
     if precision == "tf32" or operands == "bf16":  # tensor-core products (wgmma / mma), not a scalar loop
+        assert "mma" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("operands,precision,batch,hidden", [
+    ("fp32", "tf32", 128, 2048),
+    ("bf16", "ieee", 128, 2048),   # the cluster config's path: dgates_{t+1} and U in bf16, dgates_t also written in bf16
+    ("fp32", "ieee", 3, 20),
+])
+def test_the_backward_kernel_compiles_for_hopper(operands, precision, batch, hidden):
+    """As above, for the reverse step (the product over 4H columns, then the pointwise gradient)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lstm_dist.model import triton_loops
+
+    op = f"*{operands}"
+    ints = ("B", "H", "stride_dgn", "stride_uk", "stride_dy", "stride_coef", "stride_dcc", "stride_f", "stride_dc",
+            "stride_dg", "stride_low")
+    signature = {"dg_next_ptr": op, "u_ptr": op, "dy_ptr": "*fp32", "coef_ptr": "*fp32", "dc_coef_ptr": "*fp32",
+                 "f_ptr": "*fp32", "dc_ptr": "*fp32", "dg_ptr": "*fp32", "dg_low_ptr": op if operands == "bf16" else "*fp32",
+                 **{name: "i32" for name in ints},
+                 **{name: "constexpr" for name in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "HAS_NEXT", "WRITE_LOW", "PRECISION")}}
+    block_b, block_h, _ = triton_loops.tiles(batch, hidden)
+    constants = {"BLOCK_B": block_b, "BLOCK_H": block_h, "BLOCK_K": 64, "HAS_NEXT": True,
+                 "WRITE_LOW": operands == "bf16", "PRECISION": precision}
+    compiled = triton.compile(ASTSource(fn=triton_loops.lstm_backward_step, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
+    if precision == "tf32" or operands == "bf16":
         assert "mma" in compiled.asm["ptx"]

@@ -61,7 +61,7 @@ class ModelConfig:
     impl: Literal["fast", "reference"] = "fast"
     #: on CUDA, fuse each time step's pointwise gate math into one kernel with torch.compile (the CPU runs its eager ops, measured faster there); if any rank cannot compile, every rank runs eager and the log says which
     compile: bool = True
-    #: on CUDA, run each layer's forward time step as one Triton kernel (recurrent product with the cell update fused in; the backward stays the compiled path); opt-in until a GPU has measured it (docs/gpu.md); if any rank cannot, every rank runs the compiled step and the log says which
+    #: on CUDA, run each layer's time step as one Triton kernel per direction (the recurrent product with the cell update, or its gradient, fused in); opt-in until a GPU has measured it (docs/gpu.md); if any rank cannot, every rank runs the compiled steps and the log says which
     triton: bool = False
 
 

@@ -7,8 +7,8 @@ against the reference and torch.nn.LSTM), skipping with the reason an entry this
 
     entry       model.impl  devices    what runs per layer and window
     reference   reference   cpu, cuda  `cell.lstm_layer_reference`: the equations step by step under autograd
-    triton      fast        cuda       `fast.lstm_layer_fast`, forward step one Triton kernel (model.triton,
-                                       opt-in), backward the compiled steps
+    triton      fast        cuda       `fast.lstm_layer_fast` with each time step one Triton kernel per
+                                       direction (model.triton, opt-in)
     compiled    fast        cuda       `fast.lstm_layer_fast` with torch.compile'd pointwise steps
     cpp_loops   fast        cpu        `fast.lstm_layer_fast` with both time loops in C++ (fp32, AVX2, built once)
     eager       fast        cpu, cuda  `fast.lstm_layer_fast` with in-place eager steps: the definition
@@ -99,11 +99,11 @@ KERNELS: dict[str, KernelSpec] = {
         impl="reference", phrase="reference autograd steps", devices=("cpu", "cuda"), dtypes=_ANY_FLOAT,
         autocast_products=True, layer=_reference_layer),
     "triton": KernelSpec(
-        # The forward step as one Triton kernel per layer and time step (product + cell update); the
-        # backward is the compiled one. Opt-in (model.triton) until a GPU has measured it.
-        impl="fast", phrase="Triton forward step + compiled backward", devices=("cuda",), dtypes=(torch.float32,),
+        # Each time step one Triton kernel per layer and direction (the recurrent product with the cell
+        # update, or its gradient, as the epilogue). Opt-in (model.triton) until a GPU has measured it.
+        impl="fast", phrase="Triton step kernels", devices=("cuda",), dtypes=(torch.float32,),
         autocast_products=True, layer=lstm_layer_fast, forward_loop=triton_loops.triton_forward,
-        backward_loop=loops.compiled_backward, wanted=lambda model_cfg, device: model_cfg.triton,
+        backward_loop=triton_loops.triton_backward, wanted=lambda model_cfg, device: model_cfg.triton,
         why_not=triton_loops.available,
         fallback="the Triton LSTM step cannot run on rank {rank} ({why}); every rank runs the next kernels in the table",
         fault="triton-fails"),
@@ -167,7 +167,7 @@ class Kernels:
         return spec if takes else KERNELS["eager"]
 
     def compiles(self) -> bool:
-        """Whether this entry's loops compile pointwise steps (the compiled entry; the Triton one's backward)."""
+        """Whether this entry's loops compile pointwise steps with torch.compile (the compiled entry)."""
         spec = self.spec
         return spec.forward_loop is loops.compiled_forward or spec.backward_loop is loops.compiled_backward
 

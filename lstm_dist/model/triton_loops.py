@@ -1,5 +1,5 @@
-"""The forward time loop as one Triton kernel per step: the recurrent product for the four gates of a
-tile of hidden units with the cell update as its epilogue (#19, its first part; opt-in).
+"""Both time loops as one Triton kernel per step: the recurrent product with the cell update (forward)
+or with the pointwise gradient (backward) as its epilogue (#19, its first part; opt-in: model.triton).
 
 Per layer and time step the compiled path launches two kernels (`addmm` or `mm`, then the compiled
 pointwise step) and the eager one eight; this is one. A program owns a tile of streams (rows, BLOCK_B)
@@ -15,8 +15,11 @@ next step's product. Products in the operands' dtype (bf16 under autocast; fp32 
 `Kernels.tf32`, else IEEE), accumulation and state in fp32, as every other path (`cell.cell_update`'s
 equations; tanh(x) is computed as 2·sigmoid(2x) − 1, Triton having no tanh of its own).
 
-The backward loop of this entry is the compiled one (`loops.compiled_backward`): the loop contract
-(`loops`' module docstring) is the same, so the two combine. Programs of one launch never wait for
+Backward (`lstm_backward_step`), per reverse step and the same tiles: dh_t = dy_t + dgates_{t+1} U over
+the 4H columns of dgates_{t+1} (skipped at the window's last step), then as the epilogue the pointwise
+gradient of `loops._bwd_eager`'s step from the window's coefficients (`loops._backward_coefficients`,
+computed first for the whole window as every path does): dgates_t for its tile (and in bf16 for the
+next product) and dc. Both follow the loop contract (`loops`' module docstring). Programs of one launch never wait for
 each other (each reads all of h_{t-1}, written by the previous launch, and writes only its own tile),
 so Triton's interpreter, which runs them one after another, computes what a GPU does
 (`TRITON_INTERPRET=1`: how `tests/test_triton.py` runs it on the CPU; it also compiles the kernel for
@@ -138,6 +141,59 @@ if triton is not None:
             tl.store(h_low_ptr + rows[:, None] * stride_low + units[None, :], h.to(h_low_ptr.dtype.element_ty),
                      mask=mask)
 
+    @triton.jit
+    def lstm_backward_step(dg_next_ptr, u_ptr, dy_ptr, coef_ptr, dc_coef_ptr, f_ptr, dc_ptr, dg_ptr, dg_low_ptr,
+                           B, H, stride_dgn, stride_uk, stride_dy, stride_coef, stride_dcc, stride_f, stride_dc,
+                           stride_dg, stride_low,
+                           BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                           HAS_NEXT: tl.constexpr, WRITE_LOW: tl.constexpr, PRECISION: tl.constexpr):
+        """One reverse time step t for a [BLOCK_B, BLOCK_H] tile: dh_t = dy_t + dgates_{t+1} U (the product
+        over all 4H, skipped where not HAS_NEXT: the window's last step), then as the epilogue
+        dc_t = dc + dh_t · dc_coef_t, dgates_t = (dc_t·k_i, dc_t·k_f, dc_t·k_g, dh_t·k_o) and dc ← dc_t · f_t
+        (`loops._backward_coefficients` has k and dc_coef). dg_next [B,4H] (the products' dtype); u [4H,H]
+        (weight_hh, element (k, n) at u_ptr + k·stride_uk + n); dy, dc_coef, f, dc [B,H] fp32; coef,
+        dg [B,4H] fp32; dg_low [B,4H] (WRITE_LOW). Each program writes only its own rows and units."""
+        pid_b = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        rmask = rows < B
+        umask = units < H
+        mask = rmask[:, None] & umask[None, :]
+        dh = tl.load(dy_ptr + rows[:, None] * stride_dy + units[None, :], mask=mask, other=0.0)
+        if HAS_NEXT:
+            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            for k0 in range(0, 4 * H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                kmask = ks < 4 * H
+                a = tl.load(dg_next_ptr + rows[:, None] * stride_dgn + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                            other=0.0)
+                w = tl.load(u_ptr + ks[:, None] * stride_uk + units[None, :], mask=kmask[:, None] & umask[None, :],
+                            other=0.0)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            dh += acc
+        c_row = coef_ptr + rows[:, None] * stride_coef
+        dct = tl.load(dc_ptr + rows[:, None] * stride_dc + units[None, :], mask=mask, other=0.0) + \
+            dh * tl.load(dc_coef_ptr + rows[:, None] * stride_dcc + units[None, :], mask=mask, other=0.0)
+        d_i = dct * tl.load(c_row + units[None, :], mask=mask, other=0.0)
+        d_f = dct * tl.load(c_row + (H + units)[None, :], mask=mask, other=0.0)
+        d_g = dct * tl.load(c_row + (2 * H + units)[None, :], mask=mask, other=0.0)
+        d_o = dh * tl.load(c_row + (3 * H + units)[None, :], mask=mask, other=0.0)
+        g_row = dg_ptr + rows[:, None] * stride_dg
+        tl.store(g_row + units[None, :], d_i, mask=mask)
+        tl.store(g_row + (H + units)[None, :], d_f, mask=mask)
+        tl.store(g_row + (2 * H + units)[None, :], d_g, mask=mask)
+        tl.store(g_row + (3 * H + units)[None, :], d_o, mask=mask)
+        if WRITE_LOW:
+            low_row = dg_low_ptr + rows[:, None] * stride_low
+            ty = dg_low_ptr.dtype.element_ty
+            tl.store(low_row + units[None, :], d_i.to(ty), mask=mask)
+            tl.store(low_row + (H + units)[None, :], d_f.to(ty), mask=mask)
+            tl.store(low_row + (2 * H + units)[None, :], d_g.to(ty), mask=mask)
+            tl.store(low_row + (3 * H + units)[None, :], d_o.to(ty), mask=mask)
+        f = tl.load(f_ptr + rows[:, None] * stride_f + units[None, :], mask=mask, other=0.0)
+        tl.store(dc_ptr + rows[:, None] * stride_dc + units[None, :], dct * f, mask=mask)
+
 
 def tiles(batch: int, hidden: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_H, BLOCK_K) for a [batch, hidden] step: at least 16 each (tl.dot's smallest), at
@@ -172,3 +228,34 @@ def triton_forward(gates: Tensor, hs: Tensor, cs: Tensor, weight_hh: Tensor, mm,
                                 cs.stride(1), hs.stride(1), h_low.stride(0),
                                 BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, WRITE_LOW=low is not None,
                                 PRECISION=precision)
+
+
+def triton_backward(gates: Tensor, hs: Tensor, cs: Tensor, dy: Tensor, dc: Tensor, dgates: Tensor,
+                    weight_hh: Tensor, mm, kernels: "Kernels") -> None:
+    """The backward loop, one Triton launch per reverse step (signature and contract: `lstm_dist.model.loops`):
+    fills dgates [T,B,4H] and takes dc [B,H] from dc_T to dc_{-1} in place. The per-gate coefficients
+    come first for the whole window (`loops._backward_coefficients`, as every other path)."""
+    from lstm_dist.model.loops import _backward_coefficients
+
+    steps, batch, four_h = gates.shape
+    hid = four_h // 4
+    coef, dc_coef = _backward_coefficients(gates, hs, cs)
+    dy = dy.contiguous()  # may be an expanded view (e.g. from a sum): the kernel reads rows of unit stride
+    u = weight_hh.to(mm or gates.dtype).contiguous()  # [4H, H]
+    low = None if mm is None else torch.empty(2, batch, four_h, device=gates.device, dtype=mm)
+    f = gates[..., hid : 2 * hid]
+    block_b, block_h, _ = tiles(batch, hid)
+    block_k = max(16, min(64, triton.next_power_of_2(four_h)))
+    grid = (triton.cdiv(batch, block_b), triton.cdiv(hid, block_h))
+    precision = "tf32" if (mm is None and kernels.tf32) else "ieee"
+    for t in range(steps - 1, -1, -1):
+        has_next = t < steps - 1
+        if low is None:
+            dg_next, dg_low = dgates[min(t + 1, steps - 1)], dgates[t]
+        else:
+            dg_next, dg_low = low[(t + 1) % 2], low[t % 2]
+        lstm_backward_step[grid](dg_next, u, dy[t], coef[t], dc_coef[t], f[t], dc, dgates[t], dg_low,
+                                 batch, hid, dg_next.stride(0), u.stride(0), dy.stride(1), coef.stride(1),
+                                 dc_coef.stride(1), f.stride(1), dc.stride(0), dgates.stride(1), dg_low.stride(0),
+                                 BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, HAS_NEXT=has_next,
+                                 WRITE_LOW=low is not None, PRECISION=precision)
