@@ -97,6 +97,10 @@ INTERPRETED = textwrap.dedent(
         y_ours, _, _ = lstm_layer_fast(xs[0], h0, c0, *w, Kernels("triton", force=True))
     torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-5, msg="y against torch.nn.LSTM")
     print("LAYER_OK")
+
+    # the start-up probe that decides whether a run may take this path (on CUDA in bf16; here in fp16)
+    assert triton_loops.probe(torch.device("cpu"), 3, 20, torch.float16) is None
+    print("PROBE_OK")
     """
 )
 
@@ -112,7 +116,7 @@ def test_the_interpreted_kernel_computes_what_the_eager_loops_compute(tmp_path):
     proc = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == ["FORWARD_OK", "BACKWARD_OK", "LAYER_OK"], proc.stdout
+    assert proc.stdout.split() == ["FORWARD_OK", "BACKWARD_OK", "LAYER_OK", "PROBE_OK"], proc.stdout
 
 
 @pytest.mark.parametrize("operands,precision,batch,hidden", [

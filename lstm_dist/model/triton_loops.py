@@ -66,22 +66,39 @@ def available(device: torch.device, batch: int, hidden: int) -> Optional[str]:
         return "Triton kernels run on CUDA (on the CPU only under TRITON_INTERPRET=1, as tests/test_triton.py does)"
     if device.type != "cuda":
         return None
+    return probe(device, batch, hidden, torch.bfloat16)
+
+
+def probe(device: torch.device, batch: int, hidden: int, low: torch.dtype) -> Optional[str]:
+    """None where a 2-step window through both kernels at [batch, hidden], with fp32 and with `low`
+    products, matches the eager loops on `device`; else why not (the exception's first line, or the
+    difference). `available` runs it on CUDA with bf16; the interpreter test with fp16."""
     from lstm_dist.model import loops
     from lstm_dist.model.kernels import Kernels
 
+    # a 2-step window through both kernels, in fp32 and with bf16 products (each variant is a kernel of
+    # its own to build), against the eager loops: a check for gross errors (a wrong tile or stride), not
+    # rounding (the eager product may run in TF32; values here lie within [-1, 1] or near it)
     g = torch.Generator(device="cpu").manual_seed(0)
     gates = torch.randn(2, batch, 4 * hidden, generator=g).to(device)
     u = (torch.randn(4 * hidden, hidden, generator=g) * hidden ** -0.5).to(device)
-    hs, cs = torch.zeros(3, batch, hidden, device=device), torch.zeros(3, batch, hidden, device=device)
-    ours, eager = [gates.clone(), hs.clone(), cs.clone()], [gates.clone(), hs.clone(), cs.clone()]
-    try:
-        triton_forward(*ours, u, None, Kernels("eager"))
-    except Exception as exc:  # noqa: BLE001 - any failure to build or launch means: not this path
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    loops.eager_forward(*eager, u, None, Kernels("eager"))
-    worst = max(float((a - b).abs().max()) for a, b in zip(ours, eager))  # activations, h, c: all within [-1, 1]
-    # a check for gross errors (a wrong tile or stride), not rounding: the eager product may run in TF32
-    return None if worst < 1e-2 else f"its 2-step probe differs from the eager loops by {worst:.3g}"
+    dy = (torch.randn(2, batch, hidden, generator=g) * 0.1).to(device)
+    for mm in (None, low):
+        runs = []
+        for forward, backward in ((triton_forward, triton_backward), (loops.eager_forward, loops.eager_backward)):
+            gg, hs, cs = gates.clone(), torch.zeros(3, batch, hidden, device=device), torch.zeros(3, batch, hidden, device=device)
+            dc, dgates = torch.zeros(batch, hidden, device=device), torch.empty_like(gates)
+            try:
+                forward(gg, hs, cs, u, mm, Kernels("eager"))
+                backward(gg, hs, cs, dy, dc, dgates, u, mm, Kernels("eager"))
+            except Exception as exc:  # noqa: BLE001 - any failure to build or launch means: not this path
+                text = str(exc).strip()
+                return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+            runs.append((gg, hs, cs, dgates, dc))
+        worst = max(float((a - b).abs().max()) for a, b in zip(*runs))
+        if not worst < 5e-2:
+            return f"its 2-step probe ({mm or 'fp32'} products) differs from the eager loops by {worst:.3g}"
+    return None
 
 
 if triton is not None:
@@ -241,6 +258,7 @@ def triton_backward(gates: Tensor, hs: Tensor, cs: Tensor, dy: Tensor, dc: Tenso
     hid = four_h // 4
     coef, dc_coef = _backward_coefficients(gates, hs, cs)
     dy = dy.contiguous()  # may be an expanded view (e.g. from a sum): the kernel reads rows of unit stride
+    given, dc = dc, dc.contiguous()  # likewise; written back at the end where it was a copy
     u = weight_hh.to(mm or gates.dtype).contiguous()  # [4H, H]
     low = None if mm is None else torch.empty(2, batch, four_h, device=gates.device, dtype=mm)
     f = gates[..., hid : 2 * hid]
@@ -259,3 +277,5 @@ def triton_backward(gates: Tensor, hs: Tensor, cs: Tensor, dy: Tensor, dc: Tenso
                                  dc_coef.stride(1), f.stride(1), dc.stride(0), dgates.stride(1), dg_low.stride(0),
                                  BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, HAS_NEXT=has_next,
                                  WRITE_LOW=low is not None, PRECISION=precision)
+    if dc is not given:
+        given.copy_(dc)

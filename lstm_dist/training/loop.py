@@ -135,6 +135,10 @@ class Trainer:
         self.ddp_model = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
                                                   else None, gradient_as_bucket_view=True)
                           if env.distributed else self.model)
+        if env.distributed and self.device.type == "cuda" and hasattr(self.ddp_model, "_set_ddp_runtime_logging_sample_rate"):
+            # DDP times its own steps with CUDA events and waits for them in the first 10 iterations and
+            # then every 100 (its runtime logging): a host synchronisation inside a step. Only the first 10.
+            self.ddp_model._set_ddp_runtime_logging_sample_rate(2**31 - 1)
         self.training_step = TrainingStep(self.ddp_model, self.model, self.optimizer, t.clip_norm, self.kernels.autocast,
                                           max_loss=self.max_loss, world=env.world)
         self.clock = StepClock(self.device)
