@@ -103,7 +103,7 @@ bench cluster_step_triton "$t_cluster" --train --dtype bfloat16 "${cluster[@]}" 
 bench cluster_layers "$t_cluster" --layers 2 "${layers[@]}" --repeats "$reps" --skip-reference
 profile_part() {  # part, seconds, args...
   local part=$1 limit=$2; shift 2
-  timeout "$limit" "$PY" -m lstm_dist.bench.profile "$part" --device "$device" "$@" --jsonl "$out/gpu_check.jsonl" \
+  timeout "$limit" "$PY" -m lstm_dist.bench.profile "$part" --device "$device" "$@" --json --jsonl "$out/gpu_check.jsonl" \
     >"$raw/$part.json" 2>"$raw/$part.err" || status=1
 }
 profile_part product "$t_product" "${product[@]}" --repeats "$reps"

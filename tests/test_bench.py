@@ -141,7 +141,7 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu_and_leaves_two_files(tmp_p
     assert md.startswith("# GPU check (CPU DRY RUN")
     for section in ("## Environment", "## `pytest -m cuda` (collected only)", "## train_bf16: cpu", "## train_fp32: cpu",
                     "## cluster_step: cpu", "## cluster_step_triton: cpu", "## cluster_layers (layers only", "## product (the recurrent products alone",
-                    "## window (one profiled training step", "CPU ops (dry run", "## training run (torchrun, one process, gloo"):
+                    "## window (one profiled training step", "CPU ops (a CPU run", "## training run (torchrun, one process, gloo"):
         assert section in md, section
     # the training run: the straight and the resumed run logged steps 12 and 16 (every 4 from the resume at 8)
     assert re.search(r"^\| 12 \| [0-9.]+ \| [0-9.]+ \|", md, re.M) and re.search(r"^\| 16 \| ", md, re.M), md

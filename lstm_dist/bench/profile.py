@@ -1,5 +1,6 @@
 """Two GPU figures that docs/gpu.md predicts and the other benches cannot give: the device's own
-ceiling for our recurrence, and what one training window costs in kernels and idle time.
+ceiling for our recurrence, and what one training window costs in kernels and idle time. On the CPU
+(`--device cpu`, what gpu_check's dry run does) the same entries run and count CPU ops instead.
 
     python -m lstm_dist.bench.profile product --hidden 2048 --batch 128 --bptt 256 --dtype bfloat16
     python -m lstm_dist.bench.profile window --shape 2,2048,256,128 --bptt 256 --dtype bfloat16
@@ -17,7 +18,8 @@ step launched (per layer and time step, too), the share of the step's span the d
 end), and the kernels that took the most time. On the CPU (the dry run) the same counts are of the
 CPU ops the profiler saw, and the row says so.
 
-Each prints one JSON object, and with --jsonl FILE also appends it there as one line.
+Each prints a few readable lines (`--json`: one JSON object instead), and with --jsonl FILE also
+appends the JSON object there as one line.
 Raises UserError for a shape that is not four positive integers.
 """
 
@@ -122,7 +124,7 @@ def profile_window(layers: int, hidden: int, embedding: int, batch: int, bptt: i
     top = sorted(totals.items(), key=lambda kv: -kv[1][1])[:8]
     return {"part": "window", "device": str(device), "dtype": dtype, "layers": layers, "hidden": hidden,
             "embedding": embedding, "batch": batch, "bptt": bptt, "path": kernels.describe(),
-            "counted": "CUDA kernels" if cuda else "CPU ops (dry run: no GPU kernels)",
+            "counted": "CUDA kernels" if cuda else "CPU ops (a CPU run: no GPU kernels)",
             "kernels_per_window": len(events), "kernels_per_layer_step": len(events) / (layers * bptt),
             "busy_ms": busy / 1e3, "span_ms": span / 1e3, "busy_share": busy / span if span else 0.0,
             "top": [{"name": name[:80], "count": c, "ms": us / 1e3} for name, (c, us) in top]}
@@ -136,8 +138,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--shape", default="2,2048,256,128", metavar="L,H,E,B",
                    help="window: layers,hidden,embedding,batch (default: the cluster config's 2,2048,256,128)")
     p.add_argument("--bptt", type=int, default=256, help="time steps per window (default 256)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    p.add_argument("--device", choices=choices("train.device"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="the products' dtype: bfloat16 (default, autocast as the cluster config) or float32")
+    p.add_argument("--device", choices=choices("train.device"), default="auto",
+                   help="auto (default): cuda if available, else cpu (which counts CPU ops, not kernels)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the lines")
     p.add_argument("--repeats", type=int, default=10, help="product: timed windows (default 10)")
     p.add_argument("--jsonl", metavar="FILE", default=None, help="also append the result to FILE as one JSON line")
     args = p.parse_args(argv)
@@ -162,8 +167,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = profile_window(*args.shape, args.bptt, args.dtype, device)
     if args.jsonl:
         append_jsonl(args.jsonl, result)
-    print(json.dumps(result))
+    print(json.dumps(result) if args.json else describe(result))
     return 0
+
+
+def describe(r: dict) -> str:
+    """The result in a few lines for a person (the JSON object has every field)."""
+    if r["part"] == "product":
+        return (f"recurrent products alone ({r['dtype']}, {r['device']}, hidden {r['hidden']}, batch {r['batch']}, "
+                f"bptt {r['bptt']}): {r['product_ms_per_window_layer']:.2f} ms per window and layer "
+                f"(forward + backward), {r['product_tflops']:.2f} TFLOP/s; one kernel per product: {r['one_kernel_product']}")
+    lines = [f"one profiled training step ({r['dtype']}, {r['device']}, {r['layers']} x {r['hidden']}, batch {r['batch']}, "
+             f"bptt {r['bptt']}; {r['path']})",
+             f"{r['kernels_per_window']} {r['counted']} per window ({r['kernels_per_layer_step']:.2f} per layer and "
+             f"time step); busy {r['busy_ms']:.1f} ms of a {r['span_ms']:.1f} ms span ({100 * r['busy_share']:.1f}%)",
+             "top:"]
+    lines += [f"  {k['ms']:9.2f} ms  {k['count']:5d}x  {k['name']}" for k in r["top"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
