@@ -75,8 +75,10 @@ if [ $dry = 1 ]; then
   tests=(--collect-only); reps=2; t_tests=120; t_cluster=120; t_bf16=120; t_fp32=120
   t_product=120; t_window=120; t_train=120; t_prepare=120
   product=(--hidden 16 --batch 2 --bptt 8 --dtype float32); window=(--shape "2,16,8,2" --bptt 8 --dtype float32)
-  model=(model.hidden=16 model.embedding=8 model.layers=2 train.batch_size=2 train.bptt=8 train.threads=1
-         train.eval_max_windows=1)
+  model=(model.hidden=16 model.embedding=8 model.layers=2 train.batch_size=8 train.bptt=8 train.threads=1)
+  # a corpus of this checkout's own text, small enough that the run's final evaluation (the whole valid
+  # and test splits) takes a second, not the built-in corpus's ten
+  corpus=(--source files --train README.md --valid docs/gpu.md --test docs/lr_sweep.md)
 else
   device=cuda; grid=(); cluster=(--shape "2,2048,256,128" --bptt 256)
   layers=(--dtype bfloat16 --hidden 2048 --embedding 256 --batch 128 --bptt 256)
@@ -85,6 +87,7 @@ else
   product=(--hidden 2048 --batch 128 --bptt 256 --dtype bfloat16); window=(--shape "2,2048,256,128" --bptt 256 --dtype bfloat16)
   model=(model.hidden=2048 model.embedding=256 model.layers=2 train.batch_size=128 train.bptt=256
          train.precision=bf16 model.compile=true)
+  corpus=(--source stdlib-docs)
 fi
 # In one process, without pyproject's `-n auto` and without pytest-xdist at all (a GPU machine may lack it;
 # the dry run then proves that conftest loads without it)
@@ -113,7 +116,7 @@ work="$out/train_run"
 train=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m lstm_dist.train --config configs/smoke.yaml
        "run.dir=$work" "data.path=$work/data" log.wandb.mode=disabled "train.device=$device" train.steps=16
        checkpoint.every=8 log.every=4 train.eval_every=0 train.sample_chars=0 "${model[@]}")
-timeout "$t_prepare" "$PY" -m lstm_dist.data prepare --source stdlib-docs --out "$work/data" >"$raw/train_data.txt" 2>&1 \
+timeout "$t_prepare" "$PY" -m lstm_dist.data prepare "${corpus[@]}" --out "$work/data" >"$raw/train_data.txt" 2>&1 \
   || status=1
 timeout "$t_train" "${train[@]}" run.name=straight >"$raw/train_straight.txt" 2>&1 || status=1
 timeout "$t_train" "${train[@]}" run.name=resumed "checkpoint.resume=$work/straight/checkpoints/step_00000008.pt" \
