@@ -144,11 +144,8 @@ def _fwd_pointwise(gates: Tensor, c_prev: Tensor, c_out: Tensor, h_out: Tensor) 
 def _fwd_pointwise_low(gates: Tensor, c_prev: Tensor, c_out: Tensor, h_out: Tensor, h_low: Tensor) -> None:
     """`_fwd_pointwise` under autocast: also writes h_t in the products' dtype (h_low, e.g. bf16), the
     next step's recurrent product's operand, so that no cast kernel runs between the steps."""
-    _, _, _, o, c, tc = cell_update(gates, c_prev)
-    h = o * tc
-    c_out.copy_(c)
-    h_out.copy_(h)
-    h_low.copy_(h)
+    _fwd_pointwise(gates, c_prev, c_out, h_out)
+    h_low.copy_(h_out)
 
 
 def _activate(gates: Tensor) -> None:

@@ -108,6 +108,22 @@ if triton is not None:
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
+    def _tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+        """This program's rows (streams) and units, and which of them exist."""
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        return rows, units, rows < B, units < H
+
+    @triton.jit
+    def _store_gates(row_ptr, H, units, q_i, q_f, q_g, q_o, mask):
+        """The four gates' [rows, units] values into a [B,4H] row block (gate order i, f, g, o)."""
+        ty = row_ptr.dtype.element_ty
+        tl.store(row_ptr + units[None, :], q_i.to(ty), mask=mask)
+        tl.store(row_ptr + (H + units)[None, :], q_f.to(ty), mask=mask)
+        tl.store(row_ptr + (2 * H + units)[None, :], q_g.to(ty), mask=mask)
+        tl.store(row_ptr + (3 * H + units)[None, :], q_o.to(ty), mask=mask)
+
+    @triton.jit
     def lstm_forward_step(h_ptr, u_ptr, gates_ptr, c_prev_ptr, c_ptr, h_out_ptr, h_low_ptr,
                           B, H, stride_h, stride_uk, stride_un, stride_g, stride_c, stride_hout, stride_low,
                           BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -115,12 +131,7 @@ if triton is not None:
         """One time step for a [BLOCK_B, BLOCK_H] tile (module docstring). h [B,H] (h_{t-1}, the products'
         dtype); u [H,4H] (Uᵀ, element (k, n) at u_ptr + k·stride_uk + n·stride_un); gates [B,4H] fp32
         (in: x Wᵀ + b; out: the activations); c_prev, c, h_out [B,H] fp32; h_low [B,H] (WRITE_LOW)."""
-        pid_b = tl.program_id(0)
-        pid_h = tl.program_id(1)
-        rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        rmask = rows < B
-        umask = units < H
+        rows, units, rmask, umask = _tile(B, H, BLOCK_B, BLOCK_H)
         acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
         acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -148,10 +159,7 @@ if triton is not None:
         c_prev = tl.load(c_prev_ptr + rows[:, None] * stride_c + units[None, :], mask=mask, other=0.0)
         c = f * c_prev + i * g
         h = o * _tanh(c)
-        tl.store(g_row + units[None, :], i, mask=mask)
-        tl.store(g_row + (H + units)[None, :], f, mask=mask)
-        tl.store(g_row + (2 * H + units)[None, :], g, mask=mask)
-        tl.store(g_row + (3 * H + units)[None, :], o, mask=mask)
+        _store_gates(g_row, H, units, i, f, g, o, mask)
         tl.store(c_ptr + rows[:, None] * stride_c + units[None, :], c, mask=mask)
         tl.store(h_out_ptr + rows[:, None] * stride_hout + units[None, :], h, mask=mask)
         if WRITE_LOW:
@@ -170,12 +178,7 @@ if triton is not None:
         (`loops._backward_coefficients` has k and dc_coef). dg_next [B,4H] (the products' dtype); u [4H,H]
         (weight_hh, element (k, n) at u_ptr + k·stride_uk + n); dy, dc_coef, f, dc [B,H] fp32; coef,
         dg [B,4H] fp32; dg_low [B,4H] (WRITE_LOW). Each program writes only its own rows and units."""
-        pid_b = tl.program_id(0)
-        pid_h = tl.program_id(1)
-        rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-        rmask = rows < B
-        umask = units < H
+        rows, units, rmask, umask = _tile(B, H, BLOCK_B, BLOCK_H)
         mask = rmask[:, None] & umask[None, :]
         dh = tl.load(dy_ptr + rows[:, None] * stride_dy + units[None, :], mask=mask, other=0.0)
         if HAS_NEXT:
@@ -196,18 +199,9 @@ if triton is not None:
         d_f = dct * tl.load(c_row + (H + units)[None, :], mask=mask, other=0.0)
         d_g = dct * tl.load(c_row + (2 * H + units)[None, :], mask=mask, other=0.0)
         d_o = dh * tl.load(c_row + (3 * H + units)[None, :], mask=mask, other=0.0)
-        g_row = dg_ptr + rows[:, None] * stride_dg
-        tl.store(g_row + units[None, :], d_i, mask=mask)
-        tl.store(g_row + (H + units)[None, :], d_f, mask=mask)
-        tl.store(g_row + (2 * H + units)[None, :], d_g, mask=mask)
-        tl.store(g_row + (3 * H + units)[None, :], d_o, mask=mask)
+        _store_gates(dg_ptr + rows[:, None] * stride_dg, H, units, d_i, d_f, d_g, d_o, mask)
         if WRITE_LOW:
-            low_row = dg_low_ptr + rows[:, None] * stride_low
-            ty = dg_low_ptr.dtype.element_ty
-            tl.store(low_row + units[None, :], d_i.to(ty), mask=mask)
-            tl.store(low_row + (H + units)[None, :], d_f.to(ty), mask=mask)
-            tl.store(low_row + (2 * H + units)[None, :], d_g.to(ty), mask=mask)
-            tl.store(low_row + (3 * H + units)[None, :], d_o.to(ty), mask=mask)
+            _store_gates(dg_low_ptr + rows[:, None] * stride_low, H, units, d_i, d_f, d_g, d_o, mask)
         f = tl.load(f_ptr + rows[:, None] * stride_f + units[None, :], mask=mask, other=0.0)
         tl.store(dc_ptr + rows[:, None] * stride_dc + units[None, :], dct * f, mask=mask)
 
