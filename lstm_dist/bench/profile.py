@@ -151,7 +151,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     except ValueError:
         args.shape = ()
     if len(args.shape) != 4 or min(args.shape) < 1:
-        raise UserError(f"--shape expects four positive integers layers,hidden,embedding,batch; try --shape 2,2048,256,128")
+        raise UserError("--shape expects four positive integers layers,hidden,embedding,batch; try --shape 2,2048,256,128")
     for name in ("hidden", "batch", "bptt", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -148,8 +148,3 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         else:
             group["lr"] = torch.full((), lr, dtype=torch.float32, device=device)
 
-
-def rate(optimizer: torch.optim.Optimizer) -> float:
-    """The rate the first group holds, as a float (a host read of a tensor rate: not for the step's path)."""
-    value = optimizer.param_groups[0]["lr"]
-    return float(value)
