@@ -19,6 +19,8 @@ so that workers restarted by torchrun run clean.
     compile-fails             this rank reports that torch.compile of the LSTM step failed (at start-up)
     compile-fails-later       this rank records a compiled LSTM step that raised in step S (mid-run)
     triton-fails              this rank reports that the Triton LSTM step cannot run (at start-up)
+    graphs-fail               this rank reports that CUDA graphs of the LSTM loops cannot run (at start-up, CUDA)
+    graphs-fail-later         this rank records a CUDA graph capture that failed in step S (mid-run)
     cpu-loops-fail            this rank reports that the C++ LSTM loops could not be built (at start-up)
 """
 
@@ -33,7 +35,7 @@ from lstm_dist.common.errors import UserError
 
 POINTS = ("kill", "raise", "user-error", "preempt", "hang", "nonfinite", "checkpoint-before-rename",
           "checkpoint-before-latest", "compile-fails", "compile-fails-later",
-          "triton-fails", "cpu-loops-fail")
+          "triton-fails", "graphs-fail", "graphs-fail-later", "cpu-loops-fail")
 AFTER_STEP = ("kill", "raise", "user-error", "preempt", "hang")
 
 

@@ -63,6 +63,8 @@ class ModelConfig:
     compile: bool = True
     #: on CUDA, run each layer's time step as one Triton kernel per direction (the recurrent product with the cell update, or its gradient, fused in); opt-in until a GPU has measured it (docs/gpu.md); if any rank cannot, every rank runs the compiled steps and the log says which
     triton: bool = False
+    #: on CUDA, record each layer's two time loops as CUDA graphs once and replay them every training window (one launch from the host instead of one per op and step), with whichever steps run (eager, compiled, Triton); opt-in until a GPU has measured it (docs/gpu.md); if any rank cannot capture, every rank runs without graphs and the log says which
+    cuda_graphs: bool = False
 
 
 @dataclass

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 import torch
 from torch import Tensor
 
+from lstm_dist.model import graphs
 from lstm_dist.model.buffers import POOL
 
 if TYPE_CHECKING:  # annotations only: kernels.py imports this module
@@ -57,8 +58,9 @@ class LSTMWindow(torch.autograd.Function):
     """One layer over one window: (x [T,B,E], h0, c0 [B,H], W, U, b) -> (y [T,B,H], c_T [B,H]).
 
     h_T is y[-1]. `lowp` is the dtype of the matrix products (None: the state's dtype); `kernels` (a
-    `Kernels`) picks the time loops (`Kernels.for_window`). Backward is derived by hand (see the module
-    docstring).
+    `Kernels`) picks the time loops (`Kernels.for_window`) and whether they run in CUDA graphs
+    (`lstm_dist.model.graphs`; only a window autograd records, `history`). Backward is derived by hand
+    (see the module docstring).
 
     In the full-precision path the input gets a column of ones and W a column b ([W | b]), so the one
     input product also adds the bias and, in backward, the one weight product [X | 1]^T dgates also
@@ -66,7 +68,7 @@ class LSTMWindow(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias, lowp, kernels):  # type: ignore[override]
+    def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias, lowp, kernels, history):  # type: ignore[override]
         with torch.autocast(x.device.type, enabled=False):
             acc = c0.dtype
             steps, batch, n_in = x.shape
@@ -74,9 +76,13 @@ class LSTMWindow(torch.autograd.Function):
             dev = x.device
             mm = lowp if lowp is not None and lowp != acc else None
             loops = kernels.for_window(dev.type, acc, mm is not None)
-            gates = POOL.empty((steps, batch, 4 * hid), acc, dev)
-            hs = POOL.empty((steps + 1, batch, hid), acc, dev)  # hs[0] = h0, hs[t+1] = h_t
-            cs = POOL.empty((steps + 1, batch, hid), acc, dev)  # cs[0] = c0
+            static = graphs.SETS.take(x, weight_hh, acc, mm, kernels, history)  # None: no CUDA graph here
+            if static is None:
+                gates = POOL.empty((steps, batch, 4 * hid), acc, dev)
+                hs = POOL.empty((steps + 1, batch, hid), acc, dev)  # hs[0] = h0, hs[t+1] = h_t
+                cs = POOL.empty((steps + 1, batch, hid), acc, dev)  # cs[0] = c0
+            else:  # the static buffers the recorded loops read and write (lstm_dist.model.graphs)
+                gates, hs, cs = static.views()
             hs[0].copy_(h0)
             cs[0].copy_(c0)
             if mm is None:
@@ -90,9 +96,13 @@ class LSTMWindow(torch.autograd.Function):
                 xa = x
                 gates.view(steps * batch, -1).copy_(torch.mm(x.reshape(steps * batch, n_in).to(mm), weight_ih.to(mm).t()))
                 gates.add_(bias.to(acc))
-            loops.forward_loop(gates, hs, cs, weight_hh, mm, kernels)
+            if static is None:
+                loops.forward_loop(gates, hs, cs, weight_hh, mm, kernels)
+            else:
+                static.forward(loops, weight_hh, mm, kernels)
         ctx.save_for_backward(xa, weight_ih, weight_hh, gates, hs, cs)
         ctx.lowp = mm
+        ctx.static = static
         ctx.kernels, ctx.loops = kernels, loops
         ctx.dtypes = (x.dtype, h0.dtype, weight_ih.dtype, weight_hh.dtype, bias.dtype)
         return hs[1:], cs[steps].clone()
@@ -110,11 +120,15 @@ class LSTMWindow(torch.autograd.Function):
             hid = four_h // 4
             n_in = weight_ih.shape[1]
             dy = dy.to(acc)  # may be an expanded view (e.g. from a sum); only read per step
-            dgates = POOL.empty(tuple(gates.shape), acc, gates.device)
-            dc = dc_last.to(acc).clone()
             mdt = acc if mm is None else mm
             u = weight_hh.to(mdt)
-            ctx.loops.backward_loop(gates, hs, cs, dy, dc, dgates, weight_hh, mm, ctx.kernels)
+            if ctx.static is None:
+                dgates = POOL.empty(tuple(gates.shape), acc, gates.device)
+                dc = dc_last.to(acc).clone()
+                ctx.loops.backward_loop(gates, hs, cs, dy, dc, dgates, weight_hh, mm, ctx.kernels)
+            else:  # the forward's set: its recorded backward loop (dgates is the set's, read below)
+                dc = ctx.static.backward(ctx.loops, dy, dc_last.to(acc), mm, ctx.kernels)
+                dgates = ctx.static.dgates
             # the weight gradients: single products over all T*B rows of the window
             dg2 = dgates.view(steps * batch, four_h)
             dg_m = dg2 if mm is None else dg2.to(mm)
@@ -145,6 +159,7 @@ class LSTMWindow(torch.autograd.Function):
             cast(db, b_dtype) if need_b else None,
             None,
             None,
+            None,
         )
 
 
@@ -153,5 +168,7 @@ def lstm_layer_fast(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight
     """A layer over a window with the hand-written backward, the time loops of `kernels`' entry:
     x [T,B,E], h0/c0 [B,H], W [4H,E], U [4H,H], b [4H] -> (y [T,B,H], h_T, c_T), in c0's dtype."""
     lowp = _lowp_dtype(x.device)
-    y, c_last = LSTMWindow.apply(x, h0, c0, weight_ih, weight_hh, bias, lowp, kernels)
+    # whether autograd records this window (inside the Function's forward grad mode is always off)
+    history = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, weight_ih, weight_hh, bias))
+    y, c_last = LSTMWindow.apply(x, h0, c0, weight_ih, weight_hh, bias, lowp, kernels, history)
     return y, y[-1], c_last

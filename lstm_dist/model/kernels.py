@@ -30,6 +30,7 @@ there, once per choice; nothing is built). `Kernels` is then handed to the model
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -41,11 +42,12 @@ import torch.distributed as dist
 from lstm_dist.common import faults
 from lstm_dist.common.distributed import all_objects
 from lstm_dist.config import ModelConfig, check_setting
-from lstm_dist.model import cpu_loops, loops, triton_loops
+from lstm_dist.model import cpu_loops, graphs, loops, triton_loops
 from lstm_dist.model.cell import lstm_layer_reference
 from lstm_dist.model.fast import lstm_layer_fast
 
 NOTE_BF16_ON_CPU = "note: train.precision=bf16 applies on CUDA only; this CPU run computes in fp32"
+NOTE_GRAPHS_ON_CPU = "note: model.cuda_graphs=true applies on CUDA only; this CPU run records no graphs"
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,9 @@ class Kernels:
     through MKL's packed-weight GEMM where this torch has it (fp32 on the CPU; else addmm, ~1e-6 apart);
     force: run the entry's loops on any device, not only its `devices` (how the tests run the compiled
     CUDA steps on the CPU); tf32: fp32 products run in TF32 (CUDA only; `choose_kernels` sets torch's
-    flags to match). Raises ValueError for a name not in the table.
+    flags to match); graphs: each layer's two time loops are recorded as CUDA graphs and replayed
+    every training window (`lstm_dist.model.graphs`; on the CPU only with `force`, as the tests run it).
+    Raises ValueError for a name not in the table.
     """
 
     name: str = "eager"
@@ -147,6 +151,7 @@ class Kernels:
     mkl_packed: bool = True
     force: bool = False
     tf32: bool = False
+    graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in KERNELS:
@@ -176,13 +181,19 @@ class Kernels:
         failed in this process (where it fails, the same steps run uncompiled from then on)."""
         return self.compiles() and loops.compile_available()
 
+    def runs_graphs(self) -> bool:
+        """Whether the time loops run in CUDA graphs: `graphs`, and no capture has failed in this process
+        (where one fails, the same loops run without graphs from then on)."""
+        return self.graphs and graphs.available()
+
     def precision(self) -> str:
         """The arithmetic in a word or three: "bf16", "fp32 (TF32 products)" or "fp32"."""
         return "bf16" if self.bf16 else ("fp32 (TF32 products)" if self.tf32 else "fp32")
 
     def describe(self) -> str:
-        """A short phrase for the log: the precision and the path, e.g. "fp32, C++ CPU loops"."""
-        return f"{self.precision()}, {self.spec.phrase}"
+        """A short phrase for the log: the precision and the path, e.g. "fp32, C++ CPU loops" or
+        "bf16, compiled CUDA steps in CUDA graphs"."""
+        return f"{self.precision()}, {self.spec.phrase}" + (" in CUDA graphs" if self.graphs else "")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context the training step runs its forward in: bf16 autocast on CUDA when `bf16`, else none."""
@@ -213,6 +224,24 @@ def _every_rank_can(spec: KernelSpec, device: torch.device, batch: int, hidden: 
     if failed:
         rank, w = failed[0]
         say("warning: " + spec.fallback.format(rank=rank, why=w))
+        return False
+    return True
+
+
+def _every_rank_graphs(kernels: Kernels, device: torch.device, batch: int, hidden: int,
+                       say: Callable[[str], None]) -> bool:
+    """Whether every rank can record `kernels`' time loops as CUDA graphs (`graphs.probe`, a 3-step
+    window at the training shapes); if one cannot, `say` gets one warning naming the first such rank.
+    A collective, as `_every_rank_can`."""
+    if faults.armed("graphs-fail", 0):
+        why = "injected by LSTM_DIST_FAULT=graphs-fail"
+    else:
+        why = graphs.probe(device, batch, hidden, dataclasses.replace(kernels, graphs=True))
+    failed = [(rank, w) for rank, w in enumerate(all_objects(why)) if w is not None]
+    if failed:
+        rank, w = failed[0]
+        say(f"warning: CUDA graphs of the LSTM time loops cannot run on rank {rank} ({w}); every rank runs "
+            f"the same loops without graphs ({kernels.spec.phrase})")
         return False
     return True
 
@@ -248,9 +277,15 @@ def choose_kernels(model_cfg: ModelConfig, precision: str, device: torch.device,
         set_tf32(tf32)
     if precision == "bf16" and not bf16:
         tell(NOTE_BF16_ON_CPU)
+    graphed = model_cfg.cuda_graphs and impl == "fast"
+    if graphed and device.type != "cuda":
+        tell(NOTE_GRAPHS_ON_CPU)
     for name, spec in KERNELS.items():
         if spec.impl != impl or not spec.wanted(model_cfg, device):
             continue
         if _every_rank_can(spec, device, batch, model_cfg.hidden, tell) and device.type in spec.devices:
-            return Kernels(name, bf16=bf16, tf32=tf32)
+            kernels = Kernels(name, bf16=bf16, tf32=tf32)
+            if graphed and device.type == "cuda" and _every_rank_graphs(kernels, device, batch, model_cfg.hidden, tell):
+                kernels = dataclasses.replace(kernels, graphs=True)
+            return kernels
     raise RuntimeError(f"no LSTM kernels for model.impl={impl} on {device.type}")  # a table without a last resort

@@ -30,7 +30,7 @@ from lstm_dist.data.streams import TokenStream
 from lstm_dist.inference.sampling import sample_prompt_note
 from lstm_dist.inference.scoring import LN2
 from lstm_dist.model.char_lstm import CharLSTM
-from lstm_dist.model import loops
+from lstm_dist.model import graphs, loops
 from lstm_dist.model.kernels import choose_kernels
 from lstm_dist.training import checkpoint as ckpt
 from lstm_dist.training import lr_rule
@@ -144,6 +144,7 @@ class Trainer:
         self.clock = StepClock(self.device)
         self.pending: list[torch.Tensor] = []  # the verdicts of the steps queued since the host last read them
         self._compile_agreed = False  # whether a failed compiled step was agreed on (and said) already
+        self._graphs_agreed = False  # likewise a failed CUDA graph capture
         self.evaluation = Evaluation(cfg, env, self.model, self.vocab, splits, self.kernels.bf16, self.say)
         at = self.progress.step if resumed else None
         self.metrics = on_every_rank(lambda: open_metrics(cfg, at) if env.is_main else NO_METRICS)
@@ -190,6 +191,8 @@ class Trainer:
             p.state = self.model.init_state(x.shape[0], device=self.device)
         if faults.armed("compile-fails-later", p.step + 1):  # as a compiled step that raised in this step
             loops.disable_compile(f"injected by LSTM_DIST_FAULT=compile-fails-later at step {p.step + 1}")
+        if faults.armed("graphs-fail-later", p.step + 1):  # as a capture that raised in this step
+            graphs.disable(f"injected by LSTM_DIST_FAULT=graphs-fail-later at step {p.step + 1}")
         clock.mark()
         loss = self.training_step.forward_backward(x, y, p.state, poison=faults.armed("nonfinite", p.step + 1))
         clock.mark()
@@ -203,8 +206,9 @@ class Trainer:
         """The host's look at the steps queued since the last one, at a step every rank settles at (a log,
         evaluation or checkpoint step, the last one): their verdicts read back in one copy, each step's
         failure counted and warned about in order, each step's loss and phases into `window`; then one
-        all-reduce of the stop flag and of whether a compiled step failed here (then every rank runs
-        uncompiled from here on: `_agree_compile_failure`). Returns (the last step's gradient norm, whether any rank was asked
+        all-reduce of the stop flag and of whether a compiled step or a CUDA graph capture failed here
+        (then every rank runs uncompiled, or without graphs, from here on: `_agree_compile_failure`,
+        `_agree_graphs_failure`). Returns (the last step's gradient norm, whether any rank was asked
         to stop). Raises NonFiniteStop at the first step that made `train.max_nonfinite` failures in a
         row (the steps queued after it ran, their updates lost with the run)."""
         p = self.progress
@@ -224,9 +228,12 @@ class Trainer:
                     raise NonFiniteStop(failed_steps_advice(p.nonfinite, self.run_dir, self.env.is_main))
             else:
                 p.nonfinite.ok()
-        stop, compile_failed = agree_flags([preemption.requested, loops.compile_failure() is not None], self.device)
+        stop, compile_failed, graphs_failed = agree_flags(
+            [preemption.requested, loops.compile_failure() is not None, graphs.failure() is not None], self.device)
         if compile_failed and not self._compile_agreed:
             self._agree_compile_failure()
+        if graphs_failed and not self._graphs_agreed:
+            self._agree_graphs_failure()
         return norm, stop
 
     def _agree_compile_failure(self) -> None:
@@ -240,6 +247,18 @@ class Trainer:
                 if self.kernels.compiles() else f"this run's kernels ({self.kernels.describe()}) compile nothing")
         self.say(f"warning: the compiled LSTM step failed on rank {rank} by step {self.progress.step} ({why}); {what}"
                  " (model.compile=false skips compiling)")
+
+    def _agree_graphs_failure(self) -> None:
+        """A CUDA graph capture failed on some rank since the last settle (`graphs.failure`): every rank
+        runs the same loops without graphs from here on, and rank 0 says so once, naming the first rank and why."""
+        self._graphs_agreed = True
+        reasons = all_objects(graphs.failure())
+        rank, why = next((r, w) for r, w in enumerate(reasons) if w is not None)
+        graphs.disable(why)
+        what = ("every rank runs the same loops without graphs from here on" if self.kernels.graphs
+                else f"this run's kernels ({self.kernels.describe()}) record no graphs")
+        self.say(f"warning: a CUDA graph of the LSTM loops failed on rank {rank} by step {self.progress.step} ({why});"
+                 f" {what} (model.cuda_graphs=false skips them)")
 
     def settles_at(self, step: int) -> bool:
         """Whether the host reads the queued steps at `step`: the same steps on every rank (a collective)."""
