@@ -188,3 +188,104 @@ def test_a_failed_capture_is_recorded_and_the_same_numbers_follow_without_graphs
     assert graphs.failure() == "RuntimeError: operation not permitted when stream is capturing"
     assert not kernels.runs_graphs() and graphs.SETS.count() == 0  # the sets were dropped; none made since
 
+
+
+def test_a_capture_failing_mid_run_is_agreed_at_the_next_log_step_and_said_once(tmp_path, tiny_corpus, monkeypatch,
+                                                                               capsys):
+    """A capture recorded as failed in step 3 (as `graphs` records a real one): at the next log step (4)
+    the ranks agree on it (here a world of one in a gloo group) and rank 0 says it once; the run goes on."""
+    from lstm_dist.common import faults
+    from lstm_dist.common.distributed import setup
+    from lstm_dist.training.loop import Trainer
+    from lstm_dist.training.stopping import Preemption
+    from test_host_sync import build
+
+    monkeypatch.setenv("LSTM_DIST_FAULT", "graphs-fail-later:step=3")
+    faults._spec.cache_clear()
+    try:
+        cfg = build(tmp_path, tiny_corpus, monkeypatch, "train.steps=8", "train.eval_every=0")
+        with setup(cfg.train.device) as env:
+            trainer = Trainer(cfg, env)
+            try:
+                assert trainer.run(Preemption()) == 0
+            finally:
+                trainer.close()
+    finally:
+        monkeypatch.delenv("LSTM_DIST_FAULT")
+        faults._spec.cache_clear()
+    said = [line for line in capsys.readouterr().out.splitlines() if "CUDA graph" in line]
+    assert said == [f"warning: a CUDA graph of the LSTM loops failed on rank 0 by step 4 (injected by "
+                    f"LSTM_DIST_FAULT=graphs-fail-later at step 3); this run's kernels "
+                    f"({trainer.kernels.describe()}) record no graphs (model.cuda_graphs=false skips them)"], said
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", GRAPHED_ENTRIES)
+def test_on_cuda_graphed_windows_replay_what_the_loops_compute(name, bf16):
+    """Real capture and replay on a GPU, each CUDA entry, fp32 and bf16 autocast: six windows of a 2-layer
+    model (2 warm-up, 1 capture, 3 replays per set) against the same kernels without graphs; a replayed
+    window synchronises nothing with the host."""
+    dev = torch.device("cuda")
+    spec = KERNELS[name]
+    if spec.why_not is not None and (why := spec.why_not(dev, 8, 128)) is not None:
+        pytest.skip(f"the {name} kernels cannot run here: {why}")
+    kernels = Kernels(name, bf16=bf16, graphs=True)
+    torch.manual_seed(0)
+    graphed = CharLSTM(64, 32, 128, 2, kernels=kernels).to(dev)
+    plain = CharLSTM(64, 32, 128, 2, kernels=dataclasses.replace(kernels, graphs=False)).to(dev)
+    plain.load_state_dict(graphed.state_dict())
+    g = torch.Generator(device="cpu").manual_seed(1)
+    batches = [torch.randint(0, 64, (8, 17), generator=g).to(dev) for _ in range(6)]
+    runs = []
+    for net in (graphed, plain):
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        seen = []
+        for k, x in enumerate(batches):
+            torch.cuda.set_sync_debug_mode("error" if net is graphed and k > graphs.WARMUP else "default")
+            try:
+                with kernels.autocast():
+                    logits, _ = net(x[:, :-1])
+                loss = F.cross_entropy(logits.float().reshape(-1, 64), x[:, 1:].reshape(-1))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            seen.append([logits.detach().float()] + [p.grad.clone() for p in net.parameters()])
+        runs.append(seen)
+    assert graphs.failure() is None and kernels.runs_graphs()
+    sets = graphs.SETS.all()
+    assert len(sets) == 2
+    for s in sets:
+        for phase in (s.forward_phase, s.backward_phase):
+            assert (phase.warmed, phase.captured, phase.replayed) == (graphs.WARMUP, 1, 6 - graphs.WARMUP)
+    for k, (a, b) in enumerate(zip(*runs)):
+        for u, v in zip(a, b):
+            assert rel_err(u, v) < 1e-4, (k, rel_err(u, v))
+
+
+def test_the_start_up_probe_replays_a_window_and_leaves_nothing_behind(monkeypatch):
+    """What `choose_kernels` asks each rank on CUDA (here with the CPU's stand-in): None where a window
+    captures and its replay matches; the capture's error where it fails; no set and no recorded failure
+    left behind either way."""
+    kernels = Kernels("eager", force=True, graphs=True)
+    cpu = torch.device("cpu")
+    assert graphs.probe(cpu, BATCH, HID, kernels) is None
+    assert graphs.probe(cpu, BATCH, HID, Kernels("eager", graphs=True)) == "CUDA graphs need CUDA"
+    monkeypatch.setitem(graphs._RECORDERS, "cpu", FailingCapture())
+    assert graphs.probe(cpu, BATCH, HID, kernels) == "RuntimeError: operation not permitted when stream is capturing"
+    assert graphs.failure() is None and graphs.SETS.count() == 0
+
+
+def test_the_setting_is_said_to_apply_on_cuda_only_on_the_cpu():
+    from lstm_dist.config import ModelConfig
+    from lstm_dist.model.kernels import NOTE_GRAPHS_ON_CPU, choose_kernels
+
+    said = []
+    k = choose_kernels(ModelConfig(hidden=HID, cuda_graphs=True), "auto", torch.device("cpu"), batch=BATCH,
+                       say=said.append)
+    assert NOTE_GRAPHS_ON_CPU in said and not k.graphs and "graphs" not in k.describe()
+    said.clear()
+    choose_kernels(ModelConfig(hidden=HID), "auto", torch.device("cpu"), batch=BATCH, say=said.append)
+    assert NOTE_GRAPHS_ON_CPU not in said

@@ -133,13 +133,14 @@ def test_the_recorders_catch_a_read_inside_the_step(tmp_path, tiny_corpus, monke
 
 
 @pytest.mark.cuda
-def test_on_cuda_no_synchronisation_between_two_log_lines(tmp_path, tiny_corpus, monkeypatch):
-    """The CUDA path (NCCL, compiled steps, bf16): from the first log line on, any implicit
-    synchronisation outside `settle` is an error (`set_sync_debug_mode("error")`), and no explicit
-    `torch.cuda.synchronize()` comes from a step."""
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["steps", "graphs"])
+def test_on_cuda_no_synchronisation_between_two_log_lines(tmp_path, tiny_corpus, monkeypatch, cuda_graphs):
+    """The CUDA path (NCCL, compiled steps, bf16, and in CUDA graphs): from the first log line on, any
+    implicit synchronisation outside `settle` is an error (`set_sync_debug_mode("error")`), and no
+    explicit `torch.cuda.synchronize()` comes from a step."""
     # 24 steps, a log line every 12: DDP times (and waits for) its first 10 iterations whatever we do
     cfg = build(tmp_path, tiny_corpus, monkeypatch, "train.device=cuda", "train.precision=bf16", "model.compile=true",
-                "train.steps=24", "log.every=12")
+                "train.steps=24", "log.every=12", f"model.cuda_graphs={str(cuda_graphs).lower()}")
     settle, synchronize = Trainer.settle, torch.cuda.synchronize
     explicit: list[int] = []
     settled: list[int] = []
@@ -171,3 +172,4 @@ def test_on_cuda_no_synchronisation_between_two_log_lines(tmp_path, tiny_corpus,
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert settled == [12, 24] and not explicit
+    assert trainer.kernels.runs_graphs() == cuda_graphs  # graphs captured (by step 3) and kept

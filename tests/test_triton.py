@@ -98,6 +98,26 @@ INTERPRETED = textwrap.dedent(
     torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-5, msg="y against torch.nn.LSTM")
     print("LAYER_OK")
 
+    # in CUDA graphs (model.cuda_graphs): on the CPU the bookkeeping runs and a "replay" runs the recorded
+    # Triton loops again on the set's static buffers; warm-up, capture and replays against the eager layer
+    from lstm_dist.model import graphs
+    graphed = Kernels("triton", force=True, graphs=True)
+    mine, theirs = [t.clone().requires_grad_(True) for t in w], [t.clone().requires_grad_(True) for t in w]
+    for k in range(graphs.WARMUP + 2):
+        outs = []
+        for kernels, leaves in ((graphed, mine), (Kernels("eager"), theirs)):
+            y, h, c = lstm_layer_fast(xs[k % 2], h0, c0, *leaves, kernels)
+            (y.pow(2).sum() + c.sin().sum()).backward()
+            outs.append([y.detach().clone()] + [t.grad.clone() for t in leaves])
+            for t in leaves:
+                t.grad = None
+            del y, h, c  # the window's output holds its set
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"window {k} in graphs")
+    (only,) = graphs.SETS.all()
+    assert (only.forward_phase.replayed, only.backward_phase.replayed) == (2, 2)
+    print("GRAPHS_OK")
+
     # the start-up probe that decides whether a run may take this path (on CUDA in bf16; here in fp16)
     assert triton_loops.probe(torch.device("cpu"), 3, 20, torch.float16) is None
     print("PROBE_OK")
@@ -110,13 +130,13 @@ def test_the_interpreted_kernel_computes_what_the_eager_loops_compute(tmp_path):
     """Run by Triton's interpreter on the CPU: the forward loop against the eager loop (activations,
     h, c; ragged tiles; fp16 products), the backward loop likewise (dgates, dc), and the layer (both
     directions in Triton) against the eager layer over two carried windows, values and every gradient,
-    and against torch.nn.LSTM."""
+    and against torch.nn.LSTM; then in CUDA graphs' bookkeeping (warm-up, capture, replays)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT),
            "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))}
     proc = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == ["FORWARD_OK", "BACKWARD_OK", "LAYER_OK", "PROBE_OK"], proc.stdout
+    assert proc.stdout.split() == ["FORWARD_OK", "BACKWARD_OK", "LAYER_OK", "GRAPHS_OK", "PROBE_OK"], proc.stdout
 
 
 @pytest.mark.parametrize("operands,precision,batch,hidden", [
