@@ -8,13 +8,14 @@
 # 1. every `cuda` test (pytest -m cuda): compiled steps + bf16 autocast + 2 layers against fp32, a window
 #    with no host synchronisation, one visible GPU per process, TF32 flags, the one-GPU NCCL run with
 #    checkpoint and resume;
-# 2. `bench --train` over the grid of shapes, bf16 and fp32 (TF32 products, as cuDNN), ours against
-#    cuDNN's torch.nn.LSTM;
-# 3. the cluster config's shape (2 x 2048, embedding 256, batch 128, bptt 256): a training step (and one
-#    with the Triton forward step, model.triton) and the layers alone, bf16, with MFU;
+# 2. `bench --train` over the grid of shapes, bf16 on every path (eager, compiled, compiled + CUDA graphs,
+#    Triton, Triton + CUDA graphs: `--paths`) and fp32 on the compiled one (TF32 products, as cuDNN), each
+#    against cuDNN's torch.nn.LSTM timed in the same process, interleaved;
+# 3. the cluster config's shape (2 x 2048, embedding 256, batch 128, bptt 256): a training step on every
+#    path, bf16, with MFU;
 # 4. the recurrent products alone at that shape (the device's own floor for the time loop), and one
-#    training step under torch.profiler: kernels per window, the share of it the GPU is busy, the top
-#    kernels (`python -m lstm_dist.bench.profile`);
+#    training step on every path under torch.profiler: kernels per window, the share of it the GPU is
+#    busy, the host's time to queue it, the top kernels (`python -m lstm_dist.bench.profile`);
 # 5. a real training run over NCCL at that shape (torchrun, the built-in corpus): 16 steps with a
 #    checkpoint at 8, then a resume from it to 16, the two runs' losses side by side;
 # 6. a table of all of it in gpu_check.md, also printed.
@@ -71,7 +72,6 @@ status=0
 if [ $dry = 1 ]; then
   # float32 for the layers alone: oneDNN has no bf16 LSTM on every CPU, and the dtype is the GPU run's concern
   device=cpu; grid=(--shape "1,8,4,2" --bptt 8); cluster=(--shape "2,16,8,2" --bptt 8)
-  layers=(--dtype float32 --hidden 16 --embedding 8 --batch 2 --bptt 8)
   tests=(--collect-only); reps=2; t_tests=120; t_cluster=120; t_bf16=120; t_fp32=120
   t_product=120; t_window=120; t_train=120; t_prepare=120
   product=(--hidden 16 --batch 2 --bptt 8 --dtype float32); window=(--shape "2,16,8,2" --bptt 8 --dtype float32)
@@ -81,9 +81,8 @@ if [ $dry = 1 ]; then
   corpus=(--source files --train README.md --valid docs/gpu.md --test docs/lr_sweep.md)
 else
   device=cuda; grid=(); cluster=(--shape "2,2048,256,128" --bptt 256)
-  layers=(--dtype bfloat16 --hidden 2048 --embedding 256 --batch 128 --bptt 256)
   # the parts' limits add up to 6 minutes; a part its limit stops keeps the rows it wrote
-  tests=(); reps=10; t_tests=90; t_bf16=40; t_fp32=30; t_cluster=25; t_product=10; t_window=30; t_train=35; t_prepare=15
+  tests=(); reps=10; t_tests=90; t_bf16=65; t_fp32=25; t_cluster=60; t_product=10; t_window=40; t_train=30; t_prepare=10
   product=(--hidden 2048 --batch 128 --bptt 256 --dtype bfloat16); window=(--shape "2,2048,256,128" --bptt 256 --dtype bfloat16)
   model=(model.hidden=2048 model.embedding=256 model.layers=2 train.batch_size=128 train.bptt=256
          train.precision=bf16 model.compile=true)
@@ -99,18 +98,17 @@ bench() {  # name, seconds, args...
   timeout "$limit" "$PY" -m lstm_dist.bench --device "$device" "$@" --json --jsonl "$out/gpu_check.jsonl" \
     >"$raw/$name.json" 2>"$raw/$name.err" || status=1
 }
-bench train_bf16 "$t_bf16" --train --dtype bfloat16 --repeats "$reps" "${grid[@]}"
+paths=eager,compiled,compiled+graphs,triton,triton+graphs  # model.compile / model.triton / model.cuda_graphs
+bench train_bf16 "$t_bf16" --train --dtype bfloat16 --repeats "$reps" "${grid[@]}" --paths "$paths"
 bench train_fp32 "$t_fp32" --train --dtype float32 --repeats "$reps" "${grid[@]}"
-bench cluster_step "$t_cluster" --train --dtype bfloat16 "${cluster[@]}" --repeats "$reps"
-bench cluster_step_triton "$t_cluster" --train --dtype bfloat16 "${cluster[@]}" --repeats "$reps" --triton
-bench cluster_layers "$t_cluster" --layers 2 "${layers[@]}" --repeats "$reps" --skip-reference
+bench cluster_step "$t_cluster" --train --dtype bfloat16 "${cluster[@]}" --repeats "$reps" --paths "$paths"
 profile_part() {  # part, seconds, args...
   local part=$1 limit=$2; shift 2
   timeout "$limit" "$PY" -m lstm_dist.bench.profile "$part" --device "$device" "$@" --json --jsonl "$out/gpu_check.jsonl" \
     >"$raw/$part.json" 2>"$raw/$part.err" || status=1
 }
 profile_part product "$t_product" "${product[@]}" --repeats "$reps"
-profile_part window "$t_window" "${window[@]}"
+profile_part window "$t_window" "${window[@]}" --paths "$paths"
 # a real run over NCCL (gloo in the dry run): 16 steps, a checkpoint at 8, then a resume from it to 16
 work="$out/train_run"
 train=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m lstm_dist.train --config configs/smoke.yaml
@@ -133,26 +131,29 @@ print("\n".join(f"- {line}" for line in (raw / "environment.txt").read_text().st
 tests = (raw / "cuda_tests.txt").read_text().strip().splitlines()
 print("\n## `pytest -m cuda`" + (" (collected only)" if dry else "") + "\n")
 print(tests[-1] if tests else "(no output)")
-for name in ("train_bf16", "train_fp32", "cluster_step", "cluster_step_triton"):
+def flops_per_char(w):  # matrix-product FLOPs of forward + backward per character (bench --help's formula)
+    return 3 * sum(2 * 4 * w["hidden"] * ((w["embedding"] if k == 0 else w["hidden"]) + w["hidden"])
+                   for k in range(w["layers"]))
+PEAK = {"bfloat16": 990e12, "float32": 495e12}  # an H200's dense peaks (bf16; TF32), bench's --peak-tflops default for bf16
+for name in ("cluster_step", "train_bf16", "train_fp32"):
     try:
         r = json.loads((raw / f"{name}.json").read_text())
     except (OSError, ValueError):
-        print(f"\n## {name}\n\nno result (see {name}.err in gpu_check_logs.tgz)")
+        print(f"\n## {name}\n\nno result (see {name}.err in gpu_check_logs.tgz; rows measured before a time "
+              "limit are in gpu_check.jsonl)")
         continue
-    print(f"\n## {name}: {r['device_name']}, {r['dtype']} (torch.nn.LSTM in {r['baseline_computes_in']})\n")
-    print("| layers | hidden | emb | batch | bptt | path | lstm_dist ms | nn.LSTM ms | ratio | lstm_dist chars/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n## {name}: {r['device_name']}, {r['dtype']} (torch.nn.LSTM in {r['baseline_computes_in']}), "
+          f"median of {r['repeats']}, interleaved\n")
+    print("| layers | hidden | emb | batch | bptt | asked | path that ran | lstm_dist ms | nn.LSTM ms | ratio | "
+          "x cuDNN chars/s | lstm_dist chars/s | MFU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for w in r["rows"]:
-        print(f"| {w['layers']} | {w['hidden']} | {w['embedding']} | {w['batch']} | {w['bptt']} | {w.get('path', w['kernels'])} | "
-              f"{w['lstm_dist_ms']:.2f} | {w['torch_lstm_ms']:.2f} | {w['ratio']:.3f} | {w['lstm_dist_chars_per_s']:,.0f} |")
-try:
-    r = json.loads((raw / "cluster_layers.json").read_text())
-    mfu = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731 - MFU is a GPU figure
-    print(f"\n## cluster_layers (layers only, {r['dtype']}, kernels {r.get('kernels')}, tf32 {r.get('tf32')})\n\n"
-          f"fast {r['fast_ms']:.2f} ms (MFU {mfu(r.get('fast_mfu'))}), torch.nn.LSTM {r['torch_lstm_ms']:.2f} ms "
-          f"(MFU {mfu(r.get('torch_lstm_mfu'))}), ratio {r['ratio_fast_vs_torch_lstm']:.3f}")
-except (OSError, ValueError, KeyError):
-    print("\n## cluster_layers\n\nno result (see cluster_layers.err in gpu_check_logs.tgz)")
+        mfu = "n/a" if dry else f"{100 * flops_per_char(w) * w['lstm_dist_chars_per_s'] / PEAK[r['dtype']]:.1f}%"
+        print(f"| {w['layers']} | {w['hidden']} | {w['embedding']} | {w['batch']} | {w['bptt']} | {w.get('asked', '')} | "
+              f"{w.get('path', w['kernels'])} | {w['lstm_dist_ms']:.2f} | {w['torch_lstm_ms']:.2f} | {w['ratio']:.3f} | "
+              f"{1 / w['ratio']:.2f} | {w['lstm_dist_chars_per_s']:,.0f} | {mfu} |")
+    print(f"\nMFU: the layers' matrix-product FLOPs of forward + backward per character (head left out) times "
+          f"chars/s, over an H200's dense {PEAK[r['dtype']] / 1e12:.0f} TFLOP/s ({'bf16' if r['dtype'] == 'bfloat16' else 'TF32'})")
 try:
     r = json.loads((raw / "product.json").read_text())
     print(f"\n## product (the recurrent products alone, {r['dtype']}, hidden {r['hidden']}, batch {r['batch']}, "
@@ -161,16 +162,24 @@ try:
 except (OSError, ValueError, KeyError):
     print("\n## product\n\nno result (see product.err in gpu_check_logs.tgz)")
 try:
-    r = json.loads((raw / "window.json").read_text())
-    print(f"\n## window (one profiled training step, {r['dtype']}, {r['layers']} x {r['hidden']}, batch {r['batch']}, "
-          f"bptt {r['bptt']}; {r['path']})\n\n{r['kernels_per_window']} {r['counted']} per window "
-          f"({r['kernels_per_layer_step']:.2f} per layer and time step); busy {r['busy_ms']:.1f} ms of a "
-          f"{r['span_ms']:.1f} ms span ({100 * r['busy_share']:.1f}%)\n")
-    print("| top | count | ms |\n| --- | --- | --- |")
-    for k in r["top"]:
-        print(f"| `{k['name']}` | {k['count']} | {k['ms']:.2f} |")
-except (OSError, ValueError, KeyError):
+    profiled = [json.loads(line) for line in (raw / "window.json").read_text().splitlines() if line.strip()]
+except (OSError, ValueError):
+    profiled = []
+if not profiled:
     print("\n## window\n\nno result (see window.err in gpu_check_logs.tgz)")
+else:
+    r = profiled[0]
+    print(f"\n## window (one profiled training step per path, {r['dtype']}, {r['layers']} x {r['hidden']}, "
+          f"batch {r['batch']}, bptt {r['bptt']})\n")
+    print(f"| asked | path that ran | {r['counted']} per window | per layer and step | busy ms | span ms | busy share "
+          "| host ms to queue |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in profiled:
+        print(f"| {r['asked']} | {r['path']} | {r['kernels_per_window']} | {r['kernels_per_layer_step']:.2f} | "
+              f"{r['busy_ms']:.1f} | {r['span_ms']:.1f} | {100 * r['busy_share']:.1f}% | {r['host_ms']:.1f} |")
+    for r in profiled:
+        print(f"\n{r['asked']}, top:\n\n| kernel | count | ms |\n| --- | --- | --- |")
+        for k in r["top"]:
+            print(f"| `{k['name']}` | {k['count']} | {k['ms']:.2f} |")
 def rows(name):
     try:
         return {m["step"]: m for m in map(json.loads, (raw / f"train_{name}.jsonl").read_text().splitlines())

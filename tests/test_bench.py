@@ -131,16 +131,18 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu_and_leaves_two_files(tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.jsonl", "gpu_check.md", "gpu_check_logs.tgz"]
     lines = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
-    # a row per shape of the four --train parts (one tiny shape each), the layers' one result, the
-    # products alone and the profiled window
-    assert [r.get("mode", r.get("part")) for r in lines] == ["train", "train", "train", "train", "layers", "product",
-                                                            "window"], lines
-    assert all("kernels" in r and "lstm_dist_ms" in r and r["path"] for r in lines[:4]), lines
-    assert lines[6]["kernels_per_window"] > 0 and 0 < lines[6]["busy_share"] <= 1, lines[6]
+    # a row per shape and path of the three --train parts (one tiny shape each; bf16 grid and cluster shape
+    # on the five paths, fp32 on one), the products alone and a profiled window per path
+    paths = ["eager", "compiled", "compiled+graphs", "triton", "triton+graphs"]
+    assert [r.get("mode", r.get("part")) for r in lines] == ["train"] * 11 + ["product"] + ["window"] * 5, lines
+    assert all("kernels" in r and "lstm_dist_ms" in r and r["path"] for r in lines[:11]), lines
+    assert [r["asked"] for r in lines[:11]] == paths + ["as asked"] + paths
+    assert [r["asked"] for r in lines[12:]] == paths
+    assert all(r["kernels_per_window"] > 0 and 0 < r["busy_share"] <= 1 for r in lines[12:]), lines[12:]
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("# GPU check (CPU DRY RUN")
     for section in ("## Environment", "## `pytest -m cuda` (collected only)", "## train_bf16: cpu", "## train_fp32: cpu",
-                    "## cluster_step: cpu", "## cluster_step_triton: cpu", "## cluster_layers (layers only", "## product (the recurrent products alone",
+                    "## cluster_step: cpu", "| compiled+graphs | fp32, C++ CPU loops |", "## product (the recurrent products alone",
                     "## window (one profiled training step", "CPU ops (a CPU run", "## training run (torchrun, one process, gloo"):
         assert section in md, section
     # the training run: the straight and the resumed run logged steps 12 and 16 (every 4 from the resume at 8)
@@ -149,5 +151,5 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu_and_leaves_two_files(tmp_p
     assert "tests collected" in md  # the cuda tests' modules import here (no wandb needed at collection)
     with tarfile.open(out / "gpu_check_logs.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
-    assert {"environment.txt", "cuda_tests.txt", "train_bf16.json", "cluster_layers.json", "window.json",
+    assert {"environment.txt", "cuda_tests.txt", "train_bf16.json", "cluster_step.json", "window.json",
             "train_straight.txt", "train_resumed.txt"} <= names, names

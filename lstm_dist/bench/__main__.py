@@ -38,7 +38,7 @@ from typing import List, Optional
 import torch
 
 from lstm_dist.bench.layers import format_table, run_bench
-from lstm_dist.bench.timing import append_jsonl
+from lstm_dist.bench.timing import append_jsonl, path_settings
 from lstm_dist.bench.training import format_train_table, run_train_bench
 from lstm_dist.common.distributed import pick_device
 from lstm_dist.common.errors import UserError, run_cli
@@ -65,7 +65,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-compile", action="store_true", help="fast implementation without torch.compile")
     p.add_argument("--triton", action="store_true",
-                   help="on CUDA, the forward step as one Triton kernel (model.triton); each row's path says what ran")
+                   help="on CUDA, each time step as one Triton kernel per direction (model.triton); each row's path says what ran")
+    p.add_argument("--graphs", action="store_true",
+                   help="on CUDA, each layer's time loops recorded as CUDA graphs and replayed (model.cuda_graphs), "
+                        "with whichever steps run; at least 3 untimed windows so that no timed one captures")
     p.add_argument("--no-tf32", action="store_true",
                    help="on CUDA, fp32 products at full FP32 for both models (default: TF32, as train.tf32 and cuDNN)")
     p.add_argument("--peak-tflops", type=float, default=990.0, help="peak for MFU (default 990 = H200 dense bf16)")
@@ -79,7 +82,21 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--shape", action="append", metavar="L,H,E,B",
                    help="with --train: layers,hidden,embedding,batch (repeatable; default: the built-in grid)")
     p.add_argument("--vocab", type=int, default=256, help="with --train: vocabulary size (default 256, the bytes vocabulary)")
+    p.add_argument("--paths", default=None, metavar="P,P,...",
+                   help="with --train: time each of these paths against one nn.LSTM per shape, interleaved in this "
+                        "process: eager, compiled, triton, each optionally +graphs (e.g. compiled,compiled+graphs,"
+                        "triton+graphs); instead of --no-compile, --triton, --graphs")
     args = p.parse_args(argv)
+    if args.paths is not None:
+        if not args.train:
+            raise UserError("--paths goes with --train; the layer bench takes --no-compile, --triton, --graphs")
+        if args.no_compile or args.triton or args.graphs:
+            raise UserError("--paths names every path to time; leave out --no-compile, --triton and --graphs with it")
+        args.paths = [name.strip() for name in args.paths.split(",") if name.strip()]
+        for name in args.paths:
+            path_settings(name)  # a UserError naming the paths there are
+        if not args.paths:
+            raise UserError("--paths needs at least one path, e.g. --paths compiled,compiled+graphs")
     if args.shape is not None and not args.train:
         raise UserError("--shape goes with --train; for the layer bench use --layers/--hidden/--embedding/--batch")
     if args.shape is not None:

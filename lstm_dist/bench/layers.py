@@ -11,10 +11,9 @@ from typing import Callable, Dict, List
 
 import torch
 
-from lstm_dist.bench.timing import baseline_dtype, path_ran, timed
+from lstm_dist.bench.timing import baseline_dtype, failures, path_ran, timed, warmup_windows
 from lstm_dist.common.distributed import pick_device
 from lstm_dist.config import ModelConfig
-from lstm_dist.model import loops
 from lstm_dist.model.char_lstm import LSTMLayer
 from lstm_dist.model.kernels import Kernels, choose_kernels
 
@@ -32,7 +31,7 @@ def bench_kernels(args: argparse.Namespace, device: torch.device) -> Kernels:
     unless --no-compile (bf16 products under --dtype bfloat16 on CUDA; elsewhere the bench's own
     autocast does that). Lines from the choice (a fallback warning) go to stderr."""
     model_cfg = ModelConfig(embedding=args.embedding, hidden=args.hidden, layers=args.layers, impl="fast",
-                            compile=not args.no_compile, triton=args.triton)
+                            compile=not args.no_compile, triton=args.triton, cuda_graphs=args.graphs)
     precision = "bf16" if args.dtype == "bfloat16" and device.type == "cuda" else "fp32"
     return choose_kernels(model_cfg, precision, device, batch=args.batch,
                           say=lambda line: print(line, file=sys.stderr, flush=True), tf32=not args.no_tf32)
@@ -84,12 +83,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     kernels = bench_kernels(args, device)
-    failure_before = loops.compile_failure()
+    before = failures()
     runners = _make_runners(args, device, kernels)
     warmup_s: Dict[str, float] = {}
     for name, fn in runners.items():
         first = timed(fn, device)  # the first fast window compiles the pointwise step
-        for _ in range(args.warmup - 1):
+        for _ in range(warmup_windows(args.warmup, kernels) - 1):
             timed(fn, device)
         warmup_s[name] = first
     times: Dict[str, List[float]] = {name: [] for name in runners}
@@ -112,7 +111,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "kernels": kernels.name,
         "compile": kernels.runs_compiled(),
-        "path": path_ran(kernels, failure_before),
+        "path": path_ran(kernels, before),
         "tf32": kernels.tf32,
         "baseline_computes_in": baseline_dtype(args.dtype, device, kernels.tf32),
         "flops_per_window": flops,

@@ -28,15 +28,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+import time
 from typing import List, Optional
 
 import torch
 
-from lstm_dist.bench.timing import append_jsonl, timed
+from lstm_dist.bench.timing import append_jsonl, failures, path_ran, path_settings, timed, warmup_windows
 from lstm_dist.common.distributed import pick_device
 from lstm_dist.common.errors import UserError, run_cli
 from lstm_dist.config import ModelConfig, TrainConfig, choices
-from lstm_dist.model import loops
+from lstm_dist.model import graphs, loops
 from lstm_dist.model.char_lstm import CharLSTM
 from lstm_dist.model.kernels import choose_kernels
 from lstm_dist.training.optim import build_optimizer
@@ -88,13 +90,15 @@ def _busy_share(intervals: List[tuple]) -> tuple:
 
 
 def profile_window(layers: int, hidden: int, embedding: int, batch: int, bptt: int, dtype: str,
-                   device: torch.device, vocab: int = 256) -> dict:
-    """One profiled training step at the shape (module docstring): kernels, busy share, top kernels."""
+                   device: torch.device, vocab: int = 256, path: str = "compiled") -> dict:
+    """One profiled training step at the shape (module docstring): kernels, busy share, top kernels, on
+    `path` (as `bench --paths` names it: eager, compiled, triton, each optionally +graphs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model_cfg = ModelConfig(embedding=embedding, hidden=hidden, layers=layers)
+    model_cfg = ModelConfig(embedding=embedding, hidden=hidden, layers=layers, **path_settings(path))
     kernels = choose_kernels(model_cfg, "auto" if dtype == "bfloat16" else "fp32", device, batch=batch,
-                             say=lambda line: None)
+                             say=lambda line: print(line, file=sys.stderr, flush=True))
+    before = failures()
     torch.manual_seed(0)
     model = CharLSTM.from_config(model_cfg, vocab, kernels=kernels).to(device)
     t = TrainConfig()
@@ -102,14 +106,16 @@ def profile_window(layers: int, hidden: int, embedding: int, batch: int, bptt: i
     tokens = torch.randint(0, vocab, (batch, bptt + 1)).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
     state = None
-    for _ in range(3):  # compiles, pools buffers, fills the optimizer's state
+    for _ in range(max(3, warmup_windows(3, kernels))):  # compiles, pools buffers, fills the optimizer's state, captures
         _, state = step(x, y, state, t.lr)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         _, state = step(x, y, state, t.lr)
+        host_ms = (time.perf_counter() - t0) * 1e3  # the host's time to queue the step (profiled)
         if cuda:
             torch.cuda.synchronize(device)
     events = [e for e in prof.events() if (e.device_type == torch.autograd.DeviceType.CUDA) == cuda]
@@ -123,11 +129,12 @@ def profile_window(layers: int, hidden: int, embedding: int, batch: int, bptt: i
         totals[e.name] = (count + 1, total + (e.time_range.end - e.time_range.start))
     top = sorted(totals.items(), key=lambda kv: -kv[1][1])[:8]
     return {"part": "window", "device": str(device), "dtype": dtype, "layers": layers, "hidden": hidden,
-            "embedding": embedding, "batch": batch, "bptt": bptt, "path": kernels.describe(),
+            "embedding": embedding, "batch": batch, "bptt": bptt, "asked": path, "path": path_ran(kernels, before),
             "counted": "CUDA kernels" if cuda else "CPU ops (a CPU run: no GPU kernels)",
             "kernels_per_window": len(events), "kernels_per_layer_step": len(events) / (layers * bptt),
             "busy_ms": busy / 1e3, "span_ms": span / 1e3, "busy_share": busy / span if span else 0.0,
-            "top": [{"name": name[:80], "count": c, "ms": us / 1e3} for name, (c, us) in top]}
+            "top": [{"name": name[:80], "count": c, "ms": us / 1e3} for name, (c, us) in top],
+            "host_ms": host_ms}
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -145,6 +152,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the lines")
     p.add_argument("--repeats", type=int, default=10, help="product: timed windows (default 10)")
     p.add_argument("--jsonl", metavar="FILE", default=None, help="also append the result to FILE as one JSON line")
+    p.add_argument("--paths", default="compiled", metavar="P,P,...",
+                   help="window: profile one step on each of these paths, in turn (as `bench --paths`: eager, compiled, "
+                        "triton, each optionally +graphs; default compiled, what the cluster config runs)")
     args = p.parse_args(argv)
     try:
         args.shape = tuple(int(v) for v in args.shape.split(","))
@@ -152,6 +162,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         args.shape = ()
     if len(args.shape) != 4 or min(args.shape) < 1:
         raise UserError("--shape expects four positive integers layers,hidden,embedding,batch; try --shape 2,2048,256,128")
+    args.paths = [name.strip() for name in args.paths.split(",") if name.strip()]
+    for name in args.paths:
+        path_settings(name)  # a UserError naming the paths there are
+    if not args.paths:
+        raise UserError("--paths needs at least one path, e.g. --paths compiled,compiled+graphs")
     for name in ("hidden", "batch", "bptt", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -162,12 +177,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device, setting="--device ")
     if args.part == "product":
-        result = product_floor(args.hidden, args.batch, args.bptt, args.dtype, device, args.repeats)
+        results = [product_floor(args.hidden, args.batch, args.bptt, args.dtype, device, args.repeats)]
     else:
-        result = profile_window(*args.shape, args.bptt, args.dtype, device)
-    if args.jsonl:
-        append_jsonl(args.jsonl, result)
-    print(json.dumps(result) if args.json else describe(result))
+        results = []
+        for path in args.paths:
+            results.append(profile_window(*args.shape, args.bptt, args.dtype, device, path=path))
+            if args.jsonl:
+                append_jsonl(args.jsonl, results[-1])
+            graphs.clear()  # this path's static buffers and graphs go with its model
+    if args.jsonl and args.part == "product":
+        append_jsonl(args.jsonl, results[0])
+    # --json: one JSON object per line, a line per path
+    print("\n".join(json.dumps(r) for r in results) if args.json else "\n\n".join(describe(r) for r in results))
     return 0
 
 
@@ -178,9 +199,10 @@ def describe(r: dict) -> str:
                 f"bptt {r['bptt']}): {r['product_ms_per_window_layer']:.2f} ms per window and layer "
                 f"(forward + backward), {r['product_tflops']:.2f} TFLOP/s; one kernel per product: {r['one_kernel_product']}")
     lines = [f"one profiled training step ({r['dtype']}, {r['device']}, {r['layers']} x {r['hidden']}, batch {r['batch']}, "
-             f"bptt {r['bptt']}; {r['path']})",
+             f"bptt {r['bptt']}; {r['asked']}: {r['path']})",
              f"{r['kernels_per_window']} {r['counted']} per window ({r['kernels_per_layer_step']:.2f} per layer and "
-             f"time step); busy {r['busy_ms']:.1f} ms of a {r['span_ms']:.1f} ms span ({100 * r['busy_share']:.1f}%)",
+             f"time step); busy {r['busy_ms']:.1f} ms of a {r['span_ms']:.1f} ms span ({100 * r['busy_share']:.1f}%); "
+             f"the host queued the step in {r['host_ms']:.1f} ms (profiled)",
              "top:"]
     lines += [f"  {k['ms']:9.2f} ms  {k['count']:5d}x  {k['name']}" for k in r["top"]]
     return "\n".join(lines)

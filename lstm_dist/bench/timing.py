@@ -9,7 +9,8 @@ from typing import Callable, Optional, TYPE_CHECKING
 
 import torch
 
-from lstm_dist.model import loops
+from lstm_dist.common.errors import UserError
+from lstm_dist.model import graphs, loops
 
 if TYPE_CHECKING:
     from lstm_dist.model.kernels import Kernels
@@ -46,13 +47,52 @@ def baseline_dtype(dtype: str, device: torch.device, tf32: bool = False) -> str:
     return dtype
 
 
-def path_ran(kernels: "Kernels", failure_before: Optional[str]) -> str:
+def failures() -> tuple[Optional[str], Optional[str]]:
+    """What has stopped in this process so far: (why compiling failed, why a CUDA graph capture failed),
+    each None where it has not (`loops.compile_failure`, `graphs.failure`); a bench row takes it at its
+    start, for `path_ran`."""
+    return loops.compile_failure(), graphs.failure()
+
+
+def path_ran(kernels: "Kernels", before: tuple[Optional[str], Optional[str]]) -> str:
     """What a bench row ran, in words: the kernels' phrase (`Kernels.describe`), or, where the compiled
-    steps stopped (`loops.compile_failure`; `failure_before`: the failure already recorded when the
-    row began), that the row ran uncompiled, or ran both and its times mix them."""
-    failure = loops.compile_failure()
-    if not kernels.compiles() or failure is None:
-        return kernels.describe()
-    if failure_before is not None:
-        return f"{kernels.precision()}, uncompiled steps (compiling failed before this row: {failure})"
-    return f"{kernels.describe()}, then uncompiled (compiling failed during this row: {failure}; its times mix both)"
+    steps or the CUDA graphs stopped (`before`: `failures()` when the row began), that the row ran
+    without them, or ran both ways and its times mix them."""
+    compile_before, graphs_before = before
+    compile_now, graphs_now = failures()
+    phrase, notes = kernels.describe(), ""
+    if kernels.compiles() and compile_now is not None:
+        if compile_before is not None:
+            phrase = phrase.replace(kernels.spec.phrase, "uncompiled steps")
+            notes += f" (compiling failed before this row: {compile_now})"
+        else:
+            notes += f", then uncompiled (compiling failed during this row: {compile_now}; its times mix both)"
+    if kernels.graphs and graphs_now is not None:
+        if graphs_before is not None:
+            phrase = phrase.replace(" in CUDA graphs", " without CUDA graphs")
+            notes += f" (capturing failed before this row: {graphs_now})"
+        else:
+            notes += f", then without graphs (a capture failed during this row: {graphs_now}; its times mix both)"
+    return phrase + notes
+
+
+def warmup_windows(asked: int, kernels: "Kernels") -> int:
+    """Untimed windows before a bench times any: `asked`, and with CUDA graphs enough for every set to
+    have captured its loops (`graphs.WARMUP` + 1), so that no timed window captures."""
+    return max(asked, graphs.WARMUP + 1) if kernels.graphs else asked
+
+
+# The paths a bench compares (`--paths`): what each sets of the model's kernel settings. "+graphs" on any
+# of them also records its time loops as CUDA graphs (model.cuda_graphs).
+PATHS = {"eager": {"compile": False, "triton": False}, "compiled": {"compile": True, "triton": False},
+         "triton": {"compile": True, "triton": True}}
+
+
+def path_settings(name: str) -> dict:
+    """The `ModelConfig` fields (compile, triton, cuda_graphs) of a path named as `--paths` takes it:
+    eager, compiled or triton, each optionally followed by +graphs. Raises UserError for another name."""
+    base, plus, rest = name.partition("+")
+    if base not in PATHS or (plus and rest != "graphs"):
+        names = ", ".join(f"{p}, {p}+graphs" for p in PATHS)
+        raise UserError(f"--paths: no path named {name!r}; the paths are {names}")
+    return {**PATHS[base], "cuda_graphs": bool(plus)}

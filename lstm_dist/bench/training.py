@@ -27,9 +27,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from lstm_dist.bench.timing import append_jsonl, baseline_dtype, path_ran, timed
+from lstm_dist.bench.timing import (append_jsonl, baseline_dtype, failures, path_ran, path_settings, timed,
+                                   warmup_windows)
 from lstm_dist.config import ModelConfig, TrainConfig
-from lstm_dist.model import loops
+from lstm_dist.model import graphs
 from lstm_dist.model.char_lstm import CharLSTM, State
 from lstm_dist.model.kernels import Kernels, choose_kernels
 from lstm_dist.training.optim import build_optimizer
@@ -86,56 +87,79 @@ def _stepper(model: nn.Module, vocab: int, batch: int, bptt: int, device: torch.
 
 
 def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: int, vocab: int,
-                device: torch.device, bf16: bool, use_compile: bool, repeats: int, warmup: int, triton: bool = False,
-                tf32: bool = True) -> dict:
-    """Median step time of both models at one shape, interleaved."""
-    model_cfg = ModelConfig(embedding=embedding, hidden=hidden, layers=layers, compile=use_compile, triton=triton)
-    # The kernels a training run of this shape would choose (a fallback warning goes to stderr). `auto`:
-    # bf16 autocast on CUDA, fp32 on the CPU, as --dtype bfloat16 has always meant here, without the
-    # note that train.precision=bf16 gives on a CPU.
-    kernels = choose_kernels(model_cfg, "auto" if bf16 else "fp32", device, batch=batch,
-                             say=lambda line: print(line, file=sys.stderr, flush=True), tf32=tf32)
-    failure_before = loops.compile_failure()
+                device: torch.device, bf16: bool, repeats: int, warmup: int, paths: Dict[str, dict],
+                tf32: bool = True) -> List[dict]:
+    """Median step time at one shape of our model on each of `paths` (a label -> its `ModelConfig` kernel
+    settings, `timing.path_settings`) and of torch.nn.LSTM, all timed in turn, interleaved, in this
+    process: one row per path, each with the same nn.LSTM times. With CUDA graphs, at least enough
+    untimed steps for every layer to capture (`warmup_windows`); the shape's sets are dropped after it."""
+    steps: Dict[str, Callable[[], None]] = {}
+    chosen: Dict[str, tuple] = {}
     torch.manual_seed(0)
-    ours = CharLSTM.from_config(model_cfg, vocab, kernels=kernels).to(device)
-    theirs = TorchLSTMModel(ours).to(device)
-    steps = {
-        "lstm_dist": _stepper(ours, vocab, batch, bptt, device, kernels, seed=1),
-        "torch_lstm": _stepper(theirs, vocab, batch, bptt, device, kernels, seed=1),
-    }
+    first_model = None
+    for label, settings in paths.items():
+        model_cfg = ModelConfig(embedding=embedding, hidden=hidden, layers=layers, **settings)
+        # The kernels a training run of this shape would choose (a fallback warning goes to stderr). `auto`:
+        # bf16 autocast on CUDA, fp32 on the CPU, as --dtype bfloat16 has always meant here, without the
+        # note that train.precision=bf16 gives on a CPU.
+        kernels = choose_kernels(model_cfg, "auto" if bf16 else "fp32", device, batch=batch,
+                                 say=lambda line: print(line, file=sys.stderr, flush=True), tf32=tf32)
+        chosen[label] = (kernels, failures())
+        model = CharLSTM.from_config(model_cfg, vocab, kernels=kernels).to(device)
+        if first_model is None:
+            first_model = model
+        else:  # every path from the same weights
+            model.load_state_dict(first_model.state_dict())
+        steps[label] = _stepper(model, vocab, batch, bptt, device, kernels, seed=1)
+    any_kernels = next(iter(chosen.values()))[0]
+    steps["torch_lstm"] = _stepper(TorchLSTMModel(first_model).to(device), vocab, batch, bptt, device, any_kernels,
+                                   seed=1)
     first: Dict[str, float] = {}
     for name, fn in steps.items():
         first[name] = timed(fn, device)
-        for _ in range(warmup - 1):
+        untimed = warmup_windows(warmup, chosen[name][0]) if name in chosen else warmup
+        for _ in range(untimed - 1):
             timed(fn, device)
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
             times[name].append(timed(fn, device))
-    row = {"layers": layers, "hidden": hidden, "embedding": embedding, "batch": batch, "bptt": bptt,
-           "kernels": kernels.describe(), "compiled": kernels.runs_compiled(), "tf32": kernels.tf32,
-           "path": path_ran(kernels, failure_before)}
-    for name, ts in times.items():
-        ms = statistics.median(ts) * 1e3
-        row[f"{name}_ms"] = ms
-        row[f"{name}_min_ms"] = min(ts) * 1e3
-        row[f"{name}_chars_per_s"] = batch * bptt / (ms / 1e3)
-        row[f"{name}_first_step_s"] = first[name]
-    row["ratio"] = row["lstm_dist_ms"] / row["torch_lstm_ms"]
-    return row
+    ms = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    rows = []
+    for label, (kernels, before) in chosen.items():
+        row = {"layers": layers, "hidden": hidden, "embedding": embedding, "batch": batch, "bptt": bptt,
+               "asked": label, "kernels": kernels.describe(), "compiled": kernels.runs_compiled(),
+               "graphs": kernels.runs_graphs(), "tf32": kernels.tf32, "path": path_ran(kernels, before)}
+        for name, key in ((label, "lstm_dist"), ("torch_lstm", "torch_lstm")):
+            row[f"{key}_ms"] = ms[name]
+            row[f"{key}_min_ms"] = min(times[name]) * 1e3
+            row[f"{key}_chars_per_s"] = batch * bptt / (ms[name] / 1e3)
+            row[f"{key}_first_step_s"] = first[name]
+        row["ratio"] = row["lstm_dist_ms"] / row["torch_lstm_ms"]
+        rows.append(row)
+    graphs.clear()  # this shape's static buffers and graphs go with its models
+    return rows
+
+
+def train_paths(args) -> Dict[str, dict]:
+    """The paths a --train bench times: --paths (each named as `timing.path_settings` takes it), else the
+    one --no-compile, --triton and --graphs describe (labelled "as asked")."""
+    if args.paths:
+        return {name: path_settings(name) for name in args.paths}
+    return {"as asked": {"compile": not args.no_compile, "triton": args.triton, "cuda_graphs": args.graphs}}
 
 
 def run_train_bench(args, device: torch.device) -> dict:
     shapes = GRID if args.shape is None else tuple(args.shape)
     bf16 = args.dtype == "bfloat16"
-    use_compile = not args.no_compile
+    paths = train_paths(args)
     rows = []
     for shape in shapes:
-        rows.append(bench_shape(*shape, bptt=args.bptt, vocab=args.vocab, device=device, bf16=bf16,
-                                use_compile=use_compile, repeats=args.repeats, warmup=args.warmup, triton=args.triton,
-                                tf32=not args.no_tf32))
-        if args.jsonl:
-            append_jsonl(args.jsonl, {"mode": "train", "device": str(device), "dtype": args.dtype, **rows[-1]})
+        for row in bench_shape(*shape, bptt=args.bptt, vocab=args.vocab, device=device, bf16=bf16, repeats=args.repeats,
+                               warmup=args.warmup, paths=paths, tf32=not args.no_tf32):
+            rows.append(row)
+            if args.jsonl:
+                append_jsonl(args.jsonl, {"mode": "train", "device": str(device), "dtype": args.dtype, **row})
     return {
         "mode": "train",
         "device": str(device),
@@ -165,7 +189,8 @@ def format_train_table(r: dict) -> str:
         lines.append(
             f"{row['layers']:>6}{row['hidden']:>7}{row['embedding']:>5}{row['batch']:>6}{row['bptt']:>5}"
             f"{row['lstm_dist_ms']:>14.1f}{row['torch_lstm_ms']:>12.1f}{row['ratio']:>7.3f}"
-            f"{row['lstm_dist_chars_per_s']:>19,.0f}{row['torch_lstm_chars_per_s']:>17,.0f}  {row['path']}"
+            f"{row['lstm_dist_chars_per_s']:>19,.0f}{row['torch_lstm_chars_per_s']:>17,.0f}  "
+            + (row["path"] if row["asked"] == "as asked" else f"{row['asked']}: {row['path']}")
         )
     lines.append(f"worst ratio {r['worst_ratio']:.3f} (lstm_dist step time / torch.nn.LSTM step time; below 1 is faster)")
     return "\n".join(lines)
