@@ -149,7 +149,7 @@ def test_a_set_held_by_a_window_is_never_handed_out_again():
 
 def test_windows_without_history_other_keys_and_beyond_the_limit_take_no_set(monkeypatch):
     """An evaluation (no_grad) runs without a set; another batch is another key with its own set; past
-    MAX_SETS a window runs as it would without graphs, with the same numbers."""
+    MAX_SETS or the memory budget a window runs as it would without graphs, with the same numbers."""
     kernels = Kernels("eager", force=True, graphs=True)
     graphed, plain = twin(kernels, layers=1)
     x = torch.randint(0, VOCAB, (BATCH, BPTT))
@@ -163,9 +163,17 @@ def test_windows_without_history_other_keys_and_beyond_the_limit_take_no_set(mon
     x3 = torch.randint(0, VOCAB, (BATCH + 2, BPTT))
     out = graphed(x3)[0]
     assert graphs.SETS.count() == 2 and torch.equal(out, plain(x3)[0])
+    # nor past the memory budget (a share of a GPU's memory; a fixed one for the CPU's stand-in)
+    monkeypatch.setattr(graphs, "MAX_SETS", 16)
+    monkeypatch.setattr(graphs, "CPU_BYTES", graphs.SETS.nbytes() + 1)
+    graphed(x3)[0].sum().backward()
+    assert graphs.SETS.count() == 2
+    monkeypatch.setattr(graphs, "CPU_BYTES", 4 << 30)
+    graphed(x3)[0].sum().backward()
+    assert graphs.SETS.count() == 3
     # graphs off: no set, whatever the window (the default everywhere)
     plain(x)[0].sum().backward()
-    assert graphs.SETS.count() == 2
+    assert graphs.SETS.count() == 3
 
 
 class FailingCapture:

@@ -32,7 +32,8 @@ training step) and replays; every later window replays.
 
 Which windows: those that record autograd history on CUDA (training windows; an evaluation or a
 generation, under no_grad, with its own batches and a short last window, runs without graphs) while
-fewer than `MAX_SETS` sets exist; any other runs as it would without graphs. `clear()` drops every set
+fewer than `MAX_SETS` sets exist and their buffers fit in `MAX_SHARE` of the GPU's memory; any other
+runs as it would without graphs. `clear()` drops every set
 (the bench, between shapes). On the CPU no graph exists; `Kernels(force=True)` runs the same bookkeeping
 with a replay that runs the recorded loops again on the same buffers (`tests/test_graphs.py`).
 
@@ -55,7 +56,11 @@ if TYPE_CHECKING:  # annotations only: kernels.py imports this module
     from lstm_dist.model.kernels import Kernels, KernelSpec
 
 WARMUP = 2  # windows a set runs before it captures (each direction)
-MAX_SETS = 16  # sets in the process at most (a set is ~4 windows' buffers: 4.3 GB at 128 x 2048, bptt 256, fp32)
+MAX_SETS = 16  # sets in the process at most
+# and their buffers' bytes at most, as a share of the device's memory (a set at the cluster shape, 128 x 2048,
+# bptt 256, fp32 state: gates, dgates 1.07 GB each, hs, cs, dy 0.27 GB each, U 0.07 GB: 3 GB a layer)
+MAX_SHARE = 0.25
+CPU_BYTES = 4 << 30  # the CPU's stand-in: a fixed budget
 
 _FAILURE: Optional[str] = None  # why capturing failed in this process (None: it has not)
 
@@ -153,8 +158,11 @@ class Phase:
             fn()  # a capture failed (this window's or an earlier one's): these buffers, no graph
 
 
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # how a set tells it is free; without it, no graphs
+
+
 def _storage_users(t: Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    return _USE_COUNT(t.untyped_storage()._cdata)
 
 
 _BASE_USERS: Optional[int] = None
@@ -184,6 +192,11 @@ class WindowSet:
         self.dgates: Optional[Tensor] = None
         self.forward_phase = Phase()
         self.backward_phase = Phase()
+
+    def nbytes(self) -> int:
+        """Bytes of this set's buffers (the backward's counted before they are made)."""
+        state = self.gates.nbytes + self.hs.nbytes + self.cs.nbytes + self.u.nbytes
+        return state + self.gates.nbytes + self.hs[1:].nbytes + self.hs[0].nbytes
 
     def free(self) -> bool:
         """Whether no window holds this set: nothing but the set refers to the storage of gates, hs or cs."""
@@ -228,8 +241,8 @@ class WindowSets:
              kernels: "Kernels", history: bool) -> Optional[WindowSet]:
         """The set a window x [T,B,E] of a layer with weight_hh [4H,H] runs in, or None: it runs without
         graphs (graphs off or failed, a window without autograd history — `history` False, as under
-        no_grad —, no set free and `MAX_SETS` made)."""
-        if not (kernels.graphs and history) or _FAILURE is not None:
+        no_grad —, no set free and `MAX_SETS` made or the next past the memory budget, `_budget`)."""
+        if not (kernels.graphs and history) or _FAILURE is not None or _USE_COUNT is None:
             return None
         if x.device.type not in _RECORDERS or (x.device.type != "cuda" and not kernels.force):
             return None
@@ -240,11 +253,15 @@ class WindowSets:
         for s in sets:
             if s.free():
                 return s
-        if self.count() >= MAX_SETS:
+        need = 4 * hidden * batch * steps * acc.itemsize * 2 + 3 * (steps + 1) * batch * hidden * acc.itemsize
+        if self.count() >= MAX_SETS or self.nbytes() + need > _budget(x.device):
             return None
         s = WindowSet(key, steps, batch, hidden, weight_hh, acc, x.device)
         sets.append(s)
         return s
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.all())
 
     def count(self) -> int:
         return sum(len(v) for v in self.by_key.values())
@@ -260,6 +277,13 @@ class WindowSets:
 SETS = WindowSets()
 
 
+def _budget(device: torch.device) -> int:
+    """Bytes the sets of a device may take: `MAX_SHARE` of a GPU's memory, `CPU_BYTES` on the CPU."""
+    if device.type == "cuda":
+        return int(MAX_SHARE * torch.cuda.get_device_properties(device).total_memory)
+    return CPU_BYTES
+
+
 def clear() -> None:
     """Drop every set of the process (the bench between shapes; a later window records anew)."""
     SETS.clear()
@@ -273,6 +297,8 @@ def probe(device: torch.device, batch: int, hidden: int, kernels: "Kernels") -> 
     global _FAILURE
     if device.type != "cuda" and not kernels.force:
         return "CUDA graphs need CUDA"
+    if _USE_COUNT is None:
+        return f"this torch ({torch.__version__}) cannot count a storage's users, which tells a set is free"
     from lstm_dist.model.fast import lstm_layer_fast
 
     g = torch.Generator(device="cpu").manual_seed(0)

@@ -13,6 +13,11 @@ against the reference and torch.nn.LSTM), skipping with the reason an entry this
     cpp_loops   fast        cpu        `fast.lstm_layer_fast` with both time loops in C++ (fp32, AVX2, built once)
     eager       fast        cpu, cuda  `fast.lstm_layer_fast` with in-place eager steps: the definition
 
+CUDA graphs (`Kernels.graphs`, model.cuda_graphs) are not an entry but a way to run any entry's loops:
+each layer's forward and backward loop recorded once and replayed every training window
+(`lstm_dist.model.graphs`), with whichever entry was chosen; a 3-step probe window on every rank at
+the training shapes decides, together, as for an entry.
+
 A new path is one entry here (its loops with the signatures of `lstm_dist.model.loops`, a `why_not`
 where it may not run): the tests take every entry as a parameter. A window an entry does not take (another device, dtype, or autocast's products where the
 entry has none) runs the eager loops (`Kernels.for_window`): e.g. the C++ loops under CPU autocast.
