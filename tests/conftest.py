@@ -11,6 +11,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,13 @@ import torch
 from lstm_dist.common.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The CPU matrix products' measurements (lstm_dist.model.products) go to a cache of the test session's own
+# (made by the first process that imports this file; xdist's workers and every run they start inherit
+# it): the tests never read or write the user's ~/.cache/lstm_dist, and the session measures a shape once.
+if "LSTM_DIST_CACHE" not in os.environ:
+    os.environ["LSTM_DIST_CACHE"] = tempfile.mkdtemp(prefix="lstm_dist_cache_")
+    atexit.register(shutil.rmtree, os.environ["LSTM_DIST_CACHE"], ignore_errors=True)
 
 # A tiny model and layout so that real multi-process runs take seconds on 2 cores.
 TINY = [

@@ -28,10 +28,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT
 
-from lstm_dist.model import loops
+from lstm_dist.model import loops, products
 from lstm_dist.model.fast import lstm_layer_fast
 from lstm_dist.model.kernels import Kernels
-from test_model import kernels_here
+from test_model import every_site, kernels_here
 
 # Ops that make the host wait for the device (a value read back, a data-dependent shape or branch).
 HOST_SYNC_OPS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default",
@@ -73,15 +73,16 @@ def per_step(short: Counter, long: Counter, extra_steps: int) -> dict[str, float
 # (recurrent product path, autocast) -> (forward ops per step, backward ops per step). The pointwise
 # cell update is 7 ops forward and 6 backward; the recurrent product adds 2 with MKL's packed GEMM
 # (product, add), 1 with addmm, and 3 under autocast (cast, low-precision product, add).
-BUDGET = {("mkl-packed", False): (9, 8), ("addmm", False): (8, 7), ("addmm", True): (10, 9)}
+BUDGET = {("mkl_packed", False): (9, 8), ("onednn", False): (9, 8), ("onednn_packed", False): (9, 8),
+          ("blas", False): (8, 7), ("blas", True): (10, 9)}
 
 
 @pytest.mark.parametrize("product,bf16", list(BUDGET), ids=[f"{p}{'-bf16' if b else ''}" for p, b in BUDGET])
 def test_one_time_step_costs_no_more_ops_than_its_budget(product, bf16):
-    if product == "mkl-packed" and not torch._C.has_mkl:
-        pytest.skip("this torch has no MKL")
+    if not products.usable(product):
+        pytest.skip(f"this torch has no {product} product")
     # the eager loops: the definition, and what runs wherever another entry's loops do not
-    kernels = Kernels("eager", mkl_packed=product == "mkl-packed")
+    kernels = Kernels("eager", products=every_site(product))
     f4, b4 = count_window(4, kernels, bf16)
     f8, b8 = count_window(8, kernels, bf16)
     fwd, bwd = per_step(f4, f8, 4), per_step(b4, b8, 4)
@@ -93,20 +94,22 @@ def test_one_time_step_costs_no_more_ops_than_its_budget(product, bf16):
     assert not any(op.startswith(("aten.empty", "aten.zeros", "aten.clone", "aten.cat")) for op in {**fwd, **bwd}), (fwd, bwd)
 
 
-@pytest.mark.parametrize("product", ["mkl-packed", "addmm"])
+@pytest.mark.parametrize("product", products.IMPLS)
 def test_the_cpp_loops_dispatch_only_the_recurrent_product_per_step(product):
     """The C++ loops (fp32 CPU) fuse the cell update: per step only the step's two slices and its
-    recurrent product reach the dispatcher (MKL's packed GEMM and its add, or one addmm)."""
-    if product == "mkl-packed" and not torch._C.has_mkl:
-        pytest.skip("this torch has no MKL")
-    kernels = kernels_here("cpp_loops", mkl_packed=product == "mkl-packed")
+    recurrent product reach the dispatcher (MKL's packed GEMM or oneDNN's inner product and its add,
+    or one addmm), the product the implementation names."""
+    if not products.usable(product):
+        pytest.skip(f"this torch has no {product} product")
+    kernels = kernels_here("cpp_loops", products=every_site(product))
     f4, b4 = count_window(4, kernels)
     f8, b8 = count_window(8, kernels)
     fwd, bwd = per_step(f4, f8, 4), per_step(b4, b8, 4)
-    budget = 4 if product == "mkl-packed" else 3
+    budget = 3 if product == "blas" else 4
     assert sum(fwd.values()) <= budget and sum(bwd.values()) <= budget, (fwd, bwd)
-    allowed = {"aten.select.int", "mkl._mkl_linear.default", "aten.add.out", "aten.addmm.out"}
-    assert set(fwd) | set(bwd) <= allowed, (fwd, bwd)
+    op = {"blas": "aten.addmm.out", "mkl_packed": "mkl._mkl_linear.default"}.get(product, "mkldnn._linear_pointwise.default")
+    assert op in fwd and op in bwd, (fwd, bwd)
+    assert set(fwd) | set(bwd) <= {"aten.select.int", "aten.add.out", op}, (fwd, bwd)
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
@@ -137,7 +140,7 @@ def test_the_op_counter_sees_a_host_sync_and_an_extra_op():
         mp.undo()
     bwd = per_step(b4, b8, 4)
     assert "aten._local_scalar_dense.default" in bwd
-    assert sum(bwd.values()) > BUDGET[("mkl-packed" if torch._C.has_mkl else "addmm", False)][1]
+    assert sum(bwd.values()) > BUDGET[("blas", False)][1]  # Kernels("eager") runs BLAS's products
 
 
 @pytest.mark.slow

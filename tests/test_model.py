@@ -22,7 +22,9 @@ from lstm_dist.model.buffers import POOL
 from lstm_dist.model.cell import lstm_layer_reference
 from lstm_dist.model.char_lstm import CharLSTM, LSTMLayer, detach_state
 from lstm_dist.model.fast import LSTMWindow, lstm_layer_fast
+from lstm_dist.model import products
 from lstm_dist.model.kernels import KERNELS, NOTE_BF16_ON_CPU, Kernels, choose_kernels
+from lstm_dist.model.products import CpuProducts
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, EMB, HID, BATCH, BPTT = 13, 6, 8, 3, 5
@@ -46,6 +48,11 @@ def kernels_here(name: str, **fields) -> Kernels:
     if why is not None:
         pytest.skip(f"the {name} kernels cannot run here: {why}")
     return Kernels(name, force="cpu" not in KERNELS[name].devices, **fields)
+
+
+def every_site(impl: str) -> CpuProducts:
+    """`impl` for every CPU matrix product of the fast path that has it, BLAS's for the others."""
+    return CpuProducts(**{site: impl if impl in products.SITE_IMPLS[site] else "blas" for site in products.SITES})
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -511,13 +518,18 @@ def test_ddp_wrapped_model_trains_like_the_plain_one(tmp_path):
     assert "grads agree" in proc.stdout
 
 
+@pytest.mark.parametrize("product", [p for p in products.IMPLS + products.ORDERS if p != "blas"])
 @pytest.mark.parametrize("name", [n for n in FAST_ENTRIES if "cpu" in KERNELS[n].devices])
-def test_fp32_paths_with_and_without_mkl_packed_gemm_agree(name):
-    """The addmm path (torch builds without MKL's packed GEMM) gives the packed path's numbers."""
+def test_fp32_paths_give_the_blas_numbers_whatever_implementation_runs_the_products(name, product):
+    """Every matrix product of a CPU window (steps, input projection, dX) by MKL's packed GEMM or oneDNN,
+    and the weight gradients in the other operand order (blas_t), give the BLAS path's numbers (rounding
+    apart): values and every gradient."""
+    if not products.usable(product):
+        pytest.skip(f"this torch has no {product} product")
     args = [a.detach().float().requires_grad_(True) for a in _window_args(steps=5, batch=4, inp=3, hid=6, seed=7)]
     outs = []
-    for packed in (True, False):
-        kernels = kernels_here(name, mkl_packed=packed)
+    for impl in (product, "blas"):
+        kernels = kernels_here(name, products=every_site(impl))
         leaves = [a.detach().clone().requires_grad_(True) for a in args]
         y, h, c = lstm_layer_fast(*leaves, kernels)
         (y.pow(2).sum() + c.sum()).backward()

@@ -69,6 +69,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--graphs", action="store_true",
                    help="on CUDA, each layer's time loops recorded as CUDA graphs and replayed (model.cuda_graphs), "
                         "with whichever steps run; at least 3 untimed windows so that no timed one captures")
+    p.add_argument("--cpu-matmul", choices=choices("model.cpu_matmul"), default="auto",
+                   help="on the CPU, the fast path's matrix products (model.cpu_matmul): auto (default) measures each "
+                        "one's candidates on this machine; or force blas, mkl_packed, onednn or onednn_packed (A/B figures)")
     p.add_argument("--no-tf32", action="store_true",
                    help="on CUDA, fp32 products at full FP32 for both models (default: TF32, as train.tf32 and cuDNN)")
     p.add_argument("--peak-tflops", type=float, default=990.0, help="peak for MFU (default 990 = H200 dense bf16)")

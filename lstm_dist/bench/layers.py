@@ -16,6 +16,7 @@ from lstm_dist.common.distributed import pick_device
 from lstm_dist.config import ModelConfig
 from lstm_dist.model.char_lstm import LSTMLayer
 from lstm_dist.model.kernels import Kernels, choose_kernels
+from lstm_dist.model.products import CpuProducts
 
 IMPL_NAMES = ("fast", "reference", "torch_lstm")
 
@@ -31,10 +32,12 @@ def bench_kernels(args: argparse.Namespace, device: torch.device) -> Kernels:
     unless --no-compile (bf16 products under --dtype bfloat16 on CUDA; elsewhere the bench's own
     autocast does that). Lines from the choice (a fallback warning) go to stderr."""
     model_cfg = ModelConfig(embedding=args.embedding, hidden=args.hidden, layers=args.layers, impl="fast",
-                            compile=not args.no_compile, triton=args.triton, cuda_graphs=args.graphs)
+                            compile=not args.no_compile, triton=args.triton, cuda_graphs=args.graphs,
+                            cpu_matmul=args.cpu_matmul)
     precision = "bf16" if args.dtype == "bfloat16" and device.type == "cuda" else "fp32"
     return choose_kernels(model_cfg, precision, device, batch=args.batch,
-                          say=lambda line: print(line, file=sys.stderr, flush=True), tf32=not args.no_tf32)
+                          say=lambda line: print(line, file=sys.stderr, flush=True), tf32=not args.no_tf32,
+                          bptt=args.bptt)
 
 
 def _make_runners(args: argparse.Namespace, device: torch.device,
@@ -112,6 +115,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "kernels": kernels.name,
         "compile": kernels.runs_compiled(),
         "path": path_ran(kernels, before),
+        "products": kernels.products.as_dict(),
         "tf32": kernels.tf32,
         "baseline_computes_in": baseline_dtype(args.dtype, device, kernels.tf32),
         "flops_per_window": flops,
@@ -140,7 +144,8 @@ def format_table(r: dict) -> str:
         f"lstm_dist.bench  device={r['device_name']}  dtype={r['dtype']}  threads={r['threads']}  "
         f"batch={r['batch']} bptt={r['bptt']} embedding={r['embedding']} hidden={r['hidden']} "
         f"layers={r['layers']}  compile={r['compile']}  median of {r['repeats']}  "
-        f"(torch.nn.LSTM computes in {r['baseline_computes_in']})  fast ran: {r['path']}",
+        f"(torch.nn.LSTM computes in {r['baseline_computes_in']})  fast ran: {r['path']}"
+        + ("" if cuda else f", {CpuProducts(**r['products']).describe()}"),
     ]
     header = f"{'impl':<12}{'ms/window':>12}{'min ms':>10}{'chars/s':>14}{'vs torch':>10}{'1st win s':>11}"
     if cuda:

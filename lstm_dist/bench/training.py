@@ -33,6 +33,7 @@ from lstm_dist.config import ModelConfig, TrainConfig
 from lstm_dist.model import graphs
 from lstm_dist.model.char_lstm import CharLSTM, State
 from lstm_dist.model.kernels import Kernels, choose_kernels
+from lstm_dist.model.products import CpuProducts
 from lstm_dist.training.optim import build_optimizer
 from lstm_dist.training.step import TrainingStep
 
@@ -88,7 +89,7 @@ def _stepper(model: nn.Module, vocab: int, batch: int, bptt: int, device: torch.
 
 def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: int, vocab: int,
                 device: torch.device, bf16: bool, repeats: int, warmup: int, paths: Dict[str, dict],
-                tf32: bool = True) -> List[dict]:
+                tf32: bool = True, cpu_matmul: str = "auto") -> List[dict]:
     """Median step time at one shape of our model on each of `paths` (a label -> its `ModelConfig` kernel
     settings, `timing.path_settings`) and of torch.nn.LSTM, all timed in turn, interleaved, in this
     process: one row per path, each with the same nn.LSTM times. With CUDA graphs, at least enough
@@ -98,12 +99,12 @@ def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: i
     torch.manual_seed(0)
     first_model = None
     for label, settings in paths.items():
-        model_cfg = ModelConfig(embedding=embedding, hidden=hidden, layers=layers, **settings)
+        model_cfg = ModelConfig(embedding=embedding, hidden=hidden, layers=layers, cpu_matmul=cpu_matmul, **settings)
         # The kernels a training run of this shape would choose (a fallback warning goes to stderr). `auto`:
         # bf16 autocast on CUDA, fp32 on the CPU, as --dtype bfloat16 has always meant here, without the
         # note that train.precision=bf16 gives on a CPU.
         kernels = choose_kernels(model_cfg, "auto" if bf16 else "fp32", device, batch=batch,
-                                 say=lambda line: print(line, file=sys.stderr, flush=True), tf32=tf32)
+                                 say=lambda line: print(line, file=sys.stderr, flush=True), tf32=tf32, bptt=bptt)
         chosen[label] = (kernels, failures())
         model = CharLSTM.from_config(model_cfg, vocab, kernels=kernels).to(device)
         if first_model is None:
@@ -129,7 +130,8 @@ def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: i
     for label, (kernels, before) in chosen.items():
         row = {"layers": layers, "hidden": hidden, "embedding": embedding, "batch": batch, "bptt": bptt,
                "asked": label, "kernels": kernels.describe(), "compiled": kernels.runs_compiled(),
-               "graphs": kernels.runs_graphs(), "tf32": kernels.tf32, "path": path_ran(kernels, before)}
+               "graphs": kernels.runs_graphs(), "tf32": kernels.tf32, "path": path_ran(kernels, before),
+               "products": kernels.products.as_dict()}
         for name, key in ((label, "lstm_dist"), ("torch_lstm", "torch_lstm")):
             row[f"{key}_ms"] = ms[name]
             row[f"{key}_min_ms"] = min(times[name]) * 1e3
@@ -156,7 +158,7 @@ def run_train_bench(args, device: torch.device) -> dict:
     rows = []
     for shape in shapes:
         for row in bench_shape(*shape, bptt=args.bptt, vocab=args.vocab, device=device, bf16=bf16, repeats=args.repeats,
-                               warmup=args.warmup, paths=paths, tf32=not args.no_tf32):
+                               warmup=args.warmup, paths=paths, tf32=not args.no_tf32, cpu_matmul=args.cpu_matmul):
             rows.append(row)
             if args.jsonl:
                 append_jsonl(args.jsonl, {"mode": "train", "device": str(device), "dtype": args.dtype, **row})
@@ -191,6 +193,7 @@ def format_train_table(r: dict) -> str:
             f"{row['lstm_dist_ms']:>14.1f}{row['torch_lstm_ms']:>12.1f}{row['ratio']:>7.3f}"
             f"{row['lstm_dist_chars_per_s']:>19,.0f}{row['torch_lstm_chars_per_s']:>17,.0f}  "
             + (row["path"] if row["asked"] == "as asked" else f"{row['asked']}: {row['path']}")
+            + (f", {CpuProducts(**row['products']).describe()}" if r["device"] == "cpu" else "")
         )
     lines.append(f"worst ratio {r['worst_ratio']:.3f} (lstm_dist step time / torch.nn.LSTM step time; below 1 is faster)")
     return "\n".join(lines)

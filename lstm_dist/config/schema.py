@@ -65,6 +65,8 @@ class ModelConfig:
     triton: bool = False
     #: on CUDA, record each layer's two time loops as CUDA graphs once and replay them every training window (one launch from the host instead of one per op and step), with whichever steps run (eager, compiled, Triton); opt-in until a GPU has measured it (docs/gpu.md); if any rank cannot capture, every rank runs without graphs and the log says which
     cuda_graphs: bool = False
+    #: on the CPU, the implementation of the fast path's fp32 matrix products: `auto` measures each one's candidates on this machine at the run's shapes (cached per machine, the same on every rank, kept in checkpoints; docs/cpu_matmul.md), or one forced everywhere it applies: `blas` (torch's addmm/mm), `mkl_packed` (MKL's packed GEMM), `onednn`, `onednn_packed` (oneDNN's inner product, nn.LSTM's library on the CPU)
+    cpu_matmul: Literal["auto", "blas", "mkl_packed", "onednn", "onednn_packed"] = "auto"
 
 
 @dataclass

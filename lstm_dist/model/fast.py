@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 import torch
 from torch import Tensor
 
-from lstm_dist.model import graphs
+from lstm_dist.model import graphs, products
 from lstm_dist.model.buffers import POOL
 
 if TYPE_CHECKING:  # annotations only: kernels.py imports this module
@@ -91,7 +91,7 @@ class LSTMWindow(torch.autograd.Function):
                 xa[:, :n_in].copy_(x.reshape(steps * batch, n_in))
                 xa[:, n_in].fill_(1.0)
                 wa = torch.cat([weight_ih.to(acc), bias.to(acc).unsqueeze(1)], dim=1)  # [4H, E+1]
-                torch.mm(xa, wa.t(), out=gates.view(steps * batch, 4 * hid))
+                products.linear(kernels.products.input, wa.t(), steps * batch)(xa, None, gates.view(steps * batch, 4 * hid))
             else:
                 xa = x
                 gates.view(steps * batch, -1).copy_(torch.mm(x.reshape(steps * batch, n_in).to(mm), weight_ih.to(mm).t()))
@@ -132,17 +132,20 @@ class LSTMWindow(torch.autograd.Function):
             # the weight gradients: single products over all T*B rows of the window
             dg2 = dgates.view(steps * batch, four_h)
             dg_m = dg2 if mm is None else dg2.to(mm)
-            if need_x:
-                dx = torch.mm(dg_m, weight_ih.to(mdt)).view(steps, batch, n_in)
+            if need_x:  # dX = dgates W, by the machine's implementation where fp32 on the CPU
+                dx = products.linear(ctx.kernels.products.grad_x, weight_ih.to(mdt), steps * batch)(dg_m, None, None)
+                dx = dx.view(steps, batch, n_in)
             if need_h0:
                 dh0 = torch.mm(dg_m[:batch], u)
-            if need_wh:
-                dw_hh = torch.mm(dg_m.t(), hs[:steps].view(steps * batch, hid).to(mdt))
+            prods = ctx.kernels.products if mm is None and acc == torch.float32 and dy.device.type == "cpu" else None
+            if need_wh:  # dU = dgates^T [h_{-1} .. h_{T-2}], in the operand order measured faster (products)
+                dw_hh = products.transposed_product(prods.grad_u if prods else "blas", dg_m,
+                                                    hs[:steps].view(steps * batch, hid).to(mdt))
             if mm is None:
                 if need_wi or need_b:
-                    # [X | 1]^T dgates = [dW | db]^T ([E+1, 4H]); this operand order measured
-                    # 10-15% faster than dgates^T [X | 1] here. dW is handed back as a transposed view.
-                    dwa_t = torch.mm(xa.t(), dg2)
+                    # [X | 1]^T dgates = [dW | db]^T ([E+1, 4H]), in the operand order measured faster on
+                    # this machine (products.grad_w). dW is handed back as a transposed view.
+                    dwa_t = products.transposed_product(prods.grad_w if prods else "blas", xa, dg2)
                     dw_ih, db = dwa_t[:n_in].t(), dwa_t[n_in]
             else:
                 if need_wi:

@@ -47,9 +47,10 @@ import torch.distributed as dist
 from lstm_dist.common import faults
 from lstm_dist.common.distributed import all_objects
 from lstm_dist.config import ModelConfig, check_setting
-from lstm_dist.model import cpu_loops, graphs, loops, triton_loops
+from lstm_dist.model import cpu_loops, graphs, loops, products, triton_loops
 from lstm_dist.model.cell import lstm_layer_reference
 from lstm_dist.model.fast import lstm_layer_fast
+from lstm_dist.model.products import CpuProducts
 
 NOTE_BF16_ON_CPU = "note: train.precision=bf16 applies on CUDA only; this CPU run computes in fp32"
 NOTE_GRAPHS_ON_CPU = "note: model.cuda_graphs=true applies on CUDA only; this CPU run records no graphs"
@@ -142,8 +143,9 @@ class Kernels:
     """Which kernels the layers run: made by `choose_kernels` (or directly, in tests and tools).
 
     name: the `KERNELS` entry; bf16: the training step runs under bf16 autocast on CUDA, so the matrix
-    products run in bf16 (the state and the cell update stay fp32); mkl_packed: the recurrent product
-    through MKL's packed-weight GEMM where this torch has it (fp32 on the CPU; else addmm, ~1e-6 apart);
+    products run in bf16 (the state and the cell update stay fp32); products: the implementation of each
+    fp32 CPU matrix product of the fast path (`lstm_dist.model.products.CpuProducts`: BLAS, MKL packed,
+    oneDNN; measured on the machine by `choose_kernels`; BLAS everywhere by default, ~1e-6 apart);
     force: run the entry's loops on any device, not only its `devices` (how the tests run the compiled
     CUDA steps on the CPU); tf32: fp32 products run in TF32 (CUDA only; `choose_kernels` sets torch's
     flags to match); graphs: each layer's two time loops are recorded as CUDA graphs and replayed
@@ -153,7 +155,7 @@ class Kernels:
 
     name: str = "eager"
     bf16: bool = False
-    mkl_packed: bool = True
+    products: CpuProducts = CpuProducts()
     force: bool = False
     tf32: bool = False
     graphs: bool = False
@@ -197,8 +199,13 @@ class Kernels:
 
     def describe(self) -> str:
         """A short phrase for the log: the precision and the path, e.g. "fp32, C++ CPU loops" or
-        "bf16, compiled CUDA steps in CUDA graphs"."""
+        "bf16, compiled CUDA steps in CUDA graphs" (the CPU's products: `describe_products`)."""
         return f"{self.precision()}, {self.spec.phrase}" + (" in CUDA graphs" if self.graphs else "")
+
+    def describe_products(self) -> str:
+        """The CPU matrix products in a phrase ("onednn_packed products", or per site), "" where the
+        BLAS runs every one (the default, and always on CUDA)."""
+        return "" if self.products == CpuProducts() else self.products.describe()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context the training step runs its forward in: bf16 autocast on CUDA when `bf16`, else none."""
@@ -233,6 +240,18 @@ def _every_rank_can(spec: KernelSpec, device: torch.device, batch: int, hidden: 
     return True
 
 
+def _cpu_products(model_cfg: ModelConfig, device: torch.device, batch: int, bptt: Optional[int]) -> CpuProducts:
+    """The CPU's matrix products for a fast model (`products.choose`; BLAS's on CUDA and for the
+    reference path, whose products are autograd's own; measured only where `bptt` is known)."""
+    if device.type != "cpu" or model_cfg.impl != "fast":
+        return CpuProducts()
+    forced = model_cfg.cpu_matmul
+    if forced == "auto" and bptt is None:
+        return CpuProducts()
+    return products.choose(batch, bptt or 1, model_cfg.embedding, model_cfg.hidden, model_cfg.layers, forced,
+                           all_objects)
+
+
 def _every_rank_graphs(kernels: Kernels, device: torch.device, batch: int, hidden: int,
                        say: Callable[[str], None]) -> bool:
     """Whether every rank can record `kernels`' time loops as CUDA graphs (`graphs.probe`, a 3-step
@@ -260,7 +279,7 @@ def set_tf32(enabled: bool) -> None:
 
 
 def choose_kernels(model_cfg: ModelConfig, precision: str, device: torch.device, *, batch: int,
-                   say: Callable[[str], None], tf32: bool = True) -> Kernels:
+                   say: Callable[[str], None], tf32: bool = True, bptt: Optional[int] = None) -> Kernels:
     """The kernels every rank runs, chosen from the config and the machine (the module docstring).
 
     model_cfg: the run's `ModelConfig` (impl, compile, hidden are read); precision: `train.precision`
@@ -268,6 +287,9 @@ def choose_kernels(model_cfg: ModelConfig, precision: str, device: torch.device,
     said in one note line); device: this rank's; batch: streams per rank (the shape the compiled steps
     are probed at). `say` gets rank 0's lines (a fallback warning, the note); other ranks say nothing.
     tf32: `train.tf32`; on CUDA it sets the process's TF32 flags (`set_tf32`), on the CPU it means nothing.
+    bptt: the training window; on the CPU, with `model.cpu_matmul=auto`, each fp32 matrix product's
+    implementation is measured at (batch, bptt) and the model's sizes (`products.choose`: cached per
+    machine, agreed by every rank); None (inference) measures nothing and runs BLAS's unless forced.
     A collective: every rank calls it, at the same point (it gathers what each rank could run; with no
     process group it is a world of one). It may build the C++ loops (~30 s, once per version) or
     compile the pointwise steps; it draws no random number. Raises UserError for a `model.impl` or
@@ -289,7 +311,7 @@ def choose_kernels(model_cfg: ModelConfig, precision: str, device: torch.device,
         if spec.impl != impl or not spec.wanted(model_cfg, device):
             continue
         if _every_rank_can(spec, device, batch, model_cfg.hidden, tell) and device.type in spec.devices:
-            kernels = Kernels(name, bf16=bf16, tf32=tf32)
+            kernels = Kernels(name, bf16=bf16, tf32=tf32, products=_cpu_products(model_cfg, device, batch, bptt))
             if graphed and device.type == "cuda" and _every_rank_graphs(kernels, device, batch, model_cfg.hidden, tell):
                 kernels = dataclasses.replace(kernels, graphs=True)
             return kernels

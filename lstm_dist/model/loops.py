@@ -13,7 +13,7 @@ kernel table's entries (`lstm_dist.model.kernels`), each with the signatures
                                                                    dc_T to dc_{-1} in place
 
 (`mm`: the dtype of the matrix products under autocast, None for the state's own; `kernels`: the
-`Kernels` in force, read for `mkl_packed`). The backward equations are in `fast`'s docstring.
+`Kernels` in force, read for its `products`). The backward equations are in `fast`'s docstring.
 
 The pointwise update of a step exists in three forms, the same equations (`cell.cell_update`):
 - eager (`eager_forward`, `eager_backward`): in-place ATen ops on per-step views made once per pooled
@@ -33,9 +33,10 @@ The pointwise update of a step exists in three forms, the same equations (`cell.
   fp32 on the CPU without autocast (a 2 × 256, batch-32 training step: ~12% faster than eager). A
   window it cannot take, or a process where the build failed, runs the eager loops (~5e-7 apart).
 
-The recurrent product (`recurrent_product`) is shared by all three: MKL's packed-weight GEMM where this
-torch has it and the window is fp32 on the CPU (U packed once per window instead of inside every call;
-`Kernels.mkl_packed`), else one addmm into the gates buffer; under autocast the product in `mm`,
+The recurrent product (`recurrent_product`) is shared by all three: fp32 on the CPU by the
+implementation measured fastest on the machine (`lstm_dist.model.products`: BLAS addmm, MKL's packed
+GEMM or oneDNN's inner product, U packed or laid out once per window; `Kernels.products`), else one
+addmm into the gates buffer; under autocast the product in `mm`,
 accumulated in fp32: one addmm with `out_dtype` where the device has it (CUDA), else mm then add.
 """
 
@@ -50,7 +51,7 @@ import torch
 from torch import Tensor
 
 from lstm_dist.common.errors import first_line
-from lstm_dist.model import cpu_loops
+from lstm_dist.model import cpu_loops, products
 from lstm_dist.model.buffers import POOL
 from lstm_dist.model.cell import cell_update
 
@@ -62,26 +63,20 @@ if TYPE_CHECKING:  # annotations only: kernels.py imports this module
 
 
 def recurrent_product(weight: Tensor, transposed: bool, batch: int, acc: torch.dtype, mm: Optional[torch.dtype],
-                      mkl_packed: bool, cast: bool = True) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+                      impl: str = "blas", cast: bool = True) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """The per-step product of the recurrence, as `product(x, add, out)`: out = add + x M with
     M = weight^T (`transposed`: the forward's h U^T) or M = weight (the backward's dgates U).
 
-    Three ways, chosen once per window: MKL's packed-weight GEMM (torch.ops.mkl, what inductor uses
-    for fp32 linear on CPU: M packed once per window instead of inside every call) where
-    `packed_weight` gives one; else one addmm; under autocast (`mm`, e.g. bf16) the product in that
-    dtype: where the device's addmm takes `out_dtype` (CUDA, `product_to_acc`) one addmm that
-    multiplies in `mm` and accumulates and writes in `acc`, else mm then an add in `acc`. `cast`
-    False: x comes in `mm` already (the compiled steps write it so), no cast kernel per step.
+    fp32 on the CPU: by `impl`, the implementation chosen for the machine (`lstm_dist.model.products`:
+    BLAS addmm on a contiguous M, MKL's packed GEMM or oneDNN's inner product, M packed or laid out once
+    per window). Elsewhere one addmm; under autocast (`mm`, e.g. bf16) the product in that dtype: where
+    the device's addmm takes `out_dtype` (CUDA, `product_to_acc`) one addmm that multiplies in `mm` and
+    accumulates and writes in `acc`, else mm then an add in `acc`. `cast` False: x comes in `mm` already
+    (the compiled steps write it so), no cast kernel per step.
     """
     m = weight.t() if transposed else weight  # [K, N]
-    packed = packed_weight(m, batch, acc, mkl_packed) if mm is None else None
-    if packed is not None:
-        w_packed, w_lin = packed
-        linear = torch.ops.mkl._mkl_linear
-        return lambda x, add, out: torch.add(add, linear(x, w_packed, w_lin, None, batch), out=out)
     if mm is None:
-        m_acc = m.to(acc).contiguous()
-        return lambda x, add, out: torch.addmm(add, x, m_acc, out=out)
+        return products.linear(impl, m.to(acc).contiguous(), batch)
     m_low = m.to(mm).contiguous()
     low = (lambda x: x.to(mm)) if cast else (lambda x: x)
     if product_to_acc(m.device, mm, acc):
@@ -112,20 +107,6 @@ def product_to_acc(device: torch.device, mm: torch.dtype, acc: torch.dtype) -> b
                 ok = False
         _PRODUCT_TO_ACC[key] = ok
     return _PRODUCT_TO_ACC[key]
-
-
-def packed_weight(m: Tensor, batch: int, acc: torch.dtype, enabled: bool) -> Optional[Tuple[Tensor, Tensor]]:
-    """(M packed for MKL's GEMM at this batch, the M^T it was packed from) for out = x M, where
-    `enabled` (`Kernels.mkl_packed`), this torch has MKL's packed GEMM and M is fp32 on the CPU; else None."""
-    if not (enabled and m.device.type == "cpu" and acc == torch.float32 and torch._C.has_mkl):
-        return None
-    try:
-        reorder = torch.ops.mkl._mkl_reorder_linear_weight
-        torch.ops.mkl._mkl_linear  # noqa: B018 (both ops, or neither)
-    except (AttributeError, RuntimeError):
-        return None
-    w_lin = m.to(acc).t().contiguous()  # linear(x, W) = x W^T, so W = M^T
-    return reorder(w_lin, batch), w_lin
 
 
 # ---------------------------------------------------------------------------- the compiled step
@@ -264,7 +245,7 @@ def _forward(gates: Tensor, hs: Tensor, cs: Tensor, weight_hh: Tensor, mm, kerne
     g_t, h_t, c_t = steps_of(gates), steps_of(hs), steps_of(cs)
     if compiled:
         if mm is None:
-            product = recurrent_product(weight_hh, True, batch, gates.dtype, mm, kernels.mkl_packed)
+            product = recurrent_product(weight_hh, True, batch, gates.dtype, mm, kernels.products.step_fwd)
             pointwise = _compiled_or_eager(_fwd_pointwise, lambda t: (g_t[t], c_t[t], c_t[t + 1], h_t[t + 1]))
             for t in range(steps):
                 product(h_t[t], g_t[t], g_t[t])
@@ -272,7 +253,7 @@ def _forward(gates: Tensor, hs: Tensor, cs: Tensor, weight_hh: Tensor, mm, kerne
         else:
             low = torch.empty(2, batch, hid, device=gates.device, dtype=mm)  # h_{t-1} for step t: low[t % 2]
             low[0].copy_(h_t[0])
-            product = recurrent_product(weight_hh, True, batch, gates.dtype, mm, kernels.mkl_packed, cast=False)
+            product = recurrent_product(weight_hh, True, batch, gates.dtype, mm, kernels.products.step_fwd, cast=False)
             pointwise = _compiled_or_eager(_fwd_pointwise_low,
                                            lambda t: (g_t[t], c_t[t], c_t[t + 1], h_t[t + 1], low[(t + 1) % 2]))
             for t in range(steps):
@@ -283,7 +264,7 @@ def _forward(gates: Tensor, hs: Tensor, cs: Tensor, weight_hh: Tensor, mm, kerne
     tc = torch.empty(batch, hid, device=gates.device, dtype=gates.dtype)
     if_t = steps_of(gates, 0, 2 * hid)  # i and f: one sigmoid over both
     i_t, f_t, gg_t, o_t = (steps_of(gates, k * hid, (k + 1) * hid) for k in range(4))
-    product = recurrent_product(weight_hh, True, batch, gates.dtype, mm, kernels.mkl_packed)
+    product = recurrent_product(weight_hh, True, batch, gates.dtype, mm, kernels.products.step_fwd)
     # the step's views, zipped once per window
     views = zip(if_t, gg_t, o_t, i_t, f_t, c_t[:-1], c_t[1:], itertools.repeat(tc), h_t[1:])
     for g, h_prev, step_views in zip(g_t, h_t, views):
@@ -313,9 +294,9 @@ def cpp_forward(gates: Tensor, hs: Tensor, cs: Tensor, weight_hh: Tensor, mm, ke
     lib = _cpp_module(gates, mm)
     if lib is None:
         return eager_forward(gates, hs, cs, weight_hh, mm, kernels)
-    u_t = weight_hh.to(gates.dtype).t()  # a view: addmm reads it transposed, the packed GEMM packs from it
-    lib.forward_loop(gates, hs, cs, u_t, *(packed_weight(u_t, gates.shape[1], gates.dtype, kernels.mkl_packed)
-                                           or (None, None)))
+    u_t = weight_hh.to(gates.dtype).t()  # a view: addmm reads it transposed; the other products lay it out
+    product = products.linear(kernels.products.step_fwd, u_t, gates.shape[1])
+    lib.forward_loop(gates, hs, cs, u_t, *product.cpp_args())
 
 
 # ---------------------------------------------------------------------------- backward
@@ -377,12 +358,12 @@ def _backward(gates: Tensor, hs: Tensor, cs: Tensor, dy: Tensor, dc: Tensor, dga
     d_t = [steps_of(dgates, k * hid, (k + 1) * hid) for k in range(4)]
     c_t = [steps_of(coef, k * hid, (k + 1) * hid) for k in range(4)]
 
-    product = recurrent_product(weight_hh, False, batch, dy.dtype, mm, kernels.mkl_packed)
+    product = recurrent_product(weight_hh, False, batch, dy.dtype, mm, kernels.products.step_bwd)
     nexts = (None,) + dg_t[:0:-1]  # dgates_{t+1} for t = T-1 .. 0 (none after the last step)
     per_step = list(zip(nexts, dy_t[::-1], a_t[::-1], f_t[::-1], *(v[::-1] for v in c_t), *(v[::-1] for v in d_t)))
     if compiled and mm is not None:  # the step also writes dgates_t in `mm`: the next product's operand
         low = torch.empty(2, batch, four_h, device=dy.device, dtype=mm)
-        product = recurrent_product(weight_hh, False, batch, dy.dtype, mm, kernels.mkl_packed, cast=False)
+        product = recurrent_product(weight_hh, False, batch, dy.dtype, mm, kernels.products.step_bwd, cast=False)
         pointwise = _compiled_or_eager(_bwd_pointwise_low,
                                        lambda t: (dh, dc, a_t[t], k_t[t], f_t[t], dg_t[t], low[t % 2]))
         for t in range(steps - 1, -1, -1):
@@ -432,5 +413,5 @@ def cpp_backward(gates: Tensor, hs: Tensor, cs: Tensor, dy: Tensor, dc: Tensor, 
     coef, dc_coef = _backward_coefficients(gates, hs, cs)
     dh = torch.empty(batch, hid, device=dy.device, dtype=dy.dtype)
     u = weight_hh.to(gates.dtype)
-    lib.backward_loop(gates, dy.contiguous(), coef, dc_coef, u, dc, dh, dgates,
-                      *(packed_weight(u, batch, gates.dtype, kernels.mkl_packed) or (None, None)))
+    product = products.linear(kernels.products.step_bwd, u, batch)
+    lib.backward_loop(gates, dy.contiguous(), coef, dc_coef, u, dc, dh, dgates, *product.cpp_args())

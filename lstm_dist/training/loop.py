@@ -14,9 +14,11 @@ stops every rank at that step with a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
+from typing import Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -30,7 +32,7 @@ from lstm_dist.data.streams import TokenStream
 from lstm_dist.inference.sampling import sample_prompt_note
 from lstm_dist.inference.scoring import LN2
 from lstm_dist.model.char_lstm import CharLSTM
-from lstm_dist.model import graphs, loops
+from lstm_dist.model import graphs, loops, products
 from lstm_dist.model.kernels import choose_kernels
 from lstm_dist.training import checkpoint as ckpt
 from lstm_dist.training import lr_rule
@@ -71,7 +73,9 @@ def start_lines(trainer: "Trainer") -> list[str]:
     anchor = trainer.schedule.anchor
     return [f"training {sum(q.numel() for q in trainer.model.parameters()):,} parameters on {env.world} "
             f"process(es) ({placement()}) × {t.batch_size} streams × bptt {t.bptt} ({trainer.device.type}, "
-            f"{trainer.kernels.precision()}, {torch.get_num_threads()} threads/process); "
+            f"{trainer.kernels.precision()}, {trainer.kernels.spec.phrase}"
+            + (f", {trainer.kernels.describe_products()}" if trainer.kernels.describe_products() else "")
+            + f", {torch.get_num_threads()} threads/process); "
             f"steps {p.step + 1}..{t.steps}; run directory {trainer.run_dir}",
             f"learning rate: {lr_rule.explain(trainer.cfg, env.world)}, {schedule_phrase(t)}"
             + (f"; continued from step {anchor[0]} at {anchor[1]:.4g} of the peak (train.resume_schedule)"
@@ -87,6 +91,7 @@ def checkpoint_pieces(trainer: "Trainer") -> ckpt.Pieces:
         optimizer         AdamW's (SGD's) state and param groups     the torch optimizer
         nonfinite_total   failed steps in all                        NonFinite
         schedule          the learning-rate schedule's anchor        Schedule
+        cpu_matmul        the CPU matrix products chosen, and where   MatmulChoice (None on CUDA)
         ranks[r]          one entry per rank, gathered to rank 0:
           stream          the stream's cursor and layout             TokenStream (decides an exact resume)
           hidden          the carried (h, c) or None                 Progress.state_piece (`state` in the code;
@@ -95,9 +100,31 @@ def checkpoint_pieces(trainer: "Trainer") -> ckpt.Pieces:
     """
     return ckpt.Pieces(
         shared={"model": ModelWeights(trainer.model), "optimizer": trainer.optimizer,
-                "nonfinite_total": trainer.progress.nonfinite, "schedule": trainer.schedule},
+                "nonfinite_total": trainer.progress.nonfinite, "schedule": trainer.schedule,
+                "cpu_matmul": MatmulChoice(trainer)},
         per_rank={"stream": trainer.stream, "hidden": trainer.progress.state_piece,
                   "rng": RandomGenerators(trainer.device)})
+
+
+class MatmulChoice:
+    """The CPU matrix products the run chose (`Kernels.products`) as a checkpoint piece: each site's
+    implementation and the machine, torch and threads it was measured with (`products.record`; None on
+    CUDA). Loading it gives the trainer's model the checkpoint's choice where every rank is where it was
+    made, so a resume continues bit for bit (`products.resumed`)."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> Optional[dict]:
+        return products.record(self.trainer.kernels.products) if self.trainer.device.type == "cpu" else None
+
+    def load_state_dict(self, saved: Optional[dict]) -> None:
+        if saved is None or self.trainer.device.type != "cpu":
+            return
+        tr = self.trainer
+        chosen = products.resumed(saved, tr.kernels.products, tr.say, all_objects)
+        tr.kernels = dataclasses.replace(tr.kernels, products=chosen)
+        tr.model.kernels = tr.kernels  # the layers read it from the model at every window
 
 
 class Trainer:
@@ -119,7 +146,7 @@ class Trainer:
                                                         seed=cfg.run.seed, random_offset=cfg.data.random_offset))
         seed_everything(init_seed(cfg.run.seed))
         self.kernels = choose_kernels(cfg.model, t.precision, self.device, batch=t.batch_size, say=self.say,
-                                      tf32=t.tf32)
+                                      tf32=t.tf32, bptt=t.bptt)
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size, kernels=self.kernels).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
         # the documented rule: train.lr scaled to this run's batch, width, depth

@@ -3,8 +3,9 @@
 // pointwise work fused into one pass over the rows instead of 7 (forward) or 6 (backward) ATen calls,
 // and no Python between steps.
 //
-// The recurrent product is the eager loops' too: MKL's packed GEMM (U packed once per window by the
-// caller) where torch has it, else addmm.
+// The recurrent product is the eager loops' too, by the implementation lstm_dist/model/products.py chose
+// for the machine: addmm, MKL's packed GEMM or oneDNN's inner product (U packed or laid out once per
+// window by the caller).
 //
 //   forward step t:  gates[t] += h_{t-1} U^T;  i, f, o = σ(·), g = tanh(·) (written back into gates[t]);
 //                    c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
@@ -23,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/List.h>
+#include <ATen/core/stack.h>
 
 namespace {
 
@@ -74,16 +77,24 @@ void backward_row(const float* dh, float* dc, const float* a, const float* coef,
 
 int64_t row_grain(int64_t hid) { return std::max<int64_t>(1, 32768 / (4 * hid)); }
 
-// out = add + x M: MKL's packed-weight GEMM (torch.ops.mkl._mkl_linear, M packed once per window by
-// the caller, as the eager loops do) when `packed` is defined, else addmm with m = M
-void product(const at::Tensor& x, const at::Tensor& add, at::Tensor& out, const at::Tensor& m,
-             const at::Tensor& packed, const at::Tensor& w_lin) {
-  if (packed.defined()) {
+// out = add + x M, by `impl` (products.Linear.cpp_args): 0 addmm with m = M; 1 MKL's packed-weight GEMM
+// (torch.ops.mkl._mkl_linear on `weight`, M packed, and w_lin = M^T); 2 oneDNN's inner product
+// (torch.ops.mkldnn._linear_pointwise on `weight`: M^T, plain or reordered by oneDNN)
+void product(const at::Tensor& x, const at::Tensor& add, at::Tensor& out, const at::Tensor& m, int64_t impl,
+             const at::Tensor& weight, const at::Tensor& w_lin) {
+  if (impl == 1) {
     static auto linear = c10::Dispatcher::singleton()
         .findSchemaOrThrow("mkl::_mkl_linear", "")
         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const std::optional<at::Tensor>&, int64_t)>();
-    at::add_out(out, add, linear.call(x, packed, w_lin, std::nullopt, x.size(0)));
+    at::add_out(out, add, linear.call(x, weight, w_lin, std::nullopt, x.size(0)));
+  } else if (impl == 2) {
+    // boxed: the schema's str and Scalar?[] arguments, without depending on their C++ types
+    static auto linear = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+    torch::jit::Stack stack{x, weight, c10::IValue(), std::string("none"),
+                            c10::List<std::optional<at::Scalar>>(), std::string("")};
+    linear.callBoxed(&stack);
+    at::add_out(out, add, stack[0].toTensor());
   } else {
     at::addmm_out(out, add, x, m);
   }
@@ -92,18 +103,18 @@ void product(const at::Tensor& x, const at::Tensor& add, at::Tensor& out, const 
 }  // namespace
 
 // gates [T,B,4H] holds x W^T + b on entry and the activations on return; hs, cs [T+1,B,H] with the
-// initial state at index 0; ut = U^T [H,4H] (any strides); packed/w_lin: U^T packed for MKL (or
-// undefined tensors). The others contiguous fp32.
-void forward_loop(at::Tensor gates, at::Tensor hs, at::Tensor cs, at::Tensor ut, c10::optional<at::Tensor> packed,
-                  c10::optional<at::Tensor> w_lin) {
-  const at::Tensor pk = packed.value_or(at::Tensor()), wl = w_lin.value_or(at::Tensor());
+// initial state at index 0; ut = U^T [H,4H] (any strides); impl/weight/w_lin: the product's
+// implementation and its operands (`product`; undefined where unused). The others contiguous fp32.
+void forward_loop(at::Tensor gates, at::Tensor hs, at::Tensor cs, at::Tensor ut, int64_t impl,
+                  c10::optional<at::Tensor> weight, c10::optional<at::Tensor> w_lin) {
+  const at::Tensor pk = weight.value_or(at::Tensor()), wl = w_lin.value_or(at::Tensor());
   const int64_t steps = gates.size(0), batch = gates.size(1), hid = hs.size(2);
   float* g0 = gates.data_ptr<float>();
   float* h0 = hs.data_ptr<float>();
   float* c0 = cs.data_ptr<float>();
   for (int64_t t = 0; t < steps; ++t) {
     at::Tensor g = gates.select(0, t);
-    product(hs.select(0, t), g, g, ut, pk, wl);
+    product(hs.select(0, t), g, g, ut, impl, pk, wl);
     float* gt = g0 + t * batch * 4 * hid;
     const float* cp = c0 + t * batch * hid;
     float* cn = c0 + (t + 1) * batch * hid;
@@ -117,12 +128,13 @@ void forward_loop(at::Tensor gates, at::Tensor hs, at::Tensor cs, at::Tensor ut,
 }
 
 // gates [T,B,4H] the activations (f read from it); dy [T,B,H]; coef [T,B,4H] and a [T,B,H] the step
-// coefficients (loops.py's _backward_coefficients); u = U [4H,H] (packed/w_lin: U packed for MKL, or
-// undefined); dc [B,H] in: dc_T, out: dc_{-1}; dh [B,H] scratch; dgates [T,B,4H] out. fp32; all but u
-// contiguous.
+// coefficients (loops.py's _backward_coefficients); u = U [4H,H] (impl/weight/w_lin: as forward's, for
+// the product with U); dc [B,H] in: dc_T, out: dc_{-1}; dh [B,H] scratch; dgates [T,B,4H] out. fp32;
+// all but u contiguous.
 void backward_loop(at::Tensor gates, at::Tensor dy, at::Tensor coef, at::Tensor a, at::Tensor u, at::Tensor dc,
-                   at::Tensor dh, at::Tensor dgates, c10::optional<at::Tensor> packed, c10::optional<at::Tensor> w_lin) {
-  const at::Tensor pk = packed.value_or(at::Tensor()), wl = w_lin.value_or(at::Tensor());
+                   at::Tensor dh, at::Tensor dgates, int64_t impl, c10::optional<at::Tensor> weight,
+                   c10::optional<at::Tensor> w_lin) {
+  const at::Tensor pk = weight.value_or(at::Tensor()), wl = w_lin.value_or(at::Tensor());
   const int64_t steps = gates.size(0), batch = gates.size(1), hid = dc.size(1);
   const float* g0 = gates.data_ptr<float>();
   const float* k0 = coef.data_ptr<float>();
@@ -134,7 +146,7 @@ void backward_loop(at::Tensor gates, at::Tensor dy, at::Tensor coef, at::Tensor 
     if (t == steps - 1) {
       dh.copy_(dy.select(0, t));
     } else {
-      product(dgates.select(0, t + 1), dy.select(0, t), dh, u, pk, wl);
+      product(dgates.select(0, t + 1), dy.select(0, t), dh, u, impl, pk, wl);
     }
     const int64_t off4 = t * batch * 4 * hid, off1 = t * batch * hid;
     at::parallel_for(0, batch, row_grain(hid), [&](int64_t b0, int64_t b1) {
