@@ -67,6 +67,10 @@ def test_resume_from_half_way_is_bit_identical(tmp_path, tiny_corpus, straight_r
     final_a = load_ckpt(tmp / "straight" / "checkpoints" / "step_00000020.pt")
     final_b = load_ckpt(tmp_path / "resumed" / "checkpoints" / "step_00000020.pt")
     assert_same_state(final_a, final_b, exact=True)
+    # the CPU matrix products the run chose, with the machine they were measured on (reused by the resume)
+    from lstm_dist.model import products
+    assert final_a["cpu_matmul"]["machine"] == products.machine() and final_a["cpu_matmul"] == final_b["cpu_matmul"]
+    assert set(products.SITES) <= set(final_a["cpu_matmul"])
     la, lb = losses(tmp / "straight"), losses(tmp_path / "resumed")
     assert sorted(lb) == list(range(11, 21))
     assert all(la[s] == lb[s] for s in range(11, 21)), (la, lb)

@@ -35,8 +35,8 @@ per-window sites at up to `MEASURE_ROWS` rows; a packed candidate pays its packi
 step at step sites, whole at the others), in 0.1-2 s on 2 cores over bench's grid;
 cached in a file per machine (CPU model, family, flags), torch version, threads and shape, so a
 machine measures once. Every rank measures, the times are gathered, and every rank takes, per site,
-the candidate whose slowest rank is fastest (ranks on different CPUs agree on one, as for the kernel
-table's entries). The choice is saved in checkpoints with the machine it was made on (`record`), and
+the candidate whose slowest rank is fastest, BLAS's product as written unless that is at least
+`MARGIN` (3%) faster (ranks on different CPUs agree on one, as for the kernel table's entries). The choice is saved in checkpoints with the machine it was made on (`record`), and
 a resume on the same machine reuses it (bit-identical continuation); on another machine the new
 choice stands and one line says the numbers differ by rounding (`resumed`). `model.cpu_matmul`
 forces one implementation for every site it applies to (A/B figures: `bench --cpu-matmul`).
@@ -63,8 +63,9 @@ IMPLS = ("blas", "mkl_packed", "onednn", "onednn_packed")
 ORDERS = ("blas", "blas_t")  # the weight gradients' candidates: Aᵀ B as written, or (Bᵀ A)ᵀ
 SITES = ("step_fwd", "step_bwd", "input", "grad_x", "grad_w", "grad_u")
 SITE_IMPLS = {"step_fwd": IMPLS, "step_bwd": IMPLS, "input": IMPLS, "grad_x": IMPLS, "grad_w": ORDERS, "grad_u": ORDERS}
+MARGIN = 1.03  # another candidate replaces BLAS's product only when at least 3% faster on the slowest rank
 MEASURE_ROWS = 512  # rows of a per-window product when it is measured (its time per row is what matters)
-FORMAT = 1  # of the cache file's entries
+FORMAT = 2  # of the cache file's entries (2: fastest of calls in turn, up to 512 rows)
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,11 @@ def choose(batch: int, bptt: int, embedding: int, hidden: int, layers: int, forc
     chosen = {}
     for site in SITES:
         common = set.intersection(*(set(times[site]) for times in every)) or {"blas"}
-        chosen[site] = min(sorted(common), key=lambda impl: max(times[site].get(impl, 0.0) for times in every))
+        slowest = {impl: max(times[site][impl] for times in every) for impl in common}
+        best = min(sorted(common), key=slowest.get)
+        # BLAS's product as written stays unless another is clearly faster: a near tie is noise, and
+        # flipping on it would change the numbers (by rounding) for nothing
+        chosen[site] = "blas" if "blas" in slowest and slowest["blas"] <= MARGIN * slowest[best] else best
     return CpuProducts(**chosen)
 
 
