@@ -199,13 +199,8 @@ class Kernels:
 
     def describe(self) -> str:
         """A short phrase for the log: the precision and the path, e.g. "fp32, C++ CPU loops" or
-        "bf16, compiled CUDA steps in CUDA graphs" (the CPU's products: `describe_products`)."""
+        "bf16, compiled CUDA steps in CUDA graphs" (the CPU's matrix products: `products.describe()`)."""
         return f"{self.precision()}, {self.spec.phrase}" + (" in CUDA graphs" if self.graphs else "")
-
-    def describe_products(self) -> str:
-        """The CPU matrix products in a phrase ("onednn_packed products", or per site), "" where the
-        BLAS runs every one (the default, and always on CUDA)."""
-        return "" if self.products == CpuProducts() else self.products.describe()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context the training step runs its forward in: bf16 autocast on CUDA when `bf16`, else none."""

@@ -74,7 +74,7 @@ def start_lines(trainer: "Trainer") -> list[str]:
     return [f"training {sum(q.numel() for q in trainer.model.parameters()):,} parameters on {env.world} "
             f"process(es) ({placement()}) × {t.batch_size} streams × bptt {t.bptt} ({trainer.device.type}, "
             f"{trainer.kernels.precision()}, {trainer.kernels.spec.phrase}"
-            + (f", {trainer.kernels.describe_products()}" if trainer.kernels.describe_products() else "")
+            + (f", {trainer.kernels.products.describe()}" if trainer.device.type == "cpu" else "")
             + f", {torch.get_num_threads()} threads/process); "
             f"steps {p.step + 1}..{t.steps}; run directory {trainer.run_dir}",
             f"learning rate: {lr_rule.explain(trainer.cfg, env.world)}, {schedule_phrase(t)}"
