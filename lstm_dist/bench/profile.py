@@ -56,8 +56,8 @@ def product_floor(hidden: int, batch: int, bptt: int, dtype: str, device: torch.
     hs = torch.randn(bptt, batch, hidden, device=device, dtype=mm or acc)
     dgates = torch.randn(bptt, batch, 4 * hidden, device=device, dtype=mm or acc)
     dh = torch.zeros(batch, hidden, device=device)
-    fwd = loops.recurrent_product(weight, True, batch, acc, mm, True, cast=mm is None)
-    bwd = loops.recurrent_product(weight, False, batch, acc, mm, True, cast=mm is None)
+    fwd = loops.recurrent_product(weight, True, batch, acc, mm, "blas", cast=mm is None)  # (on CUDA: addmm)
+    bwd = loops.recurrent_product(weight, False, batch, acc, mm, "blas", cast=mm is None)
 
     def window() -> None:
         for t in range(bptt):

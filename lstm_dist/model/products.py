@@ -281,7 +281,7 @@ def _cache_path() -> Path:
 
 
 def _cache_key(site: str, shape: Shape, threads: int) -> str:
-    return json.dumps([FORMAT, machine(), torch.__version__, threads, site, list(dataclasses.astuple(shape))])
+    return json.dumps([FORMAT, machine(), str(torch.__version__), threads, site, list(dataclasses.astuple(shape))])
 
 
 def cached_times(site: str, shape: Shape, threads: int) -> Dict[str, float]:
@@ -337,7 +337,8 @@ def choose(batch: int, bptt: int, embedding: int, hidden: int, layers: int, forc
 
 def record(products: CpuProducts) -> dict:
     """What a checkpoint keeps of the choice: the machine it was made on and each site's implementation."""
-    return {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    # plain str and int only: a checkpoint loads with weights_only (torch.__version__ is a str subclass)
+    return {"machine": machine(), "torch": str(torch.__version__), "threads": int(torch.get_num_threads()),
             **products.as_dict()}
 
 
@@ -354,7 +355,7 @@ def resumed(saved: Optional[dict], current: CpuProducts, say: Callable[[str], No
         theirs = CpuProducts(**{site: saved[site] for site in SITES})
     except (KeyError, ValueError, TypeError):
         return current
-    here = (saved.get("machine") == machine() and saved.get("torch") == torch.__version__
+    here = (saved.get("machine") == machine() and saved.get("torch") == str(torch.__version__)
             and saved.get("threads") == torch.get_num_threads()
             and all(usable(impl) for impl in theirs.as_dict().values()))
     if all(agree(here)):
