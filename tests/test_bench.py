@@ -132,17 +132,17 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu_and_leaves_two_files(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.jsonl", "gpu_check.md", "gpu_check_logs.tgz"]
     lines = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
     # a row per shape and path of the three --train parts (one tiny shape each; bf16 grid and cluster shape
-    # on the five paths, fp32 on one), the products alone and a profiled window per path
-    paths = ["eager", "compiled", "compiled+graphs", "triton", "triton+graphs"]
-    assert [r.get("mode", r.get("part")) for r in lines] == ["train"] * 11 + ["product"] + ["window"] * 5, lines
-    assert all("kernels" in r and "lstm_dist_ms" in r and r["path"] for r in lines[:11]), lines
-    assert [r["asked"] for r in lines[:11]] == paths + ["as asked"] + paths
-    assert [r["asked"] for r in lines[12:]] == paths
-    assert all(r["kernels_per_window"] > 0 and 0 < r["busy_share"] <= 1 for r in lines[12:]), lines[12:]
+    # on the paths, two in the dry run, fp32 on one), the products alone and a profiled window per path
+    paths = ["eager", "triton+graphs"]
+    assert [r.get("mode", r.get("part")) for r in lines] == ["train"] * 5 + ["product"] + ["window"] * 2, lines
+    assert all("kernels" in r and "lstm_dist_ms" in r and r["path"] for r in lines[:5]), lines
+    assert [r["asked"] for r in lines[:5]] == paths + ["as asked"] + paths
+    assert [r["asked"] for r in lines[6:]] == paths
+    assert all(r["kernels_per_window"] > 0 and 0 < r["busy_share"] <= 1 for r in lines[6:]), lines[6:]
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("# GPU check (CPU DRY RUN")
     for section in ("## Environment", "## `pytest -m cuda` (collected only)", "## train_bf16: cpu", "## train_fp32: cpu",
-                    "## cluster_step: cpu", "| compiled+graphs | fp32, C++ CPU loops |", "## product (the recurrent products alone",
+                    "## cluster_step: cpu", "| triton+graphs | fp32, C++ CPU loops |", "## product (the recurrent products alone",
                     "## window (one profiled training step", "CPU ops (a CPU run", "## training run (torchrun, one process, gloo"):
         assert section in md, section
     # the training run: the straight and the resumed run logged steps 12 and 16 (every 4 from the resume at 8)
