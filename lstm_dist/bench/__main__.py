@@ -38,7 +38,7 @@ from typing import List, Optional
 import torch
 
 from lstm_dist.bench.layers import format_table, run_bench
-from lstm_dist.bench.timing import append_jsonl, path_settings
+from lstm_dist.bench.timing import append_jsonl, parse_paths
 from lstm_dist.bench.training import format_train_table, run_train_bench
 from lstm_dist.common.distributed import pick_device
 from lstm_dist.common.errors import UserError, run_cli
@@ -95,11 +95,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
             raise UserError("--paths goes with --train; the layer bench takes --no-compile, --triton, --graphs")
         if args.no_compile or args.triton or args.graphs:
             raise UserError("--paths names every path to time; leave out --no-compile, --triton and --graphs with it")
-        args.paths = [name.strip() for name in args.paths.split(",") if name.strip()]
-        for name in args.paths:
-            path_settings(name)  # a UserError naming the paths there are
-        if not args.paths:
-            raise UserError("--paths needs at least one path, e.g. --paths compiled,compiled+graphs")
+        args.paths = parse_paths(args.paths)
     if args.shape is not None and not args.train:
         raise UserError("--shape goes with --train; for the layer bench use --layers/--hidden/--embedding/--batch")
     if args.shape is not None:

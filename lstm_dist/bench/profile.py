@@ -34,7 +34,8 @@ from typing import List, Optional
 
 import torch
 
-from lstm_dist.bench.timing import append_jsonl, failures, path_ran, path_settings, timed, warmup_windows
+from lstm_dist.bench.timing import (append_jsonl, failures, parse_paths, path_ran, path_settings, timed,
+                                   warmup_windows)
 from lstm_dist.common.distributed import pick_device
 from lstm_dist.common.errors import UserError, run_cli
 from lstm_dist.config import ModelConfig, TrainConfig, choices
@@ -162,11 +163,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         args.shape = ()
     if len(args.shape) != 4 or min(args.shape) < 1:
         raise UserError("--shape expects four positive integers layers,hidden,embedding,batch; try --shape 2,2048,256,128")
-    args.paths = [name.strip() for name in args.paths.split(",") if name.strip()]
-    for name in args.paths:
-        path_settings(name)  # a UserError naming the paths there are
-    if not args.paths:
-        raise UserError("--paths needs at least one path, e.g. --paths compiled,compiled+graphs")
+    args.paths = parse_paths(args.paths)
     for name in ("hidden", "batch", "bptt", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -88,6 +88,17 @@ PATHS = {"eager": {"compile": False, "triton": False}, "compiled": {"compile": T
          "triton": {"compile": True, "triton": True}}
 
 
+def parse_paths(text: str) -> list[str]:
+    """`--paths` as given ("compiled,compiled+graphs"): the names, each checked (`path_settings`).
+    Raises UserError for an unknown name or an empty list."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        path_settings(name)  # a UserError naming the paths there are
+    if not names:
+        raise UserError("--paths needs at least one path, e.g. --paths compiled,compiled+graphs")
+    return names
+
+
 def path_settings(name: str) -> dict:
     """The `ModelConfig` fields (compile, triton, cuda_graphs) of a path named as `--paths` takes it:
     eager, compiled or triton, each optionally followed by +graphs. Raises UserError for another name."""

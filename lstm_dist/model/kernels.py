@@ -227,10 +227,15 @@ def _every_rank_can(spec: KernelSpec, device: torch.device, batch: int, hidden: 
         why = spec.why_not(device, batch, hidden)
     else:
         why = None
+    return _agreed(why, lambda rank, w: "warning: " + spec.fallback.format(rank=rank, why=w), say)
+
+
+def _agreed(why: Optional[str], warning: Callable[[int, str], str], say: Callable[[str], None]) -> bool:
+    """Whether no rank has a reason `why` it cannot (a collective: every rank's answer is gathered);
+    where one has, `say` gets `warning(first such rank, its reason)`."""
     failed = [(rank, w) for rank, w in enumerate(all_objects(why)) if w is not None]
     if failed:
-        rank, w = failed[0]
-        say("warning: " + spec.fallback.format(rank=rank, why=w))
+        say(warning(*failed[0]))
         return False
     return True
 
@@ -256,13 +261,9 @@ def _every_rank_graphs(kernels: Kernels, device: torch.device, batch: int, hidde
         why = "injected by LSTM_DIST_FAULT=graphs-fail"
     else:
         why = graphs.probe(device, batch, hidden, dataclasses.replace(kernels, graphs=True))
-    failed = [(rank, w) for rank, w in enumerate(all_objects(why)) if w is not None]
-    if failed:
-        rank, w = failed[0]
-        say(f"warning: CUDA graphs of the LSTM time loops cannot run on rank {rank} ({w}); every rank runs "
-            f"the same loops without graphs ({kernels.spec.phrase})")
-        return False
-    return True
+    return _agreed(why, lambda rank, w: f"warning: CUDA graphs of the LSTM time loops cannot run on rank {rank} "
+                                        f"({w}); every rank runs the same loops without graphs ({kernels.spec.phrase})",
+                   say)
 
 
 def set_tf32(enabled: bool) -> None:
