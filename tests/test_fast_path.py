@@ -12,6 +12,7 @@ suite's one build (about 30 s) rather than build again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -151,11 +152,21 @@ def test_each_shape_compiles_its_own_forward_step_into_one_kernel(monkeypatch):
     shape was a recompile of the one function and would have hit the limit, dropping to eager."""
     import torch._inductor.metrics as metrics
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cache hit generates no kernel to count
+    # torch's own config.patch, not monkeypatch: its undo (delattr where it saw no old value) once left a
+    # later compile in the same xdist worker without `recompile_limit` ("does not exist")
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=1))
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))  # a cache hit generates no kernel to count
     monkeypatch.setattr(loops, "_COMPILED", {})
     monkeypatch.setattr(loops, "_COMPILE_FAILURE", None)
     metrics.reset()
+    with stack:
+        _compile_two_shapes()
+    assert loops.compile_available(), loops.compile_failure()
+    assert len(loops._COMPILED) == 2 and metrics.generated_kernel_count == 2  # one kernel per shape
+
+
+def _compile_two_shapes() -> None:
     for batch, hid in ((2, 4), (3, 4)):
         gates, c0 = torch.randn(batch, 4 * hid), torch.randn(batch, hid)
         c, h = torch.empty(batch, hid), torch.empty(batch, hid)
@@ -164,8 +175,6 @@ def test_each_shape_compiles_its_own_forward_step_into_one_kernel(monkeypatch):
         want_c = torch.sigmoid(f) * c0 + torch.sigmoid(i) * torch.tanh(g)
         torch.testing.assert_close(c, want_c)
         torch.testing.assert_close(h, torch.sigmoid(o) * torch.tanh(want_c))
-    assert loops.compile_available(), loops.compile_failure()
-    assert len(loops._COMPILED) == 2 and metrics.generated_kernel_count == 2  # one kernel per shape
 
 
 # ---------------------------------------------------------------- the C++ loops' build: one per version
