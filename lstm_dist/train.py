@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lstm_dist.train", description=__doc__.split("\n\n")[0],
                                      epilog="Exit status: 0 done, 2 user error, 3 non-finite stop, 75 preempted.")
     config_mod.add_arguments(parser)
-    args = parser.parse_args(argv)
     started = False  # whether this process joined the process group (after that, errors may be its own)
     try:
+        args = config_mod.parse_args(parser, argv)  # a `--train.steps 50` is a user error every rank meets
         cfg = config_mod.load(args.config, args.overrides)
         if args.print_config:
             sys.stdout.write(cfg.to_yaml())

@@ -86,6 +86,9 @@ CASES = [
     Case("config-warmup-longer-than-run", "train", train("train.warmup_steps=5000", "train.steps=10"),
          "error: train.warmup_steps=5000 is longer than the run (train.steps=10)", RUNS),
     Case("config-keep-zero", "train", train("checkpoint.keep=0"), "error: checkpoint.keep must be > 0, got 0", RUNS),
+    Case("config-setting-as-option", "train", train("--train.step", "50"),
+         "error: unknown key 'train.step' in --train.step 50; did you mean train.steps=50? (settings are written "
+         "section.key=value, without dashes)", RUNS),
     # ---------------------------------------------------------------- data
     Case("data-missing-corpus", "train", train("data.path={work}/no-such-corpus"),
          "error: data.path {work}/no-such-corpus does not exist; prepare a corpus there first", RUNS),

@@ -214,3 +214,62 @@ def test_the_config_imports_nothing_of_the_rest_of_the_package():
             for name in names:
                 if name.startswith("lstm_dist"):
                     assert name == "lstm_dist.common.errors" or name.startswith("lstm_dist.config"), (path.name, name)
+
+
+# ------------------------------------------------------------------ settings on the command line (issue 21)
+
+
+@pytest.fixture
+def train_cli(capsys, monkeypatch):
+    """`python -m lstm_dist.train ARGS` in this process: (exit status, stdout, stderr), for what happens
+    before training starts (help, refused arguments)."""
+    from lstm_dist.train import main as train_main
+
+    for name in ("RANK", "LSTM_DIST_DEBUG", "LSTM_DIST_EXIT_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(train_main, list(args))
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    return run
+
+
+def test_train_help_names_where_every_setting_is_listed(train_cli):
+    status, out, err = train_cli("--help")
+    assert status == 0 and err == ""
+    assert "section.key=value" in out and "--config FILE" in out
+    assert 'README.md, "Configuration reference"' in out and "python -m lstm_dist.config --reference" in out
+    assert "## Configuration reference" in (ROOT / "README.md").read_text(encoding="utf-8")  # the place it names
+    assert "--train.steps 50 is refused" in out  # the one way settings are written, said where users look
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--train.steps", "50"],
+     "error: --train.steps 50 is written train.steps=50 here: settings are written section.key=value, without dashes"),
+    (["--train.steps=50"],
+     "error: --train.steps=50 is written train.steps=50 here: settings are written section.key=value, without dashes"),
+    (["--train.step", "50"],
+     "error: unknown key 'train.step' in --train.step 50; did you mean train.steps=50? "
+     "(settings are written section.key=value, without dashes)"),
+    (["--config", "configs/smoke.yaml", "--model.hiden=8"],
+     "error: unknown key 'model.hiden' in --model.hiden=8; did you mean model.hidden=8? "
+     "(settings are written section.key=value, without dashes)"),
+    (["--train.batch-size", "4"],
+     "error: --train.batch-size 4 is written train.batch_size=4 here: settings are written section.key=value, without dashes"),
+    (["--model.compile", "train.steps=3"],
+     "error: --model.compile is written model.compile=true here: settings are written section.key=value, without dashes"),
+    (["--nope.x", "1"],
+     "error: unknown key 'nope.x' in --nope.x 1; valid sections are 'run', 'data', 'model', 'train', 'log', "
+     "'checkpoint' (settings are written section.key=value, without dashes)"),
+])
+def test_a_setting_written_as_an_option_gets_the_spelling_to_use(argv, expected, train_cli, config_cli):
+    # torchtitan's `--section.key value`: refused in one line with the `section.key=value` to write (and
+    # the did-you-mean of an unknown key), by train and by every entry point that takes settings
+    for cli in (train_cli, config_cli):
+        status, out, err = cli(*argv)
+        assert (status, out) == (2, "") and err.strip().splitlines() == [expected], err
+    assert C.dashed_setting(["train.steps=50", "--config", "x.yaml", "--print-config"]) is None  # nothing dashed

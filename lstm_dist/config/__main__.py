@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from lstm_dist.common.errors import run_cli
-from lstm_dist.config.loading import add_arguments, load
+from lstm_dist.config.loading import add_arguments, load, parse_args
 from lstm_dist.config.reference import reference_markdown
 
 
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lstm_dist.config", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     parser.add_argument("--reference", action="store_true", help="print the configuration reference (Markdown)")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.reference:
         sys.stdout.write(reference_markdown())
         return 0
