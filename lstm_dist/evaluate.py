@@ -29,6 +29,7 @@ object with chars, bits, bpc and the settings. Only rank 0 prints.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -53,16 +54,29 @@ def build_parser() -> ArgumentParser:
     src.add_argument("--split", choices=("valid", "test"), default=None, help="split of the run's corpus (default valid)")
     src.add_argument("--text", metavar="FILE", help="score this UTF-8 text file instead of a split")
     p.add_argument("--data", metavar="PATH", help="corpus directory to read the split from (default: the run's data.path)")
-    p.add_argument("--batch", type=int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", dest="batch",
                    help="segments (streams) per process (default: the run's train.batch_size)")
+    p.add_argument("--batch", type=int, dest="batch", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
     p.add_argument("--bptt", type=int, default=None, metavar="N", help="characters per window (default: the run's train.bptt)")
     p.add_argument("--device", choices=choices("train.device"), default=TrainConfig.device,
                    help="auto (one GPU per local rank if any), cpu or cuda")
-    p.add_argument("--bf16", action="store_true", help="bf16 matrix products on CUDA (as training evaluates); default fp32")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="as train.precision: bf16 runs the matrix products in bf16 on CUDA (as training evaluates "
+                        "there; no effect on the CPU); default fp32")
+    p.add_argument("--bf16", action="store_const", const="bf16", dest="precision", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old name of --precision bf16
     p.add_argument("--threads", type=int, default=TrainConfig.threads, metavar="N",
                    help="torch CPU threads per process; 0 (default) divides the cores among the local processes")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     return p
+
+
+def parse_args(argv: list[str] | None = None):
+    """The command line (`build_parser`), with `args.bf16` (bool) for `--precision bf16`. Errors: one-line
+    UserErrors (`inference.load.ArgumentParser`)."""
+    args = build_parser().parse_args(argv)
+    args.bf16 = args.precision == "bf16"
+    return args
 
 
 def read_text(path: Path, vocab) -> tuple[np.ndarray, int, list[str]]:
@@ -109,11 +123,12 @@ def open_split(args, cfg, vocab) -> tuple[np.ndarray, str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     # The options stand for these settings of the run, whose range rules they follow.
-    for option, key in (("batch", "train.batch_size"), ("bptt", "train.bptt"), ("threads", "train.threads")):
-        if getattr(args, option) is not None:
-            check_option(key, getattr(args, option), f"--{option}")
+    for dest, key, option in (("batch", "train.batch_size", "--batch-size"), ("bptt", "train.bptt", "--bptt"),
+                              ("threads", "train.threads", "--threads")):
+        if getattr(args, dest) is not None:
+            check_option(key, getattr(args, dest), option)
     if args.text is not None and args.data is not None:
         raise UserError("--data selects the corpus of a --split; with --text FILE leave it out")
     with setup(args.device, setting="--device ") as env:

@@ -2,7 +2,7 @@
 
     python -m lstm_dist.generate --checkpoint runs/smoke                  # the run's latest checkpoint
     python -m lstm_dist.generate --checkpoint runs/smoke/checkpoints/step_00000500.pt \\
-        --prompt "The river" --length 1000 --temperature 0.7 --top-p 0.9 --seed 3
+        --prompt "The river" --max-new-tokens 1000 --temperature 0.7 --top-p 0.9 --seed 3
     python -m lstm_dist.generate --checkpoint runs/smoke --num-samples 4 --json > samples.json
 
 The model is rebuilt from the checkpoint alone (its config and vocabulary are inside). The prompt
@@ -19,18 +19,23 @@ is taken as given (a command-line byte that is not UTF-8 is refused). With a cha
 holding characters the checkpoint's vocabulary lacks (a CR or a BOM too, when its training split had
 none) is refused in one line that names them and the option they came from.
 
-Output: the prompt and its continuation stream to stdout as they are produced. `--length` counts
-the model's tokens: characters with a chars vocabulary, UTF-8 bytes with the bytes vocabulary,
+The options take Hugging Face's and nanoGPT's names (`max_new_tokens`, `temperature`, `top_k`, `top_p`,
+`seed`, `num_samples`); `--length`, the old name of `--max-new-tokens`, still works (not in --help).
+
+Output: the prompt and its continuation stream to stdout as they are produced. `--max-new-tokens`
+counts the model's tokens: characters with a chars vocabulary, UTF-8 bytes with the bytes vocabulary,
 whose output is decoded incrementally (a character is printed once all its bytes are there; an
 invalid sequence prints as U+FFFD). With `--num-samples N` > 1 the samples are drawn as one batch:
 each is printed after a header line `--- sample i/N ---`; sample 1 streams live, the others are
-printed when the batch is done (they finish at the same moment). A summary line (characters,
-seconds, characters per second) goes to stderr. `--json` prints one JSON object instead: prompt,
-samples (the continuations), settings, checkpoint, step, chars_per_s.
+printed when the batch is done (they finish at the same moment). A summary line (tokens drawn, in
+bytes or characters as the vocabulary counts them, seconds, tokens per second) goes to stderr.
+`--json` prints one JSON object instead: prompt, samples (the continuations), settings (by the
+options' names: max_new_tokens, ...), checkpoint, step, chars_per_s (tokens per second).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -55,8 +60,10 @@ def build_parser() -> ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help=f"text to continue (default: {DEFAULT_PROMPT!r})")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a UTF-8 file, used verbatim (CR and a BOM are characters)")
-    p.add_argument("--length", type=int, default=500, metavar="N",
+    p.add_argument("--max-new-tokens", type=int, default=500, metavar="N",
                    help="tokens to generate per sample: characters (chars vocab) or UTF-8 bytes (bytes vocab); default 500")
+    p.add_argument("--length", type=int, dest="max_new_tokens", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old name of --max-new-tokens, kept for scripts that use it
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
                    help=f"softmax temperature; 0 picks the most likely character (greedy); default {DEFAULT_TEMPERATURE}")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="draw among the K most likely only; 0 (default) keeps all")
@@ -87,8 +94,8 @@ def read_prompt(args) -> tuple[str, str]:
 
 
 def check_args(args) -> None:
-    if args.length < 0:
-        raise UserError(f"--length must be >= 0, got {args.length}")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     try:
         check_settings(args.temperature, args.top_k, args.top_p, names=("--temperature", "--top-k", "--top-p"))
     except ValueError as exc:
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.manual_seed(args.seed)
     chunks = []
     t0 = time.perf_counter()
-    for chunk in generate(model, vocab.encode(prompt).tolist(), args.length, num_samples=n,
+    for chunk in generate(model, vocab.encode(prompt).tolist(), args.max_new_tokens, num_samples=n,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen):
         chunks.append(chunk)
         if live is not None:
@@ -131,13 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             out.flush()
     seconds = time.perf_counter() - t0
     ids = torch.cat(chunks) if chunks else torch.empty(0, n, dtype=torch.long)
-    rate = args.length * n / seconds if seconds > 0 else 0.0
+    rate = args.max_new_tokens * n / seconds if seconds > 0 else 0.0
 
     if args.json:
         samples = [TextDecoder(vocab).decode(ids[:, i].tolist(), final=True) for i in range(n)]
         json.dump({"checkpoint": str(path), "step": step, "prompt": prompt, "samples": samples,
-                   "settings": {"length": args.length, "temperature": args.temperature, "top_k": args.top_k,
-                                "top_p": args.top_p, "seed": args.seed, "num_samples": n,
+                   "settings": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "num_samples": n,
                                 "device": str(device), "threads": torch.get_num_threads()},
                    "seconds": seconds, "chars_per_s": rate}, out)
         out.write("\n")
@@ -146,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(1, n):
             out.write(f"--- sample {i + 1}/{n} ---\n{prompt}{TextDecoder(vocab).decode(ids[:, i].tolist(), final=True)}\n")
         out.flush()
-        print(f"[{args.length * n:,} characters in {seconds:.2f} s: {rate:,.0f} chars/s; checkpoint {path} "
+        unit = "bytes" if vocab.kind == "bytes" else "characters"  # what a token is in this vocabulary
+        print(f"[{args.max_new_tokens * n:,} {unit} in {seconds:.2f} s: {rate:,.0f} {unit}/s; checkpoint {path} "
               f"(step {step}) on {device}]", file=sys.stderr, flush=True)
     return 0
 

@@ -217,7 +217,10 @@ def test_bad_input_ends_in_one_line(capsys, bytes_run, chars_run, tmp_path, text
     assert "vocabulary" in user_error(capsys, "--checkpoint", ck, "--data", other)
     assert "does not exist" in user_error(capsys, "--checkpoint", ck, "--data", str(tmp_path / "no-corpus"))
     # the options that stand for settings of the run follow those settings' rules
-    assert user_error(capsys, "--checkpoint", ck, "--text", str(text_file), "--batch", "0") == "error: --batch must be > 0, got 0\n"
+    assert user_error(capsys, "--checkpoint", ck, "--text", str(text_file), "--batch-size", "0") == \
+        "error: --batch-size must be > 0, got 0\n"
+    assert user_error(capsys, "--checkpoint", ck, "--text", str(text_file), "--batch", "0") == \
+        "error: --batch-size must be > 0, got 0\n"  # the old name still read, the line names the new one
     assert user_error(capsys, "--checkpoint", ck, "--bptt", "-1").startswith("error: --bptt must be > 0, got -1")
     assert user_error(capsys, "--checkpoint", ck, "--threads", "-2") == \
         "error: --threads must be >= 0 (0 divides the cores among the local processes), got -2\n"
@@ -240,7 +243,7 @@ def test_two_processes_sum_to_the_same_bits_as_one(capsys, bytes_run, text_file,
     model = load_model(bytes_run).model
     ids = np.frombuffer(text_file.read_bytes(), dtype=np.uint8)
     argv = ["--checkpoint", str(bytes_run), "--text", str(text_file), "--bptt", "7", "--json", "--device", "cpu"]
-    proc = subprocess.run(evaluate_cmd(2, *argv, "--batch", "2"), cwd=tmp_path, env=child_env(), capture_output=True,
+    proc = subprocess.run(evaluate_cmd(2, *argv, "--batch-size", "2"), cwd=tmp_path, env=child_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -263,3 +266,23 @@ def test_max_windows_caps_each_rank_to_its_first_windows(bytes_run):
     bits, count = split_bits(model, data, rank=0, world=1, batch=4, bptt=16, device=torch.device("cpu"), max_windows=2)
     assert whole == len(data) - 1 and count == int(np.minimum(segments, 2 * 16).sum()) < whole
     assert 0 < bits < whole_bits
+
+def test_option_names_follow_the_settings_and_the_old_ones_still_work(capsys, bytes_run, text_file):
+    """Issue 21: --batch-size and --precision fp32|bf16 (train.batch_size, train.precision); --batch and
+    --bf16, their old names, give the same settings and stay out of --help."""
+    from lstm_dist.evaluate import parse_args
+
+    ck = str(bytes_run)
+    new = parse_args(["--checkpoint", ck, "--batch-size", "3", "--precision", "bf16"])
+    old = parse_args(["--checkpoint", ck, "--batch", "3", "--bf16"])
+    assert (new.batch, new.precision, new.bf16) == (old.batch, old.precision, old.bf16) == (3, "bf16", True)
+    plain = parse_args(["--checkpoint", ck])
+    assert (plain.batch, plain.precision, plain.bf16) == (None, "fp32", False)
+    argv = ["--checkpoint", ck, "--text", str(text_file), "--bptt", "7", "--device", "cpu"]
+    assert evaluate_json(capsys, *argv, "--batch-size", "3")["bits"] == evaluate_json(capsys, *argv, "--batch", "3")["bits"]
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "--batch-size N" in out and "--precision {fp32,bf16}" in out
+    assert "--bf16" not in out and "--batch " not in out and "--batch]" not in out
+

@@ -161,32 +161,32 @@ def test_text_streams_and_matches_the_whole_decoding(bytes_run, monkeypatch, cap
     prompt = "naïve café ☃ the"
     rec = Recorder()
     monkeypatch.setattr(sys, "stdout", rec)
-    assert main(["--checkpoint", str(bytes_run), "--prompt", prompt, "--length", "1100", "--seed", "4"]) == 0
+    assert main(["--checkpoint", str(bytes_run), "--prompt", prompt, "--max-new-tokens", "1100", "--seed", "4"]) == 0
     monkeypatch.undo()
     assert rec.flushed[0] == prompt  # the prompt shows before any character is drawn
     assert len(rec.flushed) >= 3  # then the text arrives in pieces (at most 1024 characters each)
     model = load_model(bytes_run).model
     ids = ids_of(model, list(prompt.encode()), 1100, seed=4, temperature=0.8)[:, 0].tolist()  # the CLI default
     assert rec.getvalue() == prompt + bytes(ids).decode("utf-8", errors="replace") + "\n"
-    assert "characters" in capsys.readouterr().err  # the speed line goes to stderr
+    assert "[1,100 bytes in " in capsys.readouterr().err  # the speed line goes to stderr, in the vocabulary's tokens
 
 
 def test_json_and_several_samples(bytes_run, chars_run, capsys, tmp_path):
-    r = generate_json(capsys, "--checkpoint", str(chars_run), "--length", "40", "--num-samples", "3", "--seed", "2",
+    r = generate_json(capsys, "--checkpoint", str(chars_run), "--max-new-tokens", "40", "--num-samples", "3", "--seed", "2",
                       "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2")
     assert r["prompt"] == DEFAULT_PROMPT and r["step"] == 2 and r["checkpoint"].endswith("step_00000002.pt")
     assert len(r["samples"]) == 3 and all(len(s) == 40 for s in r["samples"]) and len(set(r["samples"])) == 3
     assert r["settings"]["top_k"] == 5 and r["chars_per_s"] > 0
-    again = generate_json(capsys, "--checkpoint", str(chars_run), "--length", "40", "--num-samples", "3", "--seed", "2",
+    again = generate_json(capsys, "--checkpoint", str(chars_run), "--max-new-tokens", "40", "--num-samples", "3", "--seed", "2",
                           "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2")
     assert again["samples"] == r["samples"]
-    assert main(["--checkpoint", str(chars_run), "--length", "40", "--num-samples", "3", "--seed", "2",
+    assert main(["--checkpoint", str(chars_run), "--max-new-tokens", "40", "--num-samples", "3", "--seed", "2",
                  "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2"]) == 0
     out = capsys.readouterr().out
     assert out == "".join(f"--- sample {i + 1}/3 ---\n{DEFAULT_PROMPT}{s}\n" for i, s in enumerate(r["samples"]))
     pf = tmp_path / "prompt.txt"
     pf.write_text("The city\n", encoding="utf-8")
-    assert generate_json(capsys, "--checkpoint", str(bytes_run), "--prompt-file", str(pf), "--length", "3")["prompt"] == "The city\n"
+    assert generate_json(capsys, "--checkpoint", str(bytes_run), "--prompt-file", str(pf), "--max-new-tokens", "3")["prompt"] == "The city\n"
 
 
 def test_outside_text_is_read_as_the_corpus_reads_its_split_for_the_prompt(bytes_run, chars_run, capsys, tmp_path):
@@ -200,7 +200,7 @@ def test_outside_text_is_read_as_the_corpus_reads_its_split_for_the_prompt(bytes
     pf.write_bytes("\ufeffThe city\r\nof the river\r\n".encode("utf-8"))
     corpus = Corpus(prepare("files", tmp_path / "corpus", quiet=True, train=pf, valid=pf, test=pf))
     split = [int(i) for i in corpus.split("valid")]
-    r = generate_json(capsys, "--checkpoint", str(bytes_run), "--prompt-file", str(pf), "--length", "30",
+    r = generate_json(capsys, "--checkpoint", str(bytes_run), "--prompt-file", str(pf), "--max-new-tokens", "30",
                       "--temperature", "0")
     model, vocab = load_model(bytes_run)[:2]
     assert r["prompt"] == "\ufeffThe city\r\nof the river\r\n" and vocab.encode(r["prompt"]).tolist() == split
@@ -210,7 +210,7 @@ def test_outside_text_is_read_as_the_corpus_reads_its_split_for_the_prompt(bytes
     crlf.write_bytes(b"the city\r\nthe river")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
-        run_cli(main, ["--checkpoint", str(chars_run), "--prompt-file", str(crlf), "--length", "5"])
+        run_cli(main, ["--checkpoint", str(chars_run), "--prompt-file", str(crlf), "--max-new-tokens", "5"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: the prompt has 1 character(s) the checkpoint's chars vocabulary lacks: '\\r'; "
@@ -229,12 +229,32 @@ def test_training_sample_prompt_names_the_characters_its_vocabulary_lacks():
     assert sample_prompt_note(Vocab("chars", "The "), "The ") is None and sample_prompt_note(Vocab("bytes"), "The ") is None
 
 
+def test_hugging_face_names_and_the_old_length(bytes_run, chars_run, capsys):
+    """Issue 21: `--max-new-tokens` (Hugging Face's and nanoGPT's name); `--length`, its old name, draws the
+    same text and is left out of --help; the summary counts tokens in the vocabulary's unit."""
+    new = generate_json(capsys, "--checkpoint", str(bytes_run), "--max-new-tokens", "12", "--seed", "5", "--top-k", "9")
+    old = generate_json(capsys, "--checkpoint", str(bytes_run), "--length", "12", "--seed", "5", "--top-k", "9")
+    assert new["samples"] == old["samples"] and new["settings"]["max_new_tokens"] == 12
+    assert len(new["samples"][0].encode()) <= 12  # bytes drawn (an incomplete character decodes to U+FFFD)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "--max-new-tokens N" in out and "--length" not in out
+    for flag in ("--temperature", "--top-k", "--top-p", "--seed", "--num-samples"):
+        assert flag in out
+    assert main(["--checkpoint", str(chars_run), "--max-new-tokens", "7"]) == 0
+    err = capsys.readouterr().err
+    assert "[7 characters in " in err and " characters/s; checkpoint " in err, err
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--checkpoint", "{missing}"], "does not exist"),
     (["--checkpoint", "{chars}", "--prompt", "héllo €"], "'é', '€'; remove or replace them in --prompt"),
     (["--checkpoint", "{bytes}", "--prompt", "ab\udcff"], "--prompt is not valid UTF-8 text: character 2 is the byte 0xff"),
     (["--checkpoint", "{bytes}", "--prompt-file", "{latin1}"], "latin1.txt is not valid UTF-8 near byte 3"),
-    (["--checkpoint", "{bytes}", "--length", "-1"], "--length"),
+    (["--checkpoint", "{bytes}", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1"),
+    (["--checkpoint", "{bytes}", "--length", "-1"], "--max-new-tokens must be >= 0, got -1"),  # the old name
     (["--checkpoint", "{bytes}", "--temperature", "-0.5"], "--temperature"),
     (["--checkpoint", "{bytes}", "--top-p", "0"], "--top-p"),
     (["--checkpoint", "{bytes}", "--top-p", "1.5"], "--top-p"),
@@ -243,7 +263,7 @@ def test_training_sample_prompt_names_the_characters_its_vocabulary_lacks():
     (["--checkpoint", "{bytes}", "--prompt", ""], "empty"),
     (["--checkpoint", "{bytes}", "--prompt-file", "{missing}"], "--prompt-file"),
     (["--checkpoint", "{bytes}", "--prompt", "a", "--prompt-file", "{missing}"], "not allowed with"),
-    (["--checkpoint", "{bytes}", "--length", "many"], "--length"),
+    (["--checkpoint", "{bytes}", "--length", "many"], "argument --length: invalid int value"),
 ])
 def test_bad_input_ends_in_one_line(argv, needle, bytes_run, chars_run, tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
@@ -259,9 +279,9 @@ def test_bad_input_ends_in_one_line(argv, needle, bytes_run, chars_run, tmp_path
 
 @pytest.mark.slow
 def test_the_real_command_line(bytes_run, tmp_path, capsys):
-    cmd = [sys.executable, "-m", "lstm_dist.generate", "--checkpoint", str(bytes_run), "--length", "80", "--seed", "9"]
+    cmd = [sys.executable, "-m", "lstm_dist.generate", "--checkpoint", str(bytes_run), "--max-new-tokens", "80", "--seed", "9"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    r = generate_json(capsys, "--checkpoint", str(bytes_run), "--length", "80", "--seed", "9")
+    r = generate_json(capsys, "--checkpoint", str(bytes_run), "--max-new-tokens", "80", "--seed", "9")
     assert proc.stdout == DEFAULT_PROMPT + r["samples"][0] + "\n"
-    assert "chars/s" in proc.stderr
+    assert "[80 bytes in " in proc.stderr and " bytes/s; checkpoint " in proc.stderr, proc.stderr
