@@ -40,7 +40,7 @@ def bench_here(capsys, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_bench_json_through_the_entry_point():
-    proc = run_bench("--batch", "2", "--bptt", "3", "--embedding", "4", "--hidden", "8", "--layers", "2",
+    proc = run_bench("--batch-size", "2", "--bptt", "3", "--embedding", "4", "--hidden", "8", "--layers", "2",
                      "--repeats", "3", "--warmup", "1", "--no-compile", "--threads", "1", "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
@@ -55,7 +55,7 @@ def test_bench_json_through_the_entry_point():
 
 
 def test_bench_table_has_a_row_per_implementation(capsys):
-    assert main(["--batch", "2", "--bptt", "2", "--embedding", "3", "--hidden", "4", "--repeats", "1",
+    assert main(["--batch-size", "2", "--bptt", "2", "--embedding", "3", "--hidden", "4", "--repeats", "1",
                  "--warmup", "0", "--no-compile", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
@@ -86,7 +86,8 @@ def test_table_shows_mfu_on_cuda_only():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--batch", "0"], "--batch must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--batch", "0"], "--batch-size must be >= 1"),  # the old name still read, the line names the new one
     (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_options_end_in_one_line(args, needle, capsys):
@@ -96,7 +97,7 @@ def test_bad_options_end_in_one_line(args, needle, capsys):
 
 
 def test_train_bench_times_both_models_at_every_shape_asked(capsys):
-    proc = bench_here(capsys, "--train", "--shape", "1,8,4,2", "--shape", "2,8,4,3", "--bptt", "5", "--vocab", "7",
+    proc = bench_here(capsys, "--train", "--shape", "1,8,4,2", "--shape", "2,8,4,3", "--bptt", "5", "--vocab-size", "7",
                      "--repeats", "2", "--warmup", "1", "--threads", "1", "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
@@ -114,6 +115,55 @@ def test_train_bench_rejects_a_malformed_shape_in_one_line(capsys):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --shape expects layers,hidden,embedding,batch, got '2,512,128'; try --shape 2,512,128,64"]
+
+
+def test_bench_takes_a_config_and_overrides_with_flags_winning(capsys):
+    """Issue 21: `bench --config configs/smoke.yaml` times the config's shape and precision (train.batch_size,
+    train.bptt, model.*, train.precision, train.device); overrides win over the file and flags over both.
+    Kept cheap: tiny overrides of the smoke config's width, one window each."""
+    proc = bench_here(capsys, "--config", str(ROOT / "configs" / "smoke.yaml"), "model.hidden=8", "model.embedding=4",
+                      "train.batch_size=3", "--bptt", "2", "--repeats", "1", "--warmup", "0", "--skip-reference",
+                      "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    # smoke.yaml: 1 layer, bptt 128, device cpu, precision auto (fp32 on the CPU); the overrides and --bptt win
+    assert (r["layers"], r["hidden"], r["embedding"], r["batch"], r["bptt"]) == (1, 8, 4, 3, 2)
+    assert r["device"] == "cpu" and r["dtype"] == "float32" and r["fast_ms"] > 0
+
+
+def test_bench_names_are_the_settings_and_the_old_ones_still_work():
+    from lstm_dist.bench.__main__ import parse_args
+
+    smoke = str(ROOT / "configs" / "smoke.yaml")
+    # without a config: bench's own defaults; every old name gives what its new name gives
+    new = parse_args(["--batch-size", "8", "--precision", "bf16", "--cuda-graphs", "--no-compile", "--no-tf32",
+                      "--train", "--vocab-size", "9"])
+    old = parse_args(["--batch", "8", "--dtype", "bfloat16", "--graphs", "--no-compile", "--no-tf32",
+                      "--train", "--vocab", "9"])
+    for args in (new, old):
+        assert (args.batch, args.dtype, args.graphs, args.no_compile, args.no_tf32, args.vocab) == (
+            8, "bfloat16", True, True, True, 9)
+        assert args.shape == [(1, 512, 128, 8)]  # --train with a shape flag: that one shape, not the grid
+    plain = parse_args([])
+    assert (plain.batch, plain.bptt, plain.hidden, plain.dtype, plain.no_compile) == (64, 128, 512, "float32", False)
+    # --train with a config times its one shape, not the grid; --shape and a shape flag together are refused
+    assert parse_args(["--train", "--config", smoke]).shape == [(1, 256, 64, 64)]
+    assert parse_args(["--train", "--hidden", "32"]).shape == [(1, 32, 128, 64)]
+    assert parse_args(["--train"]).shape is None  # the built-in grid
+    assert parse_args(["--config", smoke, "train.precision=bf16", "--device", "cpu"]).dtype == "bfloat16"
+    assert parse_args(["--config", smoke, "--precision", "fp32", "train.precision=bf16"]).dtype == "float32"
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--train.batch_size", "4"], "error: --train.batch_size 4 is written train.batch_size=4 here: settings are "
+                                  "written section.key=value, without dashes"),
+    (["model.hiden=8"], "error: unknown key 'model.hiden'; did you mean 'model.hidden'?"),
+    (["--train", "--shape", "1,8,4,2", "--hidden", "8"],
+     "error: --shape names whole shapes (layers,hidden,embedding,batch); leave out --hidden with it"),
+])
+def test_bench_settings_errors_are_one_line(args, line, capsys):
+    proc = bench_here(capsys, *args)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr
 
 
 @pytest.mark.slow

@@ -34,8 +34,8 @@ from typing import List, Optional
 
 import torch
 
-from lstm_dist.bench.timing import (append_jsonl, failures, parse_paths, path_ran, path_settings, timed,
-                                   warmup_windows)
+from lstm_dist.bench.timing import (append_jsonl, failures, parse_paths, path_ran, path_settings, precision_of_dtype,
+                                   timed, warmup_windows)
 from lstm_dist.common.distributed import pick_device
 from lstm_dist.common.errors import UserError, run_cli
 from lstm_dist.config import ModelConfig, TrainConfig, choices
@@ -142,12 +142,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lstm_dist.bench.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=("product", "window"), help="the recurrent products alone, or one profiled step")
     p.add_argument("--hidden", type=int, default=2048, help="product: hidden units (default 2048)")
-    p.add_argument("--batch", type=int, default=128, help="product: streams (default 128)")
+    p.add_argument("--batch-size", type=int, default=128, dest="batch", metavar="N", help="product: streams, as train.batch_size (default 128)")
+    p.add_argument("--batch", type=int, dest="batch", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
     p.add_argument("--shape", default="2,2048,256,128", metavar="L,H,E,B",
                    help="window: layers,hidden,embedding,batch (default: the cluster config's 2,2048,256,128)")
     p.add_argument("--bptt", type=int, default=256, help="time steps per window (default 256)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
-                   help="the products' dtype: bfloat16 (default, autocast as the cluster config) or float32")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
+                   help="as train.precision: bf16 (default, autocast as the cluster config) or fp32")
+    p.add_argument("--dtype", dest="precision", type=precision_of_dtype, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # old name: float32 | bfloat16
     p.add_argument("--device", choices=choices("train.device"), default="auto",
                    help="auto (default): cuda if available, else cpu (which counts CPU ops, not kernels)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the lines")
@@ -157,6 +160,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="window: profile one step on each of these paths, in turn (as `bench --paths`: eager, compiled, "
                         "triton, each optionally +graphs; default compiled, what the cluster config runs)")
     args = p.parse_args(argv)
+    args.dtype = "bfloat16" if args.precision == "bf16" else "float32"  # the name the profiles read
     try:
         args.shape = tuple(int(v) for v in args.shape.split(","))
     except ValueError:
@@ -164,9 +168,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     if len(args.shape) != 4 or min(args.shape) < 1:
         raise UserError("--shape expects four positive integers layers,hidden,embedding,batch; try --shape 2,2048,256,128")
     args.paths = parse_paths(args.paths)
-    for name in ("hidden", "batch", "bptt", "repeats"):
+    for name, option in (("hidden", "--hidden"), ("batch", "--batch-size"), ("bptt", "--bptt"), ("repeats", "--repeats")):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UserError(f"{option} must be >= 1, got {getattr(args, name)}")
     return args
 
 

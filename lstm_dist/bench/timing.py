@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -97,6 +98,16 @@ def parse_paths(text: str) -> list[str]:
     if not names:
         raise UserError("--paths needs at least one path, e.g. --paths compiled,compiled+graphs")
     return names
+
+
+def precision_of_dtype(word: str) -> str:
+    """`--dtype`'s word, the old name of `--precision` in both benches, as `--precision`'s (`float32` ->
+    `fp32`, `bfloat16` -> `bf16`); an argparse type: ArgumentTypeError for another word."""
+    words = {"float32": "fp32", "bfloat16": "bf16"}
+    if word not in words:
+        raise argparse.ArgumentTypeError(f"invalid choice: {word!r} (choose from 'float32', 'bfloat16'; "
+                                         "its new name is --precision fp32|bf16)")
+    return words[word]
 
 
 def path_settings(name: str) -> dict:
