@@ -3,6 +3,51 @@
 
 me="launch/$(basename "$0")"   # how this script names itself in its own lines
 
+# usage: this script's header comment (line 2 to the first line that is not a comment), on stdout.
+usage() {
+  awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"
+}
+
+two_configs() {
+  echo "error: two config files, $1 and $2; pass one (its settings can be overridden with section.key=value)" >&2
+  exit 2
+}
+
+# parse_args ARGS...: a launch script's command line, `[--config] CONFIG [section.key=value ...]`, as
+# lstm_dist.train takes it: the config first on its own, or as --config FILE / --config=FILE anywhere. Sets
+# `config` and the array `overrides` (everything else, handed to lstm_dist.train as given). -h or --help:
+# the usage on stdout and exit 0; no config: one line and exit 2.
+parse_args() {
+  config=""
+  overrides=()
+  while (( $# )); do
+    case $1 in
+      -h|--help) usage; exit 0 ;;
+      --config)
+        if [[ $# -lt 2 ]]; then
+          echo "error: --config needs a file; run $me --config configs/smoke.yaml (see $me --help)" >&2
+          exit 2
+        fi
+        [[ -z "$config" ]] || two_configs "$config" "$2"
+        config=$2; shift ;;
+      --config=*)
+        [[ -z "$config" ]] || two_configs "$config" "${1#--config=}"
+        config=${1#--config=} ;;
+      *)
+        if [[ -z "$config" && ${#overrides[@]} -eq 0 && "$1" != -* && "$1" != *=* ]]; then
+          config=$1
+        else
+          overrides+=("$1")
+        fi ;;
+    esac
+    shift
+  done
+  if [[ -z "$config" ]]; then
+    echo "error: no config file; run $me CONFIG [section.key=value ...], e.g. $me configs/smoke.yaml (see $me --help)" >&2
+    exit 2
+  fi
+}
+
 # require_config FILE: the config must exist.
 require_config() {
   if [[ ! -f "$1" ]]; then
@@ -11,16 +56,27 @@ require_config() {
   fi
 }
 
-# NPROC defaults to the number of visible GPUs, or 2 on a machine without one. A value given must be a
-# positive integer (or one of torchrun's own words gpu, cpu, auto), checked here rather than by torchrun's traceback.
+# NPROC_PER_NODE (torchrun's --nproc_per_node; slurm/train.sh reads the same name) defaults to the number of
+# visible GPUs, or 2 on a machine without one. NPROC, its old name, is still read (both set: they must agree).
+# A value given must be a positive integer (or one of torchrun's own words gpu, cpu, auto), checked here
+# rather than by torchrun's traceback.
 default_nproc() {
-  if [[ -z "${NPROC:-}" ]]; then
+  local name=NPROC_PER_NODE
+  if [[ -n "${NPROC:-}" ]]; then
+    if [[ -n "${NPROC_PER_NODE:-}" && "$NPROC_PER_NODE" != "$NPROC" ]]; then
+      echo "error: NPROC=$NPROC and NPROC_PER_NODE=$NPROC_PER_NODE disagree; set NPROC_PER_NODE only (NPROC is its old name)" >&2
+      exit 2
+    fi
+    NPROC_PER_NODE=$NPROC
+    name=NPROC
+  fi
+  if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     local gpus
     gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
-    NPROC=$(( gpus > 0 ? gpus : 2 ))
+    NPROC_PER_NODE=$(( gpus > 0 ? gpus : 2 ))
   fi
-  if [[ ! "$NPROC" =~ ^([1-9][0-9]*|gpu|cpu|auto)$ ]]; then
-    echo "error: NPROC=$NPROC is not a number of processes per node; set NPROC to a positive integer (e.g. NPROC=2) or leave it unset for one per GPU" >&2
+  if [[ ! "$NPROC_PER_NODE" =~ ^([1-9][0-9]*|gpu|cpu|auto)$ ]]; then
+    echo "error: $name=$NPROC_PER_NODE is not a number of processes per node; set NPROC_PER_NODE to a positive integer (e.g. NPROC_PER_NODE=2) or leave it unset for one per GPU" >&2
     exit 2
   fi
 }

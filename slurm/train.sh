@@ -6,6 +6,10 @@
 #   sbatch --nodes=4 slurm/train.sh configs/wikitext103.yaml train.steps=100000 # 4 nodes × 8 GPUs, any overrides
 #   NPROC_PER_NODE=2 sbatch --nodes=1 --gpus-per-node=0 slurm/train.sh configs/smoke.yaml   # CPU-only nodes (gloo)
 #
+# Arguments as lstm_dist.train and launch/torchrun.sh take them: CONFIG (or --config CONFIG), then
+# section.key=value overrides (every key: README.md, "Configuration reference"). NPROC_PER_NODE is
+# torchrun's --nproc_per_node, the name launch/ uses too.
+#
 # Submit from the checkout: the config path, run.dir and the log are relative to the directory you submit
 # from. Every #SBATCH line below is a default; the same option on the sbatch command line overrides it.
 #
@@ -59,6 +63,16 @@ set -euo pipefail
 say() { echo "[slurm/train.sh] $*"; }
 fail() { echo "error: $*" >&2; exit 2; }
 
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then   # the comment block above, up to the #SBATCH lines
+  awk 'NR == 1 { next } /^#SBATCH/ || !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"
+  exit 0
+fi
+# The config as lstm_dist.train takes it too: --config FILE or --config=FILE, first.
+if [[ "${1:-}" == --config && $# -ge 2 ]]; then
+  shift
+elif [[ "${1:-}" == --config=* ]]; then
+  set -- "${1#--config=}" "${@:2}"
+fi
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
   fail "not inside a Slurm job; submit it: sbatch slurm/train.sh CONFIG [section.key=value ...]"
 fi

@@ -176,24 +176,24 @@ CASES = [
     # ---------------------------------------------------------------- launch
     Case("launch-streams-do-not-fit", "launch/torchrun.sh", launch("train.batch_size=64"),
          "error: the split has 1000 characters but world_size*batch*(bptt+1) + bptt-1 = 2*64*17 + 15 = 2191 are needed",
-         RUNS, env={"NPROC": "2"}, noise=ECHO),
+         RUNS, env={"NPROC_PER_NODE": "2"}, noise=ECHO),
     Case("launch-truncated-train-bin", "launch/torchrun.sh", launch("data.path={corpus_truncated}"),
          "error: {corpus_truncated}/train.bin holds 999 uint8 tokens but meta.json says 1000", ("runs", "corpus_truncated"),
-         env={"NPROC": "2"}, noise=ECHO),
+         env={"NPROC_PER_NODE": "2"}, noise=ECHO),
     Case("launch-checkpoint-other-shape", "launch/torchrun.sh", launch("model.hidden=48"),
          "error: checkpoint {runs}/b/checkpoints/step_00000002.pt is of another model (model.hidden=32, this run has 48)",
-         RUNS, env={"NPROC": "2"}, noise=ECHO),
+         RUNS, env={"NPROC_PER_NODE": "2"}, noise=ECHO),
     Case("launch-nproc-not-a-number-torchrun", "launch/torchrun.sh", launch(),
-         "error: NPROC=two is not a number of processes per node; set NPROC to a positive integer", RUNS,
-         env={"NPROC": "two"}),
+         "error: NPROC_PER_NODE=two is not a number of processes per node; set NPROC_PER_NODE to a positive integer",
+         RUNS, env={"NPROC_PER_NODE": "two"}),
     Case("launch-nproc-not-a-number-multinode", "launch/multinode.sh", launch(),
-         "error: NPROC=1.5 is not a number of processes per node", RUNS,
+         "error: NPROC=1.5 is not a number of processes per node; set NPROC_PER_NODE to", RUNS,  # NPROC: the old name
          env={"NPROC": "1.5", "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}),
     Case("launch-missing-config-torchrun", "launch/torchrun.sh", ("{work}/nope.yaml",),
-         "error: config file {work}/nope.yaml not found; pass one of configs/*.yaml", env={"NPROC": "1"}),
+         "error: config file {work}/nope.yaml not found; pass one of configs/*.yaml", env={"NPROC_PER_NODE": "1"}),
     Case("launch-missing-config-multinode", "launch/multinode.sh", ("{work}/nope.yaml",),
          "error: config file {work}/nope.yaml not found; pass one of configs/*.yaml",
-         env={"NPROC": "1", "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}),
+         env={"NPROC_PER_NODE": "1", "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}),
 ]
 
 # These start torchrun with two workers: seconds each, not milliseconds.

@@ -26,7 +26,7 @@ def test_two_nodes_by_hand_train_like_one_node_with_two_processes(tmp_path, tiny
     port = free_port()
     nodes = [
         subprocess.Popen([str(ROOT / "launch" / "multinode.sh"), *args, f"run.dir={tmp_path / 'nodes'}"], cwd=tmp_path,
-                         env={**child_env(), "NNODES": "2", "NODE_RANK": str(r), "NPROC": "1",
+                         env={**child_env(), "NNODES": "2", "NODE_RANK": str(r), "NPROC_PER_NODE": "1",
                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         for r in (0, 1)
@@ -60,11 +60,53 @@ def test_launchers_refuse_bad_input_in_one_line(tmp_path, script, env, expected)
     assert proc.stderr.strip() == expected
 
 
+@pytest.mark.parametrize("script", ["torchrun.sh", "multinode.sh"])
+def test_launchers_help_is_their_usage_and_exit_0(tmp_path, script):
+    proc = subprocess.run([str(ROOT / "launch" / script), "--help"], cwd=tmp_path, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"Usage: launch/{script} [--config] CONFIG [section.key=value ...]"
+    assert "NPROC_PER_NODE" in proc.stdout and "NPROC, its old name, still works" in proc.stdout
+    assert not any(line.startswith(("#", "set -")) for line in lines)  # the comment, not the code
+    assert subprocess.run([str(ROOT / "launch" / script), "-h"], cwd=tmp_path, env=child_env(), capture_output=True,
+                          text=True, timeout=60).stdout == proc.stdout
+    bare = subprocess.run([str(ROOT / "launch" / script)], cwd=tmp_path, env=child_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert (bare.returncode, bare.stdout) == (2, "")
+    assert bare.stderr == (f"error: no config file; run launch/{script} CONFIG [section.key=value ...], e.g. "
+                           f"launch/{script} configs/smoke.yaml (see launch/{script} --help)\n")
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    # --config FILE and --config=FILE, as lstm_dist.train takes them
+    (["--config", "nope.yaml", "train.steps=3"], {"NPROC_PER_NODE": "1"},
+     "error: config file nope.yaml not found; pass one of configs/*.yaml"),
+    (["--config=nope.yaml"], {"NPROC_PER_NODE": "1"}, "error: config file nope.yaml not found; pass one of configs/*.yaml"),
+    (["a.yaml", "--config", "b.yaml"], {}, "error: two config files, a.yaml and b.yaml; pass one (its settings can be "
+                                           "overridden with section.key=value)"),
+    # NPROC_PER_NODE is torchrun's name (and slurm/train.sh's); NPROC, the old one, is still read
+    (["{smoke}"], {"NPROC_PER_NODE": "two"}, "error: NPROC_PER_NODE=two is not a number of processes per node; set "
+                                             "NPROC_PER_NODE to a positive integer (e.g. NPROC_PER_NODE=2) or leave it "
+                                             "unset for one per GPU"),
+    (["{smoke}"], {"NPROC": "two"}, "error: NPROC=two is not a number of processes per node; set NPROC_PER_NODE to a "
+                                    "positive integer (e.g. NPROC_PER_NODE=2) or leave it unset for one per GPU"),
+    (["{smoke}"], {"NPROC": "1", "NPROC_PER_NODE": "2"},
+     "error: NPROC=1 and NPROC_PER_NODE=2 disagree; set NPROC_PER_NODE only (NPROC is its old name)"),
+])
+def test_launcher_config_option_and_process_count_names(tmp_path, args, env, expected):
+    args = [a.format(smoke=ROOT / "configs" / "smoke.yaml") for a in args]
+    base = {k: v for k, v in child_env().items() if k not in ("NPROC", "NPROC_PER_NODE")}
+    proc = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), *args], cwd=tmp_path, env={**base, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (2, expected + "\n")
+
+
 def test_a_user_error_through_the_launcher_is_one_line_and_its_status(tmp_path):
     # The config exists, so the launcher starts torchrun; training refuses the key. torchrun must not
     # bury that line under its own report of a failed worker, and the script exits 2, not torchrun's 1.
     proc = run_group([str(ROOT / "launch" / "torchrun.sh"), str(ROOT / "configs" / "smoke.yaml"), "model.hiden=8"],
-                     cwd=tmp_path, env={**child_env(), "NPROC": "2"})
+                     cwd=tmp_path, env={**child_env(), "NPROC": "2"})  # the old name of NPROC_PER_NODE, still read
     assert proc.returncode == 2, proc.stdout + proc.stderr
     # the launcher says what it runs: torchrun kept out of the stop signals, which the script relays
     assert proc.stderr.startswith("+ torchrun --standalone --nproc_per_node=2 --signals-to-handle=SIGHUP,SIGQUIT "
@@ -92,8 +134,8 @@ def test_a_stop_signal_to_a_launcher_checkpoints_and_ends_without_torchruns_trac
     # themselves, not torchrun: torchrun turns a stop signal into a shutdown that kills the workers 30 s
     # later and ends in a 28-line SignalException traceback after the run's own last line.
     cases = {
-        "torchrun.sh": (signal.SIGUSR1, {"NPROC": "1"}),
-        "multinode.sh": (signal.SIGTERM, {"NPROC": "1", "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+        "torchrun.sh": (signal.SIGUSR1, {"NPROC_PER_NODE": "1"}),
+        "multinode.sh": (signal.SIGTERM, {"NPROC_PER_NODE": "1", "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                                           "MASTER_PORT": str(free_port())}),
     }
     procs = {}
@@ -153,7 +195,7 @@ def test_a_port_in_use_is_one_line_naming_it_and_master_port(tmp_path, tiny_corp
         cmds = {
             "multinode.sh": ([str(ROOT / "launch" / "multinode.sh"), str(ROOT / "configs" / "smoke.yaml"), *args,
                               f"run.dir={tmp_path / 'multinode'}"],
-                             {**env, "NNODES": "1", "NODE_RANK": "0", "NPROC": "1"}, "the rendezvous (node 0)",
+                             {**env, "NNODES": "1", "NODE_RANK": "0", "NPROC_PER_NODE": "1"}, "the rendezvous (node 0)",
                              "set MASTER_PORT to a free port, the same on every node"),
             "train": ([sys.executable, "-m", "lstm_dist.train", "--config", str(ROOT / "configs" / "smoke.yaml"),
                        *args, f"run.dir={tmp_path / 'train'}"], env, "the process group's store",
@@ -186,7 +228,7 @@ def test_a_master_port_that_is_no_port_or_missing_is_one_line(tmp_path, monkeypa
     # group outside torchrun (MASTER_ADDR set, MASTER_PORT not, or not a number).
     proc = subprocess.run([str(ROOT / "launch" / "multinode.sh"), str(ROOT / "configs" / "smoke.yaml")], cwd=tmp_path,
                           env={**child_env(), "NNODES": "1", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                               "NPROC": "1", "MASTER_PORT": "http"}, capture_output=True, text=True, timeout=60)
+                               "NPROC_PER_NODE": "1", "MASTER_PORT": "http"}, capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stderr) == (2, "error: MASTER_PORT=http is not a TCP port number; set MASTER_PORT "
                                                  "to a free port from 1024 to 65535, the same on every node\n")
     from lstm_dist.common.distributed import setup

@@ -55,6 +55,24 @@ def test_outside_a_job_the_script_says_how_to_submit_it(tmp_path):
                                    "[section.key=value ...]")
 
 
+def test_help_is_the_comment_block_and_the_config_may_be_given_as_train_takes_it(tmp_path):
+    env = {k: v for k, v in child_env().items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "train.sh"), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.startswith("lstm_dist on a Slurm cluster:") and "NPROC_PER_NODE" in proc.stdout
+    assert not any(line.startswith(("#SBATCH", "SBATCH", "set -")) for line in proc.stdout.splitlines())
+    # --config FILE / --config=FILE, as lstm_dist.train and the launch scripts take it (a job's environment
+    # faked far enough to reach the config check)
+    for args in (["--config", "nope.yaml"], ["--config=nope.yaml"], ["nope.yaml"]):
+        proc = subprocess.run(["bash", str(ROOT / "slurm" / "train.sh"), *args, "train.steps=3"], cwd=tmp_path,
+                              env={**env, "SLURM_JOB_ID": "1", "SLURM_SUBMIT_DIR": str(tmp_path)},
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            f"error: config file nope.yaml not found in {tmp_path}; pass one of configs/*.yaml, relative to the "
+            "directory you submit from"), proc.stderr
+
+
 # ------------------------------------------------------------------ the cluster
 
 
