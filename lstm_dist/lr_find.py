@@ -85,7 +85,8 @@ def range_test(cfg: config_mod.Config, world: int, start: float, end: float, ste
     stream = TokenStream(corpus.split("train"), 0, 1, streams, t.bptt, seed=cfg.run.seed,
                          random_offset=cfg.data.random_offset)
     seed_everything(cfg.run.seed)
-    kernels = choose_kernels(cfg.model, t.precision, device, batch=streams, say=say, tf32=t.tf32, bptt=t.bptt)
+    kernels = choose_kernels(cfg.model, t.precision, device, batch=streams, say=say, tf32=t.tf32, bptt=t.bptt,
+                             vocab=corpus.vocab.size)
     model = CharLSTM.from_config(cfg.model, corpus.vocab.size, kernels=kernels).to(device)
     step = TrainingStep(model, model, build_optimizer(model, t), t.clip_norm, kernels.autocast)
     state = None

@@ -22,7 +22,7 @@ from lstm_dist.model.buffers import POOL
 from lstm_dist.model.cell import lstm_layer_reference
 from lstm_dist.model.char_lstm import CharLSTM, LSTMLayer, detach_state
 from lstm_dist.model.fast import LSTMWindow, lstm_layer_fast
-from lstm_dist.model import products
+from lstm_dist.model import kernels as kernels_module, products
 from lstm_dist.model.kernels import KERNELS, NOTE_BF16_ON_CPU, Kernels, choose_kernels
 from lstm_dist.model.products import CpuProducts
 
@@ -111,7 +111,22 @@ def two_windows(net, x1, y1, x2, y2, h0, c0):
 @pytest.mark.parametrize("layers", [1, 3])
 @pytest.mark.parametrize("name", ENTRIES)
 def test_parity_with_torch_lstm_over_two_carried_windows(layers, name):
-    kernels = kernels_here(name)
+    _parity_with_torch_lstm(layers, kernels_here(name), name)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("name", FAST_ENTRIES)
+def test_parity_with_torch_lstm_with_the_first_layer_by_table(layers, name, monkeypatch):
+    """The first layer's input gates looked up in the [V,4H] table embedding · Wᵀ + b (Kernels.input_table),
+    its gradient scattered back: the same logits, states and gradients as nn.LSTM (the threshold lowered so
+    that this small window uses the table)."""
+    monkeypatch.setattr(kernels_module, "TABLE_ROWS_PER_TOKEN", 1)
+    kernels = kernels_here(name, input_table=True)
+    assert kernels.table_input(VOCAB, BATCH * BPTT) and not Kernels(name).table_input(VOCAB, BATCH * BPTT)
+    _parity_with_torch_lstm(layers, kernels, name)
+
+
+def _parity_with_torch_lstm(layers, kernels, name):
     torch.manual_seed(layers)
     ours = CharLSTM(VOCAB, EMB, HID, layers, kernels=kernels)
     with torch.no_grad():  # a non-trivial bias so a mistake in any gate's bias path shows
@@ -155,6 +170,22 @@ def test_gradcheck_hand_written_backward_float64_including_initial_state():
     assert torch.autograd.gradcheck(lambda *a: LSTMWindow.apply(*a, None, Kernels(), True), args, eps=1e-6, atol=1e-6)
     # through the public wrapper as well, where h_T is a view of the outputs
     assert torch.autograd.gradcheck(lambda *a: lstm_layer_fast(*a, Kernels()), args, eps=1e-6, atol=1e-6)
+
+
+def test_gradcheck_the_first_layer_by_table_float64():
+    """The window with token ids and a [V,4H] table in W's place (no bias): gradients of the table (the
+    scatter of dgates by token, repeated tokens included), h0, c0 and U."""
+    x, h0, c0, _, u, _ = _window_args()
+    table = (torch.randn(7, u.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 0.7)
+    tokens = torch.tensor([[0, 3], [3, 3], [6, 0], [1, 3]])  # [T=4, B=2], token 3 four times
+    args = (h0, c0, table.requires_grad_(True), u)
+    fn = lambda h, c, w, uu: LSTMWindow.apply(tokens, h, c, w, uu, None, None, Kernels(), True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6)
+    # and it is the float window on the table's rows, the bias inside them
+    y_tab, c_tab = fn(*args)
+    y_rows, c_rows = LSTMWindow.apply(table.detach()[tokens], h0, c0, torch.eye(u.shape[0], dtype=torch.float64), u,
+                                      torch.zeros(u.shape[0], dtype=torch.float64), None, Kernels(), True)
+    torch.testing.assert_close((y_tab, c_tab), (y_rows, c_rows), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", [n for n in FAST_ENTRIES if torch.float64 in KERNELS[n].dtypes])
@@ -383,6 +414,12 @@ def test_the_choice_maps_the_config_to_an_entry_on_the_cpu():
     why = _why_not_here("cpp_loops")
     if why is None:
         assert k == Kernels("cpp_loops") and said == [NOTE_BF16_ON_CPU]
+        # a training window with at least TABLE_ROWS_PER_TOKEN rows per token: the first layer by table
+        rows = kernels_module.TABLE_ROWS_PER_TOKEN * VOCAB
+        k = choose_kernels(fast, "fp32", CPU, batch=BATCH, say=said.append, bptt=-(-rows // BATCH), vocab=VOCAB)
+        assert k.input_table and k.describe() == "fp32, C++ CPU loops, input by table"
+        assert not choose_kernels(fast, "fp32", CPU, batch=BATCH, say=said.append, bptt=rows // BATCH - 1,
+                                  vocab=VOCAB).input_table
     else:  # the C++ loops cannot be built here: every rank runs the eager ones, and says why
         assert k == Kernels("eager") and said[1].startswith("warning: the C++ LSTM loops are not available on rank 0")
     ref = choose_kernels(dataclasses.replace(fast, impl="reference"), "auto", CPU, batch=BATCH, say=said.append)

@@ -98,7 +98,7 @@ def profile_window(layers: int, hidden: int, embedding: int, batch: int, bptt: i
 
     model_cfg = ModelConfig(embedding=embedding, hidden=hidden, layers=layers, **path_settings(path))
     kernels = choose_kernels(model_cfg, "auto" if dtype == "bfloat16" else "fp32", device, batch=batch,
-                             say=lambda line: print(line, file=sys.stderr, flush=True), bptt=bptt)
+                             say=lambda line: print(line, file=sys.stderr, flush=True), bptt=bptt, vocab=vocab)
     before = failures()
     torch.manual_seed(0)
     model = CharLSTM.from_config(model_cfg, vocab, kernels=kernels).to(device)

@@ -104,7 +104,8 @@ def bench_shape(layers: int, hidden: int, embedding: int, batch: int, *, bptt: i
         # bf16 autocast on CUDA, fp32 on the CPU, as --dtype bfloat16 has always meant here, without the
         # note that train.precision=bf16 gives on a CPU.
         kernels = choose_kernels(model_cfg, "auto" if bf16 else "fp32", device, batch=batch,
-                                 say=lambda line: print(line, file=sys.stderr, flush=True), tf32=tf32, bptt=bptt)
+                                 say=lambda line: print(line, file=sys.stderr, flush=True), tf32=tf32, bptt=bptt,
+                                 vocab=vocab)
         chosen[label] = (kernels, failures())
         model = CharLSTM.from_config(model_cfg, vocab, kernels=kernels).to(device)
         if first_model is None:

@@ -149,10 +149,17 @@ class CharLSTM(nn.Module):
         if state is None:
             state = self.init_state(batch, x.device)
         h0, c0 = state
-        inp = self.embed(x.t())  # [T,B,E], time-major inside
+        tokens = x.t()  # [T,B], time-major inside
+        table = self.kernels.spec.impl == "fast" and self.kernels.table_input(self.vocab_size, tokens.numel())
+        inp = tokens if table else self.embed(tokens)  # [T,B] ids for the first layer by table, else [T,B,E]
         hs, cs = [], []
         for k, cell in enumerate(self.cells):
-            inp, h_k, c_k = cell(inp, h0[k].float(), c0[k].float(), self.kernels)
+            if k == 0 and table:  # its input gates from one [V,4H] table, embedding · Wᵀ + b (Kernels.table_input)
+                w = torch.addmm(cell.bias, self.embed.weight, cell.weight_ih.t())
+                inp, h_k, c_k = self.kernels.spec.layer(inp, h0[0].float(), c0[0].float(), w, cell.weight_hh, None,
+                                                        self.kernels)
+            else:
+                inp, h_k, c_k = cell(inp, h0[k].float(), c0[k].float(), self.kernels)
             hs.append(h_k)
             cs.append(c_k)
             if self.dropout > 0.0:  # on each layer's output: between layers and before the head

@@ -65,13 +65,20 @@ class LSTMWindow(torch.autograd.Function):
     In the full-precision path the input gets a column of ones and W a column b ([W | b]), so the one
     input product also adds the bias and, in backward, the one weight product [X | 1]^T dgates also
     gives db as its last row (no separate broadcast copy or column sum over the window).
+    The first layer may come as tokens instead (`Kernels.table_input`): x [T,B] token ids and, in W's
+    place, the table [V,4H] = embedding · Wᵀ + b (bias None), so the window's input gates are the table's
+    rows gathered straight into the gates buffer, and backward returns, in the table's place, dtable =
+    Σ over each token's rows of dgates (autograd takes it on to the embedding, W and b through the
+    table's own product).
     """
 
     @staticmethod
     def forward(ctx, x, h0, c0, weight_ih, weight_hh, bias, lowp, kernels, history):  # type: ignore[override]
         with torch.autocast(x.device.type, enabled=False):
             acc = c0.dtype
-            steps, batch, n_in = x.shape
+            tokens = not x.is_floating_point()  # the first layer's input as a table lookup (class docstring)
+            steps, batch = x.shape[:2]
+            n_in = 0 if tokens else x.shape[2]
             hid = weight_hh.shape[1]
             dev = x.device
             mm = lowp if lowp is not None and lowp != acc else None
@@ -85,7 +92,10 @@ class LSTMWindow(torch.autograd.Function):
                 gates, hs, cs = static.views()
             hs[0].copy_(h0)
             cs[0].copy_(c0)
-            if mm is None:
+            if tokens:  # the input gates are the table's rows: one gather, no product
+                xa = x.reshape(steps * batch)
+                torch.index_select(weight_ih.to(acc), 0, xa, out=gates.view(steps * batch, 4 * hid))
+            elif mm is None:
                 # [X | 1], rows unpadded: measured faster for dgates^T [X | 1] than 16-aligned rows
                 xa = POOL.empty((steps * batch, n_in + 1), acc, dev)
                 xa[:, :n_in].copy_(x.reshape(steps * batch, n_in))
@@ -104,7 +114,8 @@ class LSTMWindow(torch.autograd.Function):
         ctx.lowp = mm
         ctx.static = static
         ctx.kernels, ctx.loops = kernels, loops
-        ctx.dtypes = (x.dtype, h0.dtype, weight_ih.dtype, weight_hh.dtype, bias.dtype)
+        ctx.tokens = tokens
+        ctx.dtypes = (x.dtype, h0.dtype, weight_ih.dtype, weight_hh.dtype, None if bias is None else bias.dtype)
         return hs[1:], cs[steps].clone()
 
     @staticmethod
@@ -141,7 +152,10 @@ class LSTMWindow(torch.autograd.Function):
             if need_wh:  # dU = dgates^T [h_{-1} .. h_{T-2}], in the operand order measured faster (products)
                 dw_hh = products.transposed_product(prods.grad_u if prods else "blas", dg_m,
                                                     hs[:steps].view(steps * batch, hid).to(mdt))
-            if mm is None:
+            if ctx.tokens:  # the table's gradient: each token's rows of dgates summed into its row
+                if need_wi:
+                    dw_ih = torch.zeros(weight_ih.shape, dtype=acc, device=dg2.device).index_add_(0, xa, dg2)
+            elif mm is None:
                 if need_wi or need_b:
                     # [X | 1]^T dgates = [dW | db]^T ([E+1, 4H]), in the operand order measured faster on
                     # this machine (products.grad_w). dW is handed back as a transposed view.
@@ -166,12 +180,15 @@ class LSTMWindow(torch.autograd.Function):
         )
 
 
-def lstm_layer_fast(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor,
+def lstm_layer_fast(x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Tensor],
                     kernels: "Kernels") -> Tuple[Tensor, Tensor, Tensor]:
     """A layer over a window with the hand-written backward, the time loops of `kernels`' entry:
-    x [T,B,E], h0/c0 [B,H], W [4H,E], U [4H,H], b [4H] -> (y [T,B,H], h_T, c_T), in c0's dtype."""
+    x [T,B,E], h0/c0 [B,H], W [4H,E], U [4H,H], b [4H] -> (y [T,B,H], h_T, c_T), in c0's dtype. Or, for
+    the first layer by table (`Kernels.table_input`): x [T,B] token ids, W the table [V,4H] (embedding ·
+    Wᵀ + b) and b None."""
     lowp = _lowp_dtype(x.device)
     # whether autograd records this window (inside the Function's forward grad mode is always off)
-    history = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, weight_ih, weight_hh, bias))
+    history = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                              for t in (x, h0, c0, weight_ih, weight_hh, bias))
     y, c_last = LSTMWindow.apply(x, h0, c0, weight_ih, weight_hh, bias, lowp, kernels, history)
     return y, y[-1], c_last

@@ -246,7 +246,7 @@ class WindowSets:
             return None
         if x.device.type not in _RECORDERS or (x.device.type != "cuda" and not kernels.force):
             return None
-        steps, batch, _ = x.shape
+        steps, batch = x.shape[:2]  # x [T,B,E], or [T,B] token ids (the first layer by table)
         hidden = weight_hh.shape[1]
         key = (x.device, steps, batch, hidden, weight_hh.dtype, acc, mm, kernels)
         sets = self.by_key.setdefault(key, [])

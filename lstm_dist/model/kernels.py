@@ -138,6 +138,9 @@ KERNELS: dict[str, KernelSpec] = {
 }
 
 
+TABLE_ROWS_PER_TOKEN = 4  # a window's first layer uses the input table from this many rows per vocabulary entry
+
+
 @dataclass(frozen=True)
 class Kernels:
     """Which kernels the layers run: made by `choose_kernels` (or directly, in tests and tools).
@@ -149,7 +152,8 @@ class Kernels:
     force: run the entry's loops on any device, not only its `devices` (how the tests run the compiled
     CUDA steps on the CPU); tf32: fp32 products run in TF32 (CUDA only; `choose_kernels` sets torch's
     flags to match); graphs: each layer's two time loops are recorded as CUDA graphs and replayed
-    every training window (`lstm_dist.model.graphs`; on the CPU only with `force`, as the tests run it).
+    every training window (`lstm_dist.model.graphs`; on the CPU only with `force`, as the tests run it);
+    input_table: the fast path's first layer takes its input gates from a [vocab, 4H] table (`table_input`).
     Raises ValueError for a name not in the table.
     """
 
@@ -159,6 +163,7 @@ class Kernels:
     force: bool = False
     tf32: bool = False
     graphs: bool = False
+    input_table: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in KERNELS:
@@ -177,6 +182,16 @@ class Kernels:
         takes = ((self.force or device_type in spec.devices) and dtype in spec.dtypes
                  and (spec.autocast_products or not autocast_products))
         return spec if takes else KERNELS["eager"]
+
+    def table_input(self, vocab: int, rows: int) -> bool:
+        """Whether the first layer of a window of `rows` = T·B tokens over a `vocab`-token vocabulary takes
+        its input gates from a table: the embedding followed by the first layer's input weights is one
+        [vocab, 4H] table, E·Wᵀ + b, so each row's gates are a lookup, and the window's three products
+        over T·B rows of width E (input, dX, dW) become three over vocab rows (the table, dE, dW) plus a
+        scatter of dgates into the table's gradient (`fast.LSTMWindow`). The same numbers to rounding.
+        Where `input_table` (the CPU's fast path, `choose_kernels`) and the window has at least
+        `TABLE_ROWS_PER_TOKEN` rows per vocabulary entry (else the table costs more than it saves)."""
+        return self.input_table and rows >= TABLE_ROWS_PER_TOKEN * vocab
 
     def compiles(self) -> bool:
         """Whether this entry's loops compile pointwise steps with torch.compile (the compiled entry)."""
@@ -199,8 +214,10 @@ class Kernels:
 
     def describe(self) -> str:
         """A short phrase for the log: the precision and the path, e.g. "fp32, C++ CPU loops" or
-        "bf16, compiled CUDA steps in CUDA graphs" (the CPU's matrix products: `products.describe()`)."""
-        return f"{self.precision()}, {self.spec.phrase}" + (" in CUDA graphs" if self.graphs else "")
+        "bf16, compiled CUDA steps in CUDA graphs", ", input by table" where `input_table` (the CPU's matrix
+        products: `products.describe()`)."""
+        return (f"{self.precision()}, {self.spec.phrase}" + (" in CUDA graphs" if self.graphs else "")
+                + (", input by table" if self.input_table else ""))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context the training step runs its forward in: bf16 autocast on CUDA when `bf16`, else none."""
@@ -275,7 +292,8 @@ def set_tf32(enabled: bool) -> None:
 
 
 def choose_kernels(model_cfg: ModelConfig, precision: str, device: torch.device, *, batch: int,
-                   say: Callable[[str], None], tf32: bool = True, bptt: Optional[int] = None) -> Kernels:
+                   say: Callable[[str], None], tf32: bool = True, bptt: Optional[int] = None,
+                   vocab: Optional[int] = None) -> Kernels:
     """The kernels every rank runs, chosen from the config and the machine (the module docstring).
 
     model_cfg: the run's `ModelConfig` (impl, compile, hidden are read); precision: `train.precision`
@@ -286,6 +304,8 @@ def choose_kernels(model_cfg: ModelConfig, precision: str, device: torch.device,
     bptt: the training window; on the CPU, with `model.cpu_matmul=auto`, each fp32 matrix product's
     implementation is measured at (batch, bptt) and the model's sizes (`products.choose`: cached per
     machine, agreed by every rank); None (inference) measures nothing and runs BLAS's unless forced.
+    vocab: the vocabulary's size; with bptt, on the CPU's fast path, the first layer takes its input by
+    table where a window has at least `TABLE_ROWS_PER_TOKEN` rows per token (`Kernels.table_input`).
     A collective: every rank calls it, at the same point (it gathers what each rank could run; with no
     process group it is a world of one). It may build the C++ loops (~30 s, once per version) or
     compile the pointwise steps; it draws no random number. Raises UserError for a `model.impl` or
@@ -307,7 +327,12 @@ def choose_kernels(model_cfg: ModelConfig, precision: str, device: torch.device,
         if spec.impl != impl or not spec.wanted(model_cfg, device):
             continue
         if _every_rank_can(spec, device, batch, model_cfg.hidden, tell) and device.type in spec.devices:
-            kernels = Kernels(name, bf16=bf16, tf32=tf32, products=_cpu_products(model_cfg, device, batch, bptt))
+            # the first layer's input by table lookup on the CPU's fast path (`Kernels.table_input`); not on
+            # CUDA until a GPU has measured its scatter of dgates (atomics into vocab rows) against the products
+            table = (impl == "fast" and device.type == "cpu" and vocab is not None and bptt is not None
+                     and batch * bptt >= TABLE_ROWS_PER_TOKEN * vocab)
+            kernels = Kernels(name, bf16=bf16, tf32=tf32, products=_cpu_products(model_cfg, device, batch, bptt),
+                              input_table=table)
             if graphed and device.type == "cuda" and _every_rank_graphs(kernels, device, batch, model_cfg.hidden, tell):
                 kernels = dataclasses.replace(kernels, graphs=True)
             return kernels

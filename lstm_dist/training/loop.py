@@ -146,7 +146,7 @@ class Trainer:
                                                         seed=cfg.run.seed, random_offset=cfg.data.random_offset))
         seed_everything(init_seed(cfg.run.seed))
         self.kernels = choose_kernels(cfg.model, t.precision, self.device, batch=t.batch_size, say=self.say,
-                                      tf32=t.tf32, bptt=t.bptt)
+                                      tf32=t.tf32, bptt=t.bptt, vocab=self.vocab.size)
         self.model = CharLSTM.from_config(cfg.model, self.vocab.size, kernels=self.kernels).to(self.device)
         self.optimizer = build_optimizer(self.model, t)
         # the documented rule: train.lr scaled to this run's batch, width, depth
