@@ -74,7 +74,7 @@ if [ $dry = 1 ]; then
   device=cpu; grid=(--shape "1,8,4,2" --bptt 8); cluster=(--shape "2,16,8,2" --bptt 8)
   tests=(--collect-only); reps=2; t_tests=120; t_cluster=120; t_bf16=120; t_fp32=120
   t_product=120; t_window=120; t_train=120; t_prepare=120
-  product=(--hidden 16 --batch 2 --bptt 8 --dtype float32); window=(--shape "2,16,8,2" --bptt 8 --dtype float32)
+  product=(--hidden 16 --batch-size 2 --bptt 8 --precision fp32); window=(--shape "2,16,8,2" --bptt 8 --precision fp32)
   model=(model.hidden=16 model.embedding=8 model.layers=2 train.batch_size=8 train.bptt=8 train.threads=1)
   # a corpus of this checkout's own text, small enough that the run's final evaluation (the whole valid
   # and test splits) takes a second, not the built-in corpus's ten
@@ -83,7 +83,7 @@ else
   device=cuda; grid=(); cluster=(--shape "2,2048,256,128" --bptt 256)
   # the parts' limits add up to 6 minutes; a part its limit stops keeps the rows it wrote
   tests=(); reps=10; t_tests=90; t_bf16=65; t_fp32=25; t_cluster=60; t_product=10; t_window=40; t_train=30; t_prepare=10
-  product=(--hidden 2048 --batch 128 --bptt 256 --dtype bfloat16); window=(--shape "2,2048,256,128" --bptt 256 --dtype bfloat16)
+  product=(--hidden 2048 --batch-size 128 --bptt 256 --precision bf16); window=(--shape "2,2048,256,128" --bptt 256 --precision bf16)
   model=(model.hidden=2048 model.embedding=256 model.layers=2 train.batch_size=128 train.bptt=256
          train.precision=bf16 model.compile=true)
   corpus=(--source stdlib-docs)
@@ -101,9 +101,9 @@ bench() {  # name, seconds, args...
 paths=eager,compiled,compiled+graphs,triton,triton+graphs  # model.compile / model.triton / model.cuda_graphs
 # on the CPU every path runs the C++ loops: two of them prove the --paths plumbing, in less of CI's time
 [ $dry = 1 ] && paths=eager,triton+graphs
-bench train_bf16 "$t_bf16" --train --dtype bfloat16 --repeats "$reps" "${grid[@]}" --paths "$paths"
-bench train_fp32 "$t_fp32" --train --dtype float32 --repeats "$reps" "${grid[@]}"
-bench cluster_step "$t_cluster" --train --dtype bfloat16 "${cluster[@]}" --repeats "$reps" --paths "$paths"
+bench train_bf16 "$t_bf16" --train --precision bf16 --repeats "$reps" "${grid[@]}" --paths "$paths"
+bench train_fp32 "$t_fp32" --train --precision fp32 --repeats "$reps" "${grid[@]}"
+bench cluster_step "$t_cluster" --train --precision bf16 "${cluster[@]}" --repeats "$reps" --paths "$paths"
 profile_part() {  # part, seconds, args...
   local part=$1 limit=$2; shift 2
   timeout "$limit" "$PY" -m lstm_dist.bench.profile "$part" --device "$device" "$@" --json --jsonl "$out/gpu_check.jsonl" \
