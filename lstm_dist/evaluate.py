@@ -1,4 +1,4 @@
-"""Bits per character of a checkpoint over a whole split or any text: `python -m lstm_dist.evaluate`.
+"""Bits per byte (or per character) of a checkpoint over a whole split or any text: `python -m lstm_dist.evaluate`.
 
     python -m lstm_dist.evaluate --checkpoint runs/smoke                        # the run's valid split
     python -m lstm_dist.evaluate --checkpoint runs/smoke --split test --json
@@ -18,13 +18,17 @@ the bytes vocabulary). A chars vocabulary whose training split had neither score
 id, and the note line names them. A file that is not UTF-8 is refused in one line naming the byte
 offset, with either vocabulary (the bytes vocabulary memory-maps the file after checking it in chunks).
 
-Every character but the first is predicted exactly once (`streams.eval_batches`): the text is cut into
-world × batch contiguous segments, each read window by window (`--bptt`) from a zero state with the
-state carried between windows; the ranks' sums are added up (`scoring.split_bits`). The result
-depends on world × batch (where the segments start), not on how the streams are spread over
-processes. "Characters" are the model's tokens: UTF-8 bytes with the bytes vocabulary.
-Output: one line (characters scored, total bits, bits per character), or with `--json` one JSON
-object with chars, bits, bpc and the settings. Only rank 0 prints.
+Every token but the first is predicted exactly once (`streams.eval_batches`), from the text before it:
+the text is cut into world × batch contiguous segments, each read window by window (`--bptt`) with the
+state carried between windows, and each but the first starts from a zero state one training window
+(the checkpoint's train.bptt) before its first scored token, reading that context unscored. The ranks'
+sums are added up (`scoring.split_bits`, the same code as training's evaluations). So the score
+barely depends on the number of streams or processes (within 0.001 bits from 1 to 1,024 streams:
+docs/scoring.md), and a layout of the same world × batch gives the same bits exactly.
+The tokens are bytes with the bytes vocabulary and characters with the chars vocabulary, and the
+score is named after them everywhere (docs/scoring.md): output is one line (bytes scored, total bits,
+bits per byte; or characters, bits per character), or with `--json` one JSON object with
+bytes, bits, bpb (chars, bits, bpc) and the settings. Only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -146,26 +150,28 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch or cfg.train.batch_size
         bptt = args.bptt or cfg.train.bptt
         t0 = time.perf_counter()
-        bits, chars = split_bits(model, data, rank=env.rank, world=env.world, batch=batch, bptt=bptt,
-                                 device=env.device, bf16=args.bf16)
+        context = cfg.train.bptt  # one window of the model's training: as long a context as training's evaluations
+        bits, count = split_bits(model, data, rank=env.rank, world=env.world, batch=batch, bptt=bptt,
+                                 device=env.device, bf16=args.bf16, context=context)
         seconds = time.perf_counter() - t0
         if not env.is_main:
             return 0
-        result = {"chars": chars, "bits": bits, "bpc": bits / chars, "source": what, "checkpoint": str(path),
+        u = vocab.units
+        result = {u.count: count, "bits": bits, u.score: bits / count, "source": what, "checkpoint": str(path),
                   "step": step, "vocab": vocab.kind, "unknown_chars": unknown,
                   "unknown_distinct": unknown_distinct[:50], "world": env.world, "batch": batch, "bptt": bptt,
+                  "context": context,
                   "device": str(env.device), "bf16": bool(args.bf16 and env.device.type == "cuda"),
-                  "seconds": seconds, "chars_per_s": chars / seconds if seconds > 0 else 0.0}
+                  "seconds": seconds, f"{u.count}_per_s": count / seconds if seconds > 0 else 0.0}
         if args.json:
             print(json.dumps(result), flush=True)
             return 0
         if unknown:
             print("note: " + lacking_note(what, unknown_distinct, "they are scored as its unknown id", count=unknown),
                   file=sys.stderr)
-        unit = "byte" if vocab.kind == "bytes" else "character"
-        print(f"{what}: {chars:,} {unit}s scored, {bits:,.4f} bits, {bits / chars:.4f} bits per {unit} "
-              f"(checkpoint {path}, step {step}; {env.world} process(es) × {batch} streams × bptt {bptt}; "
-              f"{seconds:.2f} s)", flush=True)
+        print(f"{what}: {count:,} {u.token}s scored, {bits:,.4f} bits, {bits / count:.4f} {u.per} "
+              f"(checkpoint {path}, step {step}; {env.world} process(es) × {batch} streams × bptt {bptt}, "
+              f"context {context}; {seconds:.2f} s)", flush=True)
     return 0
 
 

@@ -36,6 +36,7 @@ import torch
 from lstm_dist import config as config_mod
 from lstm_dist.common.distributed import DistEnv, cpu_threads, pick_device
 from lstm_dist.common.errors import UserError, run_cli
+from lstm_dist.data.corpus import Units
 from lstm_dist.data.run_corpus import open_corpus
 from lstm_dist.data.streams import TokenStream
 from lstm_dist.inference.scoring import LN2
@@ -55,6 +56,7 @@ class RangeTest:
     suggested: float
     lowest: float  # the rate where `smoothed` was lowest
     stopped_early: bool
+    units: Units  # the corpus vocabulary's names: the loss in bits per byte (bpb) or per character (bpc)
 
 
 def smooth(losses: list[float], beta: float) -> list[float]:
@@ -117,7 +119,7 @@ def range_test(cfg: config_mod.Config, world: int, start: float, end: float, ste
                         "(or check the model settings)")
     smoothed = smooth(losses, beta)
     suggested, lowest = suggest(rates, smoothed, divisor, skip=steps // 10)
-    return RangeTest(rates, losses, smoothed, suggested, lowest, stopped)
+    return RangeTest(rates, losses, smoothed, suggested, lowest, stopped, corpus.vocab.units)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.divisor, device)
     n = len(result.rates)
     picks = sorted({round(i * (n - 1) / (args.rows - 1)) for i in range(args.rows)})
-    print(f"{'rate':>10}  {'smoothed loss':>13}  {'bpc':>6}")
+    print(f"{'rate':>10}  {'smoothed loss':>13}  {result.units.score:>6}")
     for i in picks:
         mark = "  ← lowest" if result.rates[i] == result.lowest else ""
         print(f"{result.rates[i]:>10.3g}  {result.smoothed[i]:>13.4f}  {result.smoothed[i] / LN2:>6.3f}{mark}")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lstm_dist import config as config_mod
+from lstm_dist.data.corpus import UNITS, Corpus
 from lstm_dist.training import lr_rule
 from lstm_dist.common.errors import UserError, run_cli
 
@@ -62,13 +63,24 @@ def seeds_of(args: argparse.Namespace) -> list[int]:
     return [base + k for k in range(args.seeds)]
 
 
+def score_name(row: dict[str, Any]) -> str:
+    """The name of a result row's score, its corpus's (`bpb` for bytes, `bpc` for chars: docs/scoring.md).
+    Rows written before the two had names of their own say `valid_bpc` for either."""
+    return next(u.score for u in UNITS.values() if f"valid_{u.score}" in row)
+
+
+def valid_score(row: dict[str, Any]) -> float:
+    return row[f"valid_{score_name(row)}"]
+
+
 def rate_scores(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[float, float]:
-    """lr -> mean valid bpc over the sweep's seeds, for the rates where every seed was run."""
+    """lr -> mean valid score (bits per byte or character) over the sweep's seeds, for the rates where
+    every seed was run."""
     want = set(seeds_of(args))
     by_lr: dict[float, dict[int, float]] = {}
     for r in rows:
         if r["seed"] in want:
-            by_lr.setdefault(r["lr"], {})[r["seed"]] = r["valid_bpc"]
+            by_lr.setdefault(r["lr"], {})[r["seed"]] = valid_score(r)
     return {lr: statistics.fmean(v.values()) for lr, v in sorted(by_lr.items()) if set(v) == want}
 
 
@@ -114,11 +126,11 @@ class Results:
 
 
 def train_once(args: argparse.Namespace, results: Results, overrides: list[str], lr: float, name: str) -> float:
-    """One real training run at peak rate `lr` (the rule switched off); its final valid bpc."""
+    """One real training run at peak rate `lr` (the rule switched off); its final valid score."""
     key = run_key(overrides, lr)
     done = results.get(key)
     if done is not None:
-        return done["valid_bpc"]
+        return valid_score(done)
     run_dir = Path(args.out) / "runs"
     cmd = [sys.executable, "-m", "lstm_dist.train", f"data.path={args.data}", f"run.dir={run_dir}",
            f"run.name={name}", *overrides, f"train.lr={lr:.6g}", "train.lr_scaling=none",
@@ -130,26 +142,27 @@ def train_once(args: argparse.Namespace, results: Results, overrides: list[str],
     with log.open("w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - t0
-    bpc = math.inf  # a diverged run (non-finite stop) counts as infinitely bad
+    u = Corpus(args.data).vocab.units
+    score = math.inf  # a diverged run (non-finite stop) counts as infinitely bad
     summary = Path(run_dir) / name / "metrics.jsonl"
     if proc.returncode == 0:
         for line in summary.read_text().splitlines():
             row = json.loads(line)
-            if "valid_bpc" in row and "test_bpc" in row:
-                bpc = row["valid_bpc"]
+            if f"valid_{u.score}" in row and f"test_{u.score}" in row:
+                score = row[f"valid_{u.score}"]
     elif proc.returncode != 3:
         raise RuntimeError(f"run {name} failed with exit status {proc.returncode}; see {log}")
-    results.add({"key": key, "name": name, "lr": float(f"{lr:.6g}"), "valid_bpc": bpc, "wall_s": round(wall, 1),
-                 **json.loads(key)})
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: lr {lr:.4g} -> valid {bpc:.4f} bpc ({wall:.0f}s)", flush=True)
-    return bpc
+    results.add({"key": key, "name": name, "lr": float(f"{lr:.6g}"), f"valid_{u.score}": score,
+                 "wall_s": round(wall, 1), **json.loads(key)})
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: lr {lr:.4g} -> valid {score:.4f} {u.score} ({wall:.0f}s)", flush=True)
+    return score
 
 
 def sweep_cell(args: argparse.Namespace, results: Results, hidden: int, layers: int, batch: int) -> None:
     overrides = cell_overrides(args, hidden, layers, batch)
     center = rule_lr(overrides)
     cell = f"h{hidden}_l{layers}_b{batch}"
-    scores: dict[int, float] = {}  # exponent k -> bpc at center × 2^k
+    scores: dict[int, float] = {}  # exponent k -> valid score at center × 2^k
 
     def at(k: int) -> float:
         if k not in scores:
@@ -200,8 +213,9 @@ def cmd_table(args: argparse.Namespace) -> int:
     by_cell: dict[tuple, list[dict[str, Any]]] = {}
     for row in results.rows.values():
         by_cell.setdefault((row["hidden"], row["layers"], row["batch"]), []).append(row)
-    lines = ["| width × layers | global batch (streams) | rates swept: valid bpc | best rate | best bpc "
-             "| defaults' rate | defaults' bpc | defaults − best |",
+    unit = score_name(next(iter(results.rows.values()))) if results.rows else "bpb"
+    lines = [f"| width × layers | global batch (streams) | rates swept: valid {unit} | best rate | best {unit} "
+             f"| defaults' rate | defaults' {unit} | defaults − best |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     worst = 0.0
     for (hidden, layers, batch), rows in sorted(by_cell.items()):
@@ -222,9 +236,9 @@ def cmd_table(args: argparse.Namespace) -> int:
             gap = f"{gap_value:+.3f}"
         lines.append(f"| {hidden} × {layers} | {batch} | {swept} | {best:.3g} | {scores[best]:.3f} "
                      f"| {d_rate} | {d_bpc} | {gap} |")
-    print(f"valid bpc: the mean over {args.seeds} seed{'s' if args.seeds > 1 else ''} ({', '.join(map(str, seeds_of(args)))}) at every rate\n")
+    print(f"valid {unit}: the mean over {args.seeds} seed{'s' if args.seeds > 1 else ''} ({', '.join(map(str, seeds_of(args)))}) at every rate\n")
     print("\n".join(lines))
-    print(f"\nlargest gap between the defaults and the best swept rate: {worst:.3f} bpc")
+    print(f"\nlargest gap between the defaults and the best swept rate: {worst:.3f} {unit}")
     return 0
 
 
@@ -257,7 +271,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                 ranked.append((sum(g > args.tolerance for g in gaps.values()), max(gaps.values()),
                                sum(gaps.values()), a, b, d, lr))
     ranked.sort()
-    print(f"| cells more than {args.tolerance} bpc from their best | worst gap | sum of gaps | batch exp. "
+    unit = score_name(next(iter(results.rows.values())))
+    print(f"| cells more than {args.tolerance} {unit} from their best | worst gap | sum of gaps | batch exp. "
           "| width exp. | depth exp. | train.lr |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for misses, worst, total, a, b, d, lr in ranked[:args.top]:
@@ -283,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", default=[], metavar="section.key=value",
                        help="another setting for every run (repeatable)")
         p.add_argument("--seeds", type=int, default=2,
-                       help="runs per rate, seeds run.seed, run.seed+1, ...; a rate scores their mean valid bpc")
+                       help="runs per rate, seeds run.seed, run.seed+1, ...; a rate scores their mean valid score")
         if name == "run":
             p.add_argument("--data", required=True, help="prepared corpus directory")
             p.add_argument("--jobs", type=int, default=2, help="runs at the same time")
@@ -295,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                            help="lr_ref_batch of the rules ranked (default: the config's)")
             p.add_argument("--ref-hidden", type=int, default=config_mod.TrainConfig.lr_ref_hidden,
                            help="lr_ref_hidden of the rules ranked (default: the config's)")
-            p.add_argument("--tolerance", type=float, default=0.03, help="bpc a cell may be from its best")
+            p.add_argument("--tolerance", type=float, default=0.03, help="bits (per byte or character) a cell may be from its best")
             p.add_argument("--top", type=int, default=10, help="rules to print")
     args = parser.parse_args(argv)
     return {"run": cmd_run, "table": cmd_table, "fit": cmd_fit}[args.command](args)

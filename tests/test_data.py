@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 
 from lstm_dist.data.corpus import Corpus, Vocab, builtin_source_for, builtin_vocab_for, load_vocab  # noqa: E402
 from lstm_dist.data.prepare import prepare  # noqa: E402
-from lstm_dist.data.streams import Restore, TokenStream, eval_batches  # noqa: E402
+from lstm_dist.data.streams import Restore, TokenStream, eval_batches, eval_segments  # noqa: E402
 from lstm_dist.common.errors import UserError  # noqa: E402
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -458,29 +458,43 @@ def test_too_short_split_is_a_user_error():
 
 
 @SETTINGS
-@given(layouts(max_world=5, max_batch=5, max_bptt=9), st.integers(0, 250))
-def test_eval_covers_every_target_once(layout, n):
+@given(layouts(max_world=5, max_batch=5, max_bptt=9), st.integers(0, 250), st.integers(0, 30), st.integers(0, 3))
+def test_eval_scores_every_target_once_each_segment_after_its_context(layout, n, context, max_windows):
+    """Each segment reads the `context` positions before it (unscored) then its own, in order, so its
+    state can be carried; together the segments score positions 1..n-1 exactly once (with `max_windows`,
+    the first max_windows*bptt of each)."""
     world, batch, bptt = layout
     base = 1000
     data = positions(n) + base  # values never 0, so zeroed padding is recognisable
+    bounds = eval_segments(n, world * batch)
     targets = []
     for rank in range(world):
-        rows = [[] for _ in range(batch)]
-        for k, e in enumerate(eval_batches(data, rank, world, batch, bptt)):
+        read = [[] for _ in range(batch)]  # positions each segment reads, in order
+        scored = [[] for _ in range(batch)]
+        for k, e in enumerate(eval_batches(data, rank, world, batch, bptt, context=context, max_windows=max_windows)):
             assert e.reset == (k == 0)
             assert e.x.shape == e.y.shape == e.mask.shape == (batch, bptt)
             assert e.x.dtype == torch.int64 and e.mask.dtype == torch.bool
-            m = e.mask
-            assert torch.equal(e.x[m], e.y[m] - 1)  # x at target p is token p-1
-            assert not e.x[~m].any() and not e.y[~m].any()
-            # the mask is a prefix in each row: real targets first, padding after
-            assert torch.equal(m, torch.cummin(m.int(), dim=1).values.bool())
+            inside = e.y != 0
+            assert torch.equal(e.x[inside], e.y[inside] - 1)  # x at position p is token p-1, context included
+            assert not e.x[~inside].any() and not bool((e.mask & ~inside).any())
+            # in each row: what is read is a prefix of the window (padding only after the segment's end)
+            assert torch.equal(inside, torch.cummin(inside.int(), dim=1).values.bool())
             for i in range(batch):
-                rows[i].extend((e.y[i][m[i]] - base).tolist())
-        for row in rows:  # each segment is read in order, so its hidden state can be carried
-            assert row == list(range(row[0], row[0] + len(row))) if row else True
-            targets.extend(row)
-    assert sorted(targets) == list(range(1, n))
+                read[i].extend((e.y[i][inside[i]] - base).tolist())
+                scored[i].extend((e.y[i][e.mask[i]] - base).tolist())
+        for i in range(batch):
+            lo, hi = int(bounds[rank * batch + i]), int(bounds[rank * batch + i + 1])
+            want = list(range(lo, min(hi, lo + max_windows * bptt) if max_windows else hi))
+            assert scored[i] == want
+            # the context: the positions just before the segment, as many as there are (none for an empty one)
+            first = max(1, lo - context) if want else lo
+            assert read[i] == list(range(first, lo)) + want
+            targets.extend(scored[i])
+    if not max_windows:
+        assert sorted(targets) == list(range(1, n))
+    with pytest.raises(ValueError):
+        next(eval_batches(data, 0, world, batch, bptt, context=-1))
 
 
 def test_eval_on_a_memmap_with_partial_last_window(tmp_path):

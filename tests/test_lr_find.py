@@ -94,7 +94,7 @@ def test_suggestion_lands_near_the_best_rate_of_a_small_real_sweep(tmp_path):
     for lr in rates:
         run_train(1, *common, f"run.name=lr{lr}", f"train.lr={lr}", "train.lr_scaling=none", "train.steps=200",
                   cwd=tmp_path)
-        bpc[lr] = [m for m in read_metrics(tmp_path / "runs" / f"lr{lr}") if "test_bpc" in m][-1]["valid_bpc"]
+        bpc[lr] = [m for m in read_metrics(tmp_path / "runs" / f"lr{lr}") if "test_bpb" in m][-1]["valid_bpb"]
     best = min(bpc, key=bpc.get)
     assert best not in (rates[0], rates[-1]), f"the sweep must bracket its best rate: {bpc}"
     proc = lr_find(*common, "--steps", "100", cwd=tmp_path)

@@ -54,7 +54,7 @@ def test_sweep_runs_every_rate_with_each_seed_and_tables_their_mean(tmp_path, ti
                                            "train.batch_size=4"]), 1)
     by_lr: dict[float, dict[int, float]] = {}
     for r in rows:
-        by_lr.setdefault(r["lr"], {})[r["seed"]] = r["valid_bpc"]
+        by_lr.setdefault(r["lr"], {})[r["seed"]] = r["valid_bpb"]  # the tiny corpus: bytes
     assert len(by_lr) == 3 and len(rows) == 6, by_lr
     for lr, seeds in by_lr.items():
         k = math.log2(lr / center)

@@ -328,12 +328,14 @@ def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp
     assert load(run_dir / "config.yaml").train.steps == 6
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
-    evals = [r for r in rows if "valid_bpc" in r]
+    evals = [r for r in rows if "valid_bpb" in r]  # bits per byte: the tiny corpus has the bytes vocabulary
     assert [r["step"] for r in evals] == [3, 6]
-    # eval_max_windows=1 during training: one window of bptt 16 on each of 2 ranks × 4 streams
-    assert evals[0]["valid_chars"] == 2 * 4 * 16
-    (final,) = [r for r in rows if "test_bpc" in r]
-    assert final["valid_chars"] == 399 and final["test_chars"] == 399  # the final evaluation: all of it
+    # eval_max_windows=1 during training: one scored window of bptt 16 (after a window of context) in each
+    # of 2 ranks × 4 streams
+    assert evals[0]["valid_bytes"] == 2 * 4 * 16
+    (final,) = [r for r in rows if "test_bpb" in r]
+    assert final["valid_bytes"] == 399 and final["test_bytes"] == 399  # the final evaluation: all of it
+    assert not any(k.endswith(("bpc", "_chars")) for r in rows for k in r)  # one name per vocabulary
     # the logged numbers are the model's: the same bits computed here from the final checkpoint
     from lstm_dist.data.corpus import Corpus
     from lstm_dist.inference.load import load_model
@@ -343,7 +345,7 @@ def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp
     for split in ("valid", "test"):
         bits, count = split_bits(model, Corpus(tiny_corpus).split(split), rank=0, world=1, batch=8, bptt=16,
                                  device=torch.device("cpu"))
-        assert final[f"{split}_bpc"] == pytest.approx(bits / count, rel=1e-5), split
+        assert final[f"{split}_bpb"] == pytest.approx(bits / count, rel=1e-5), split
     assert any("sample" in r and r["sample"].startswith("The ") for r in rows)
     for key in ("chars_per_s", "data_ms", "fwd_bwd_ms", "opt_ms", "outside_fwd_bwd_pct", "grad_norm", "lr", "eta_s"):
         assert key in rows[0]

@@ -121,7 +121,7 @@ class TrainConfig:
     # -- evaluation during the run
     #: run a validation pass every this many steps; 0 only at the end
     eval_every: int = 200
-    #: cap on validation windows per evaluation during training, per rank; 0 evaluates the whole split (the final evaluation always does)
+    #: cap on the windows scored in each validation stream during training (each after its window of context, not counted); 0 evaluates the whole split (the final evaluation always does)
     eval_max_windows: int = 0
 
     # -- failed steps and divergence (training/stopping.py)

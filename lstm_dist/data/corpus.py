@@ -9,6 +9,10 @@ ids of each split, raw), vocab.json and meta.json. Vocabularies:
   0..n-1 as uint16, plus one reserved id n for any character the training split never had
   (counted and reported when valid/test are prepared).
 
+A score is named after its vocabulary's token, the same way everywhere it appears (console, `evaluate
+--json`, metrics.jsonl, W&B; `Vocab.units`, docs/scoring.md): ``bytes`` scores are bits per byte (``bpb``,
+counted in ``bytes``), ``chars`` scores bits per character (``bpc``, counted in ``chars``).
+
 Opening a `Corpus` checks the directory and reads nothing of the splits: `split(name)` is an O(1)
 memmap. Nothing here prepares a corpus; the training path imports only this and `streams`.
 
@@ -32,7 +36,7 @@ import codecs
 import json
 import os
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -74,6 +78,26 @@ def _prepare_hint(path: str | os.PathLike, source: str | None = None, vocab: str
     return f"python -m lstm_dist.data prepare --source {source} --out {path}{extra}"
 
 
+class Units(NamedTuple):
+    """The names of a vocabulary's token in scores: `token` in prose ("bits per byte"), `count` the key
+    of a number of tokens ("valid_bytes", evaluate's "bytes"), `score` the key of bits per token
+    ("valid_bpb", the training line's "bpb")."""
+
+    token: str
+    count: str
+    score: str
+
+    @property
+    def per(self) -> str:
+        """'bits per byte' or 'bits per character'."""
+        return f"bits per {self.token}"
+
+
+# One name per vocabulary: a bits-per-byte figure and a bits-per-character one measure different things
+# (a UTF-8 character is 1-4 bytes), so they never share a key.
+UNITS = {"bytes": Units("byte", "bytes", "bpb"), "chars": Units("character", "chars", "bpc")}
+
+
 class Vocab:
     """A character vocabulary: 'bytes' (256 ids, uint8) or 'chars' (the training split's
     characters + one unknown id, uint16)."""
@@ -106,6 +130,11 @@ class Vocab:
             lut[np.array([ord(c) for c in self.chars], dtype=np.int64)] = np.arange(len(self.chars), dtype=np.uint16)
             self._lut = lut
         return self._lut
+
+    @property
+    def units(self) -> Units:
+        """How scores over this vocabulary's tokens are named (`UNITS`)."""
+        return UNITS[self.kind]
 
     def encode(self, text: str) -> np.ndarray:
         if self.kind == "bytes":

@@ -4,7 +4,8 @@ Training (`TokenStream`): the split, after a per-epoch offset, is cut into ``wor
 contiguous streams of equal length; rank r reads streams [r*batch, (r+1)*batch) and window k of
 every stream covers its characters [k*bptt, k*bptt+bptt] (x is the first bptt of them, y the last
 bptt). Ranks never share a training character in one epoch. Evaluation (`eval_batches`) instead
-covers every predictable position of a split exactly once, the short tail included.
+scores every predictable position of a split exactly once, the short tail included, each segment
+after reading the text just before it as unscored context.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Batch(NamedTuple):
 class EvalBatch(NamedTuple):
     x: torch.Tensor  # int64 [batch, bptt]
     y: torch.Tensor  # int64 [batch, bptt]
-    mask: torch.Tensor  # bool [batch, bptt]: True where y is a real target to score
+    mask: torch.Tensor  # bool [batch, bptt]: True where y is a target to score (not context, not past the end)
     reset: bool  # first window of the segments: start from a zero hidden state
 
 
@@ -128,29 +129,43 @@ def eval_segments(n: int, streams: int) -> np.ndarray:
     return 1 + (np.arange(streams + 1, dtype=np.int64) * targets) // streams
 
 
-def eval_batches(data: np.ndarray, rank: int, world: int, batch: int, bptt: int) -> Iterator[EvalBatch]:
-    """Every predictable position of `data` exactly once across all ranks.
+def eval_batches(data: np.ndarray, rank: int, world: int, batch: int, bptt: int, *, context: int = 0,
+                 max_windows: int = 0) -> Iterator[EvalBatch]:
+    """Every predictable position of `data` exactly once across all ranks, each with the text before it.
 
-    Target positions 1..n-1 are cut into world*batch contiguous segments as equal as possible;
-    rank r scores segments [r*batch, (r+1)*batch), window by window (bptt targets each, the
-    hidden state carried between windows); x at a target p is token p-1. The last window is
-    partial where a segment's length is not a multiple of bptt: `mask` marks the real targets
-    (x and y are 0 elsewhere). Segments may be empty (n-1 < world*batch); ranks may yield
-    different numbers of windows, so do not put collectives inside the loop.
+    Target positions 1..n-1 are cut into world*batch contiguous segments as equal as possible
+    (`eval_segments`); rank r reads segments [r*batch, (r+1)*batch), window by window (bptt positions
+    each, the hidden state carried between windows); x at a target p is token p-1. A segment that
+    starts at position lo first reads the `context` positions before it, [max(1, lo - context), lo),
+    from a zero state: they go through the model (its hidden state then holds that text, as it would
+    in one long stream) but `mask` leaves them out, so nothing is scored twice. The first segment
+    (lo = 1) has nothing before it. `max_windows` > 0 scores only the first max_windows*bptt
+    targets of each segment (after its context). `mask` marks the targets to score; x and y are the
+    real tokens wherever a segment is read (context included) and 0 past its end, in the partial
+    last window. Segments may be empty (n-1 < world*batch); ranks may yield different numbers of
+    windows, so do not put collectives inside the loop. Raises ValueError on a bad layout, or a
+    negative `context` or `max_windows`.
     """
-    if world < 1 or batch < 1 or bptt < 1 or not 0 <= rank < world:
-        raise ValueError(f"bad layout rank={rank} world={world} batch={batch} bptt={bptt}")
+    if world < 1 or batch < 1 or bptt < 1 or not 0 <= rank < world or context < 0 or max_windows < 0:
+        raise ValueError(f"bad layout rank={rank} world={world} batch={batch} bptt={bptt} context={context} "
+                         f"max_windows={max_windows}")
     n = int(len(data))
     bounds = eval_segments(n, world * batch)
     lo, hi = bounds[rank * batch:(rank + 1) * batch], bounds[rank * batch + 1:(rank + 1) * batch + 1]
-    longest = int((hi - lo).max()) if n > 1 else 0
+    if max_windows:
+        hi = np.minimum(hi, lo + max_windows * bptt)
+    # the first position each segment reads: its context before lo; an empty segment reads nothing
+    start = np.where(hi > lo, np.maximum(1, lo - context), lo)
+    longest = int((hi - start).max()) if n > 1 else 0
     cols = np.arange(bptt, dtype=np.int64)
     for k in range(-(-longest // bptt)):
-        first = lo + k * bptt  # first target of this window, per segment
-        valid = np.add.outer(first, cols) < hi[:, None]
-        # read [first-1, first+bptt) clipped into the split, then blank what is not a real target
+        first = start + k * bptt  # first position of this window, per segment
+        pos = np.add.outer(first, cols)
+        inside = pos < hi[:, None]  # read: context or target
+        # read [first-1, first+bptt) clipped into the split, then blank what lies past the segment's end
         idx = np.minimum(np.add.outer(first - 1, np.arange(bptt + 1, dtype=np.int64)), n - 1)
         chunk = np.asarray(data[idx]).astype(np.int64)
-        x = np.where(valid, chunk[:, :-1], 0)  # separate arrays: x and y overlap inside chunk
-        y = np.where(valid, chunk[:, 1:], 0)
-        yield EvalBatch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(valid), k == 0)
+        x = np.where(inside, chunk[:, :-1], 0)  # separate arrays: x and y overlap inside chunk
+        y = np.where(inside, chunk[:, 1:], 0)
+        scored = inside & (pos >= lo[:, None])
+        yield EvalBatch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(scored), k == 0)

@@ -1,3 +1,3 @@
-"""Using a trained model: bits per character over a split (`scoring`, also the trainer's evaluation),
+"""Using a trained model: bits per byte or character over a split (`scoring`, also the trainer's evaluation),
 drawing text one character at a time (`sampling`), and a model loaded from its checkpoint (`load`).
 Entry points: `python -m lstm_dist.evaluate`, `python -m lstm_dist.generate`."""

@@ -1,8 +1,12 @@
-"""Bits per character over a whole split: every predictable character once, summed across ranks.
+"""Bits over a whole split: every predictable token once, with the text before it, summed across ranks.
 
 Shared by the training loop's evaluations and `python -m lstm_dist.evaluate`. The split is cut by
 `streams.eval_batches` into world × batch contiguous segments with the hidden state carried inside
-each; the masked tail of the last window is scored too, so the total covers the split exactly.
+each; every segment but the first starts `context` tokens early (one window, `bptt`, unless told)
+and reads them unscored, so its first scored token is predicted from the text before it, as in one
+long stream, and the score barely depends on how many streams or processes there are
+(docs/scoring.md measures it). The masked tail of the last window is scored too, so the total
+covers the split exactly: n - 1 tokens of a split of n, each once.
 """
 
 from __future__ import annotations
@@ -22,8 +26,15 @@ LN2 = math.log(2.0)
 
 @torch.no_grad()
 def split_bits(model: torch.nn.Module, data: np.ndarray, *, rank: int, world: int, batch: int, bptt: int,
-               device: torch.device, bf16: bool = False, max_windows: int = 0) -> tuple[float, int]:
-    """(total bits, characters scored) over all ranks; `max_windows` > 0 caps each rank's windows."""
+               device: torch.device, bf16: bool = False, max_windows: int = 0,
+               context: int | None = None) -> tuple[float, int]:
+    """(total bits, tokens scored) of `data` (a 1-D array of token ids, n of them) over all ranks:
+    -log2 p of tokens 1..n-1, each once (all n - 1 of them unless `max_windows`), this rank reading
+    its `batch` of the world × batch segments `bptt` tokens a window. Every segment but the first
+    first reads the `context` tokens before it (default `bptt`) without scoring them. `max_windows`
+    > 0 scores only the first max_windows × bptt tokens of each segment, after its context (a
+    cheaper estimate). Every rank must call it (the sums are all-reduced); `bf16` autocasts on
+    CUDA. Raises ValueError on a bad layout or a negative `context`."""
     was_training = model.training
     model.eval()
     bits = torch.zeros((), dtype=torch.float64, device=device)
@@ -31,9 +42,8 @@ def split_bits(model: torch.nn.Module, data: np.ndarray, *, rank: int, world: in
     state = None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
     try:
-        for i, eb in enumerate(eval_batches(data, rank, world, batch, bptt)):
-            if max_windows and i >= max_windows:
-                break
+        for eb in eval_batches(data, rank, world, batch, bptt, max_windows=max_windows,
+                               context=bptt if context is None else context):
             x = eb.x.to(device, non_blocking=True)
             y = eb.y.to(device, non_blocking=True)
             mask = eb.mask.to(device, non_blocking=True)

@@ -1,6 +1,8 @@
-"""What a training run measures besides its loss: bits per character on the valid split during
-training (`train.eval_every`, at most `train.eval_max_windows` windows), on all of valid and test at
-the end, and a short text sample after each (rank 0, on a generator of its own: the training
+"""What a training run measures besides its loss: bits per token (per byte or per character, after the
+vocabulary: `Vocab.units`) on the valid split during training (`train.eval_every`, at most
+`train.eval_max_windows` scored windows per segment), on all of valid and test at the end (the same
+scoring as `python -m lstm_dist.evaluate`: `inference.scoring.split_bits`, each segment after one
+window of context), and a short text sample after each (rank 0, on a generator of its own: the training
 generators are untouched, so an exact resume does not depend on when samples were drawn).
 """
 
@@ -34,13 +36,13 @@ class Evaluation:
         self.cfg, self.env, self.model, self.vocab, self.splits, self.bf16, self.say = (
             cfg, env, model, vocab, splits, bf16, say)
 
-    def bpc(self, split: str, max_windows: int = 0) -> tuple[float, int]:
-        """(bits per character, characters scored) on `split`, over all ranks; `max_windows` > 0
-        scores only the first windows of each rank's streams."""
+    def score(self, split: str, max_windows: int = 0) -> tuple[float, int]:
+        """(bits per token, tokens scored) on `split`, over all ranks; `max_windows` > 0 scores only
+        the first max_windows × bptt tokens of each segment (after its context of one window)."""
         t = self.cfg.train
         bits, count = split_bits(self.model, self.splits[split], rank=self.env.rank, world=self.env.world,
                                  batch=t.batch_size, bptt=t.bptt, device=self.env.device, bf16=self.bf16,
-                                 max_windows=max_windows)
+                                 max_windows=max_windows, context=t.bptt)
         if count == 0:  # scorable() refuses such a split at start-up; a score of 0 from nothing is never reported
             raise RuntimeError(f"the {split} split gave no character to score")
         return bits / count, count
@@ -48,8 +50,9 @@ class Evaluation:
     def periodic(self, step: int, metrics: Metrics) -> None:
         """The valid score during training, then a sample."""
         t0 = time.perf_counter()
-        bpc, count = self.bpc("valid", self.cfg.train.eval_max_windows)
-        metrics.log(step, {"valid_bpc": bpc, "valid_chars": count, "eval_s": time.perf_counter() - t0})
+        u = self.vocab.units
+        score, count = self.score("valid", self.cfg.train.eval_max_windows)
+        metrics.log(step, {f"valid_{u.score}": score, f"valid_{u.count}": count, "eval_s": time.perf_counter() - t0})
         self.sample(step, metrics)
 
     def sample(self, step: int, metrics: Metrics) -> None:
@@ -64,20 +67,21 @@ class Evaluation:
         Raises NonFiniteStop when a score is not finite or above `train.divergence_ratio` × that of
         a uniform guess: a diverged model never ends a run with exit 0."""
         t0 = time.perf_counter()
-        valid_bpc, valid_chars = self.bpc("valid")
-        test_bpc, test_chars = self.bpc("test")
-        scores = {"valid_bpc": valid_bpc, "test_bpc": test_bpc, "valid_chars": valid_chars, "test_chars": test_chars,
-                  "eval_s": time.perf_counter() - t0}
+        u = self.vocab.units
+        valid, valid_count = self.score("valid")
+        test, test_count = self.score("test")
+        scores = {f"valid_{u.score}": valid, f"test_{u.score}": test, f"valid_{u.count}": valid_count,
+                  f"test_{u.count}": test_count, "eval_s": time.perf_counter() - t0}
         metrics.log(step, scores)
         metrics.summary(scores)
         self.sample(step, metrics)
         limit = self.cfg.train.divergence_ratio * math.log2(self.vocab.size)
-        worst = max(valid_bpc, test_bpc)
+        worst = max(valid, test)
         if not math.isfinite(worst) or (limit and worst > limit):
             raise NonFiniteStop(
-                f"the final model scores valid {valid_bpc:.4g}, test {test_bpc:.4g} bits per character, above "
+                f"the final model scores valid {valid:.4g}, test {test:.4g} {u.per}, above "
                 f"{limit:.4g} (train.divergence_ratio × log2 {self.vocab.size}, the score of a uniform guess): it has "
                 "diverged; start a new run.name with a lower train.lr, or resume from a checkpoint written before "
                 "it diverged (checkpoint.resume=PATH)")
-        self.say(f"done: step {step}, valid {valid_bpc:.4f} bpc over {valid_chars:,} characters, "
-                 f"test {test_bpc:.4f} bpc over {test_chars:,} characters")
+        self.say(f"done: step {step}, valid {valid:.4f} {u.score} over {valid_count:,} {u.token}s, "
+                 f"test {test:.4f} {u.score} over {test_count:,} {u.token}s")

@@ -334,8 +334,9 @@ class Trainer:
     def _log(self, window: LogInterval, norm: float) -> None:
         p = self.progress
         loss, timing = window.take(self.cfg.train.steps - p.step)
-        values = {"epoch": self.stream.epoch, "loss": loss, "bpc": loss / LN2, "lr": self.schedule.lr(p.step),
-                  "grad_norm": norm, **timing}
+        # bits per token, named after the vocabulary (bpb or bpc), as the evaluations name theirs
+        values = {"epoch": self.stream.epoch, "loss": loss, self.vocab.units.score: loss / LN2,
+                  "lr": self.schedule.lr(p.step), "grad_norm": norm, **timing}
         if p.nonfinite.total:
             values["nonfinite_steps"] = p.nonfinite.total
         self.metrics.log(p.step, values)

@@ -6,7 +6,7 @@ loop only ever talks to one of these two.
 Three sinks, in order of trust:
 
 - console: one line per `log` call, written for a person:
-  ``step 120 | epoch 0 | loss 1.8342 | bpc 2.6461 | lr 3.00e-03 | 47.7k chars/s | ETA 3m49s``;
+  ``step 120 | epoch 0 | loss 1.8342 | bpb 2.6461 | lr 3.00e-03 | 47.7k chars/s | ETA 3m49s``;
 - `JsonlSink`, ``run_dir/metrics.jsonl``: one JSON object per call (``step``, wall-clock ``time``
   in Unix seconds, then the values at full precision), flushed every call, appended across
   resumes. It is strict JSON (``json.dumps(allow_nan=False)``): a non-finite float (a diverged
@@ -272,7 +272,7 @@ class Metrics:
         self.wandb.log_text(step, key, str(text))
 
     def summary(self, values: Mapping[str, Any]) -> None:
-        """Final numbers (e.g. valid/test bpc): a JSONL ``summary`` row and the W&B run summary."""
+        """Final numbers (e.g. valid/test scores): a JSONL ``summary`` row and the W&B run summary."""
         if self._closed:
             return
         values = {str(k): _scalar(v) for k, v in values.items()}
