@@ -9,16 +9,20 @@ is smoothed with a bias-corrected moving average. It stops early once the smooth
 peak rate, and the `train.lr` that gives that rate under the learning-rate rule
 (`lstm_dist/training/lr_rule.py`) for the world size you will train with.
 
-It writes nothing into a run directory: no checkpoint, no metrics, no W&B (only `--csv FILE`, if
-you ask for it). The suggestion is the rate where the smoothed loss is lowest, divided by
-`--divisor` (default 1.2). Measured on the 18 cells of docs/lr_sweep.md (100 steps against the
-best rate of real 500-step runs, two seeds each, the defaults' AdamW without momentum): the lowest
-point sat 1.5-4.2x above the best rate for one layer and 0.32-0.62x of it (below it) for two,
-because a stack's loss stalls for a while as the rate rises during the test. 1.2 is the divisor
-that keeps the worst cell closest (within 3.8x either way): the suggestion tends to be high for
-one layer and low for a stack, so read it as the middle of a small sweep (half, once and twice
-it), not as the answer. It raises the rate slowly (a warm-up of its own), so it cannot see a
-model that fails when it starts at full rate.
+It writes nothing into a run directory: no checkpoint, no metrics. The curve goes to W&B as a run of
+its own (x = the learning rate; `log.wandb.mode` as in training: offline where no API key is
+configured, `disabled` for none), under `run.dir/lr_find/run.name/wandb/` (a new W&B run each time),
+and the last lines say where and how to see it: `wandb leet FOLDER` in a terminal, or `wandb sync
+FOLDER` and the W&B UI (set the panel's x axis to log scale). `--csv FILE` writes every step too.
+
+The suggestion is the rate where the smoothed loss is lowest, divided by `--divisor` (default 1.2).
+Measured on the 18 cells of docs/lr_sweep.md (100 steps against the best rate of real 500-step
+runs, two seeds each, the defaults' AdamW without momentum): the lowest point sat 1.5-4.2x above
+the best rate for one layer and 0.32-0.62x of it (below it) for two, because a stack's loss stalls
+for a while as the rate rises during the test. 1.2 is the divisor that keeps the worst cell closest
+(within 3.8x either way): the suggestion tends to be high for one layer and low for a stack, so
+read it as the middle of a small sweep (half, once and twice it), not as the answer. It raises the
+rate slowly (a warm-up of its own), so it cannot see a model that fails when it starts at full rate.
 
     python -m lstm_dist.lr_find --config configs/smoke.yaml --world 2
     python -m lstm_dist.lr_find model.hidden=256 train.batch_size=32 --steps 200 --csv /tmp/lr.csv
@@ -30,6 +34,7 @@ import argparse
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,6 +51,7 @@ from lstm_dist.training import lr_rule
 from lstm_dist.training.optim import build_optimizer
 from lstm_dist.training.seeds import seed_everything
 from lstm_dist.training.step import TrainingStep
+from lstm_dist.training.wandb_sink import WandbSink
 
 
 @dataclass
@@ -120,6 +126,50 @@ def range_test(cfg: config_mod.Config, world: int, start: float, end: float, ste
     smoothed = smooth(losses, beta)
     suggested, lowest = suggest(rates, smoothed, divisor, skip=steps // 10)
     return RangeTest(rates, losses, smoothed, suggested, lowest, stopped, corpus.vocab.units)
+
+
+def wandb_dir(cfg: config_mod.Config) -> Path:
+    """Where the range test's W&B runs go: `run.dir/lr_find/run.name` (beside the run directories, not
+    in the run's own, so a training run of that name starts fresh)."""
+    return Path(cfg.run.dir) / "lr_find" / cfg.run.name
+
+
+def log_curve(cfg: config_mod.Config, result: RangeTest, settings: dict, say=print) -> Path | None:
+    """The range test as a W&B run of its own, under `wandb_dir(cfg)`, in `log.wandb.mode` (chosen as
+    training chooses it: `training.wandb_sink.WandbSink`; a fresh run id every time): one history row
+    per step (step = the optimizer step, 1-based) with `lr`, `loss` (nats per token),
+    `smoothed_loss` and the smoothed loss in bits (`smoothed_bpb` or `smoothed_bpc`, after the
+    vocabulary), each plotted against `lr` (`define_metric`); the summary holds `suggested_lr`,
+    `lowest_lr` and `stopped_early`; `settings` (the command's options) join the config. Returns the
+    W&B run's folder, or None where W&B is off (disabled, wandb missing, or failed: one line says so)."""
+    w = cfg.log.wandb
+    sink = WandbSink(wandb_dir(cfg), w.mode, {**cfg.to_dict(), "lr_find": settings}, w.project, w.entity or None,
+                     f"lr_find-{cfg.run.name}", w.init_timeout, 60.0, say, keep_id=False)
+    if sink.run is None:
+        return None
+    folder = Path(sink.run.dir).parent  # wandb/offline-run-<time>-<id> (or run-... online)
+    bits = f"smoothed_{result.units.score}"
+
+    def curve(run) -> None:
+        for key in ("loss", "smoothed_loss", bits):
+            run.define_metric(key, step_metric="lr")
+        for i, (lr, loss, smoothed) in enumerate(zip(result.rates, result.losses, result.smoothed), 1):
+            run.log({"lr": lr, "loss": loss, "smoothed_loss": smoothed, bits: smoothed / LN2}, step=i)
+        run.summary.update({"suggested_lr": result.suggested, "lowest_lr": result.lowest,
+                            "stopped_early": result.stopped_early})
+
+    sink.call(curve)
+    online = sink.mode == "online" and sink.run is not None
+    url = getattr(sink.run, "url", None) if online else None
+    sink.close()
+    if sink.mode == "disabled":  # failed while logging: the sink said so
+        return None
+    if online:
+        say(f"W&B: the curve (x = learning rate) is run {url or folder.name}")
+    else:
+        say(f"W&B: the curve (x = learning rate) is the offline run {folder}; see it in a terminal with "
+            f"`wandb leet {folder}`, or upload it with `wandb sync {folder}` and open it in the W&B UI")
+    return folder
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -197,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             f.write("step,lr,loss,smoothed\n")
             for i, (r, loss, s) in enumerate(zip(result.rates, result.losses, result.smoothed), 1):
                 f.write(f"{i},{r:.6g},{loss:.6f},{s:.6f}\n")
+    settings = {k: getattr(args, k) for k in ("world", "start", "end", "steps", "smooth", "stop_factor", "divisor")}
+    log_curve(cfg, result, settings)
     return 0
 
 

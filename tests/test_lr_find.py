@@ -1,5 +1,6 @@
-"""The LR range test through its real entry point: bad input, what it prints and writes, and that
-its suggestion lands near the best rate of a small real sweep."""
+"""The LR range test through its real entry point: bad input, what it prints and writes (its curve as
+an offline W&B run, read back with wandb's own reader), and that its suggestion lands near the best
+rate of a small real sweep."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import child_env, read_metrics, run_train
 from lstm_dist.common.errors import run_cli
 from lstm_dist.lr_find import main
+from test_metrics import CLOSED_URL, history, inspect_run, run_record, summary_of
 
 SMALL = ["model.embedding=16", "model.hidden=64", "model.layers=1", "model.compile=false", "train.batch_size=16",
          "train.bptt=32", "train.device=cpu", "train.threads=1"]
@@ -62,7 +65,7 @@ def test_range_test_runs_prints_a_table_and_writes_nothing_into_the_run_director
     run_dir = tmp_path / "runs"
     csv = tmp_path / "lr.csv"
     proc = lr_find(*SMALL, "train.batch_size=4", "train.bptt=16", f"data.path={tiny_corpus}", f"run.dir={run_dir}",
-                   "run.name=real", "--steps", "40", "--start", "1e-4", "--end", "1", "--world", "2",
+                   "run.name=real", "log.wandb.mode=disabled", "--steps", "40", "--start", "1e-4", "--end", "1", "--world", "2",
                    "--csv", str(csv), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -74,9 +77,86 @@ def test_range_test_runs_prints_a_table_and_writes_nothing_into_the_run_director
     s = suggested(out)
     assert math.isfinite(s) and 1e-4 <= s <= 1.0
     assert "train.lr=" in out and "peak lr" in out
-    assert not run_dir.exists(), "the range test must not write into a run directory"
+    assert not run_dir.exists(), "the range test must not write into a run directory (nor W&B files when disabled)"
     lines = csv.read_text().splitlines()
     assert lines[0] == "step,lr,loss,smoothed" and 2 <= len(lines) - 1 <= 40
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """wandb's own files under tmp_path, no credentials, a server that refuses connections (as in
+    tests/test_metrics.py, without moving HOME: torch's extension cache stays where it was built)."""
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        (tmp_path / name.lower()).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-such-netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", CLOSED_URL)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_RUN_ID", "WANDB_PROJECT", "WANDB_ENTITY"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    if "wandb" in sys.modules and sys.modules["wandb"] is not None:
+        sys.modules["wandb"].teardown()
+
+
+def lr_find_here(capsys, *args: str) -> str:
+    """`python -m lstm_dist.lr_find ARGS` by its main() in this process: its stdout (exit status 0)."""
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        assert main(list(args)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return capsys.readouterr().out
+
+
+def test_the_curve_goes_to_an_offline_wandb_run_with_the_rate_as_x(tmp_path, tiny_corpus, capsys, offline_wandb):
+    """Issue 21 part 4: the range test's steps as a W&B run of its own under run.dir/lr_find/run.name
+    (not the run's directory), offline without a key: every step's rate, loss and smoothed loss, plotted
+    against the rate (define_metric), the suggestion in the summary; the last line says where it is
+    and how to see it. A second test is a second W&B run beside the first."""
+    runs = tmp_path / "runs"
+    args = [*SMALL, "model.hidden=16", "train.batch_size=4", "train.bptt=16", f"data.path={tiny_corpus}",
+            f"run.dir={runs}", "run.name=real", "log.wandb.mode=auto", "--steps", "20", "--csv", str(tmp_path / "lr.csv")]
+    out = lr_find_here(capsys, *args)
+    folders = sorted((runs / "lr_find" / "real" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 1 and sorted(p.name for p in runs.iterdir()) == ["lr_find"]  # no run directory
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"W&B: the curve (x = learning rate) is the offline run {folders[0]}; ") and \
+        f"`wandb leet {folders[0]}`" in last and f"`wandb sync {folders[0]}`" in last, out
+    assert f"{'bpb':>6}" in out.splitlines()[1]  # the table's bits are per byte: a bytes corpus
+    records = inspect_run(folders[0])
+    rows = history(records)
+    csv = [line.split(",") for line in (tmp_path / "lr.csv").read_text().splitlines()[1:]]
+    assert sorted(rows) == [int(step) for step, *_ in csv] == list(range(1, 21))
+    for step, lr, loss, smoothed in csv:
+        row = rows[int(step)]
+        assert row["lr"] == pytest.approx(float(lr), rel=1e-5) and row["loss"] == pytest.approx(float(loss), abs=1e-6)
+        assert row["smoothed_bpb"] == pytest.approx(float(smoothed) / math.log(2), abs=1e-5)
+    axes = {r["metric"]["name"]: r["metric"].get("step_metric") for r in records if r["type"] == "metric"}
+    assert axes == {"loss": "lr", "smoothed_loss": "lr", "smoothed_bpb": "lr"}
+    summary = summary_of(records)
+    assert summary["suggested_lr"] == pytest.approx(suggested(out), rel=1e-2) and summary["stopped_early"] in (True, False)
+    assert run_record(records)["config"]  # the settings travel with the curve
+    lr_find_here(capsys, *args)
+    again = sorted((runs / "lr_find" / "real" / "wandb").glob("offline-run-*"))
+    assert len(again) == 2 and len({p.name.rsplit("-", 1)[1] for p in again}) == 2  # two runs, two ids
+
+
+def test_without_wandb_the_range_test_goes_on_and_says_so_once(tmp_path, tiny_corpus, capsys, offline_wandb,
+                                                                monkeypatch):
+    """wandb missing (an import that fails, as on the GPU machines): one warning line, no W&B files, the
+    table and the suggestion as ever; `disabled` does not try."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    runs = tmp_path / "runs"
+    args = [*SMALL, "model.hidden=16", "train.batch_size=4", "train.bptt=16", f"data.path={tiny_corpus}",
+            f"run.dir={runs}", "run.name=real"]
+    out = lr_find_here(capsys, *args, "log.wandb.mode=offline", "--steps", "20")
+    warnings = [line for line in out.splitlines() if "W&B" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: W&B offline needs the wandb package"), out
+    assert "suggested peak rate" in out and not list(runs.rglob("offline-run-*"))
+    out = lr_find_here(capsys, *args, "log.wandb.mode=disabled", "--steps", "20")
+    assert "W&B" not in out and not list(runs.rglob("offline-run-*"))
 
 
 @pytest.mark.slow

@@ -25,10 +25,10 @@ def new_run_id() -> str:
 
 def wandb_finds_key() -> bool:
     """Whether wandb would find an API key for an online run (WANDB_API_KEY, the netrc, `wandb login`),
-    whatever WANDB_MODE says; no prompt, no network."""
-    import wandb
-
+    whatever WANDB_MODE says; no prompt, no network. False where wandb is not installed."""
     try:
+        import wandb
+
         # wandb.login answers False without looking while WANDB_MODE says offline or disabled, so ask
         # as for the online run about to start (its init's mode= wins over WANDB_MODE as well); and
         # silently, else it asks the server who is logged in (5 s where the server is out of reach).
@@ -89,7 +89,9 @@ class WandbSink:
       itself, and when the two differ one line says so (and that `auto` follows `WANDB_MODE`).
       Online without a key, whichever chose it, is offline with one warning;
     - the run id: made here before the first init (`WANDB_RUN_ID` when set, else a fresh one) and kept
-      in ``run_dir/wandb_run_id``, so a restarted job continues the same W&B run;
+      in ``run_dir/wandb_run_id``, so a restarted job continues the same W&B run (with `keep_id=False`,
+      a fresh id each time, kept nowhere: every start is a W&B run of its own, as `lr_find`'s are);
+    - wandb not installed: W&B is off, said in one line (`disabled` never imports it);
     - an online init that fails (no server, a timeout) falls back to offline with that same run id
       (so `wandb sync` later fills the same run), and the failed attempt's folder
       (``run_dir/wandb/run-*-<id>``, a stub that would sync as an empty run) is removed;
@@ -97,8 +99,8 @@ class WandbSink:
     """
 
     def __init__(self, run_dir: Path, mode: str, config: dict, project: str, entity: str | None,
-                 run_name: str | None, init_timeout: float, finish_timeout: float, say) -> None:
-        self.run_dir, self.say = run_dir, say
+                 run_name: str | None, init_timeout: float, finish_timeout: float, say, keep_id: bool = True) -> None:
+        self.run_dir, self.say, self.keep_id = run_dir, say, keep_id
         self.dir = run_dir / "wandb"
         self.mode = "disabled"  # the mode actually in use
         self.run: Any = None
@@ -112,14 +114,22 @@ class WandbSink:
             self.say(line)
         if mode == "disabled":
             return
-        import wandb
+        try:
+            import wandb
+        except ImportError as exc:
+            self.say(f"warning: W&B {mode} needs the wandb package, which cannot be imported ({first_line(exc)}); "
+                     "W&B is off (pip install wandb, or set log.wandb.mode=disabled to silence this)")
+            return
 
         self.dir.mkdir(parents=True, exist_ok=True)
         id_path = self.run_dir / RUN_ID_NAME
-        saved_id = id_path.read_text(encoding="utf-8").strip() if id_path.exists() else ""
-        run_id = saved_id or os.environ.get("WANDB_RUN_ID", "").strip() or new_run_id()
-        if not saved_id:  # kept before the first init: the offline retry and every later start use it
-            atomic_write_text(id_path, run_id + "\n")
+        saved_id = id_path.read_text(encoding="utf-8").strip() if self.keep_id and id_path.exists() else ""
+        if self.keep_id:
+            run_id = saved_id or os.environ.get("WANDB_RUN_ID", "").strip() or new_run_id()
+            if not saved_id:  # kept before the first init: the offline retry and every later start use it
+                atomic_write_text(id_path, run_id + "\n")
+        else:
+            run_id = new_run_id()
         before = set(self.dir.iterdir())
 
         def init(init_mode: str) -> Any:
