@@ -73,7 +73,7 @@ def start_lines(trainer: "Trainer") -> list[str]:
     anchor = trainer.schedule.anchor
     return [f"training {sum(q.numel() for q in trainer.model.parameters()):,} parameters on {env.world} "
             f"process(es) ({placement()}) × {t.batch_size} streams × bptt {t.bptt} ({trainer.device.type}, "
-            f"{trainer.kernels.precision()}, {trainer.kernels.spec.phrase}"
+            f"{trainer.kernels.describe()}"
             + (f", {trainer.kernels.products.describe()}" if trainer.device.type == "cpu" else "")
             + f", {torch.get_num_threads()} threads/process); "
             f"steps {p.step + 1}..{t.steps}; run directory {trainer.run_dir}",
