@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Usage: launch/torchrun.sh [--config] CONFIG [section.key=value ...]
 # One machine, all of its GPUs (or NPROC_PER_NODE processes on the CPU): torchrun --standalone running
-# lstm_dist.train with the config and the overrides (every key: README.md, "Configuration reference").
+# lstm_dist.train with the config and the overrides (every key: docs/configuration.md).
 #   launch/torchrun.sh configs/wikitext103.yaml train.steps=1000
 #   NPROC_PER_NODE=2 launch/torchrun.sh configs/smoke.yaml
 # NPROC_PER_NODE (torchrun's --nproc_per_node) defaults to the number of visible GPUs, or 2 on a machine

@@ -7,7 +7,7 @@
 #   NPROC_PER_NODE=2 sbatch --nodes=1 --gpus-per-node=0 slurm/train.sh configs/smoke.yaml   # CPU-only nodes (gloo)
 #
 # Arguments as lstm_dist.train and launch/torchrun.sh take them: CONFIG (or --config CONFIG), then
-# section.key=value overrides (every key: README.md, "Configuration reference"). NPROC_PER_NODE is
+# section.key=value overrides (every key: docs/configuration.md). NPROC_PER_NODE is
 # torchrun's --nproc_per_node, the name launch/ uses too.
 #
 # Submit from the checkout: the config path, run.dir and the log are relative to the directory you submit

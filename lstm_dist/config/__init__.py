@@ -5,7 +5,7 @@ A run's configuration is built in three layers, later ones winning:
     defaults (the dataclasses of schema.py)  <  a YAML file (--config FILE)  <  overrides `section.key=value`
 
 Every field carries a one-line comment (what it does, its unit); `python -m lstm_dist.config
---reference` prints them as the Markdown table in README.md, and a test keeps the two in step.
+--reference` prints them as the Markdown table in docs/configuration.md, and a test keeps the two in step.
 Validation is strict: an unknown key, a wrong type or a value out of range fails at start-up with
 one line naming the key, the reason and, for an unknown key, the closest valid names.
 
@@ -19,7 +19,7 @@ The package, by job (this module only gathers their public names; import them fr
   setting's value directly, `choices`, `check_setting`, `check_option`;
 - `loading.py`: YAML, overrides, `load`, `from_dict`, `changes`, `add_arguments` and `parse_args` (the
   command line's `--config FILE` and overrides, a `--section.key value` refused with the spelling to use);
-- `reference.py`: README's table of every setting; `__main__.py`: the command line.
+- `reference.py`: docs/configuration.md's table of every setting; `__main__.py`: the command line.
 
 It imports nothing of the rest of lstm_dist but `lstm_dist.common.errors`, so every layer may read it.
 """

@@ -1,5 +1,5 @@
 """`python -m lstm_dist.config [--config FILE] [section.key=value ...]`: the resolved config as YAML;
-`--reference`: the configuration reference (README's table) in Markdown."""
+`--reference`: the configuration reference (docs/configuration.md's table) in Markdown."""
 
 from __future__ import annotations
 

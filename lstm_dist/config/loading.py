@@ -142,7 +142,7 @@ def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -
 SETTINGS_HELP = """\
 settings: --config FILE (configs/*.yaml), then section.key=value overrides, later ones winning, e.g.
   train.steps=50 model.hidden=1024   (no dashes: --train.steps 50 is refused with the spelling to use)
-every key, with its type, default and meaning: README.md, "Configuration reference"
+every key, with its type, default and meaning: docs/configuration.md
   (or: python -m lstm_dist.config --reference)"""
 
 

@@ -1,6 +1,6 @@
-"""The configuration reference: README's table of every setting, made from `schema.py` itself (each
+"""The configuration reference: docs/configuration.md's table of every setting, made from `schema.py` itself (each
 field's type, default and the `#:` comment above it). `python -m lstm_dist.config --reference` prints
-it; a test keeps README's copy in step."""
+it; a test keeps the copy in docs/configuration.md in step."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _type_name(tp: Any) -> str:
 
 
 def reference_markdown() -> str:
-    """The configuration reference as a Markdown table (README.md holds a copy; a test compares)."""
+    """The configuration reference as a Markdown table (docs/configuration.md holds a copy; a test compares)."""
     defaults = Config()
     rows = ["| key | type | default | what it does |", "| --- | --- | --- | --- |"]
     docs = field_docs()

@@ -4,7 +4,7 @@ This module is the one place where a setting's allowed values and default are wr
 
 - its type and default are the dataclass field's (a `Literal[...]` type lists the allowed values,
   which code reads with `lstm_dist.config.choices(key)`, never a copy);
-- its documentation is the `#:` comment above the field (`reference.py` makes README's table of it);
+- its documentation is the `#:` comment above the field (`reference.py` makes docs/configuration.md's table of it);
 - its range, where a type is not enough, is its entry in `RULES`, which `checks.py` applies on load
   and to values code takes directly (`check_setting`, `check_option`).
 
@@ -71,8 +71,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    # The fields come in groups, each under its heading below. Their order is the order of README's
-    # reference table and of `python -m lstm_dist.config`; the names are the keys users type.
+    # The fields come in groups, each under its heading below. Their order is the order of the
+    # reference table (docs/configuration.md) and of `python -m lstm_dist.config`; the names are the keys users type.
 
     # -- the loop: what one step reads and how many steps
     #: character streams per rank (the global batch is world_size × batch_size streams)
