@@ -6,7 +6,7 @@ One table (`CASES`) drives it all. Each case runs a real entry point: the Python
 the file-descriptor level), the launch scripts as subprocesses. Before and after each case the names,
 sizes and sha256 of every file under the directories it names (`watch`) are compared. The fixtures are
 made once per module: tiny prepared corpora (bytes and chars vocabularies), one finished tiny run of
-each made by the real trainer, and defective copies. README.md's "Faults and bad input" table lists
+each made by the real trainer, and defective copies. The bad-input table of docs/faults.md lists
 every case; a test keeps the two in step.
 
 Two lines are not part of the error and are dropped before counting stderr lines, where a case says so:
@@ -402,16 +402,16 @@ def test_bad_input_ends_in_one_line_and_changes_nothing(case, paths, capfd, monk
     assert not (P["work"] / "runs" / "other").exists() and not (P["work"] / "runs" / "victim").exists()
 
 
-def test_there_are_over_30_cases_and_the_readme_lists_each():
+def test_there_are_over_30_cases_and_docs_faults_lists_each():
     assert len(CASES) >= 33 and len({c.id for c in CASES}) == len(CASES)
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Faults and bad input", 1)[1].split("\n## ", 1)[0]
-    assert "| fault | what happens, and what the user sees |" in section  # the faults a job meets, above
-    assert "| case | what the user sees |" in section
-    rows = [line for line in section.splitlines() if line.startswith("| ") and "`" in line]
+    page = (ROOT / "docs" / "faults.md").read_text(encoding="utf-8")
+    assert page.startswith("# Faults and bad input\n")
+    assert "| fault | what happens, and what the user sees |" in page  # the faults a job meets, above
+    assert "| case | what the user sees |" in page
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "`" in line]
     for c in CASES:
         assert sum(f"`{c.id}`" in row for row in rows) == 1, c.id
-    assert readme.index("## Faults and bad input") < readme.index("## Sampling and evaluation")
+    assert "(docs/faults.md)" in (ROOT / "README.md").read_text(encoding="utf-8")  # README links it
 
 
 # ------------------------------------------------------------------------------------------ the real processes

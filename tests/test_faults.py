@@ -93,7 +93,7 @@ def straight1(tmp_path_factory, tiny_corpus) -> Path:
 def test_a_sigkilled_worker_is_restarted_by_torchrun_and_the_run_ends_bit_identical(tmp_path, tiny_corpus, straight_run):
     # With torch 2.13, workers restarted by torchrun read their peers' addresses from the first attempt
     # out of the rendezvous store torchrun shares with them, and fail to connect (pytorch/pytorch#135712,
-    # #167288); not sharing it is what a user of --max-restarts sets too (README: Faults and bad input).
+    # #167288); not sharing it is what a user of --max-restarts sets too (docs/faults.md).
     proc = ok(launch(torchrun(2, *overrides(tmp_path, tiny_corpus, "run", "train.steps=20", "checkpoint.every=5"),
                               restarts=1), cwd=tmp_path, fault="kill:step=12:rank=1",
                      env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}))
