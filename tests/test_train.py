@@ -351,3 +351,24 @@ def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp
         assert key in rows[0]
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), proc.stdout
     assert (run_dir / "wandb_run_id").read_text().strip()
+
+
+def test_a_time_budget_stops_at_a_log_step_exits_0_and_the_same_command_continues_exactly(tmp_path, tiny_corpus):
+    """train.max_time (Lightning's max_time): where training on to the next log step would pass the budget,
+    the run checkpoints there and exits 0 with one line and no final evaluation; run again (here without
+    the budget) it continues to the end bit for bit like a run never stopped."""
+    common = [*TINY, f"data.path={tiny_corpus}", f"run.dir={tmp_path}", "train.steps=12", "log.every=4"]
+    # a budget below one step's time: the first log step (4) already sees the next one pass it
+    proc = run_train(1, *common, "run.name=budget", "train.max_time=0.001", cwd=tmp_path)
+    lines = proc.stdout.splitlines()
+    said = [line for line in lines if line.startswith("time budget:")]
+    assert len(said) == 1 and "checkpointing at step 4 of 12 and exiting with 0" in said[0], proc.stdout
+    assert not any(line.startswith("done:") for line in lines)
+    ckpts = tmp_path / "budget" / "checkpoints"
+    assert sorted(f.name for f in ckpts.glob("step_*.pt")) == ["step_00000004.pt"]
+    run_train(1, *common, "run.name=budget", cwd=tmp_path)  # the same run, the budget lifted
+    run_train(1, *common, "run.name=straight", cwd=tmp_path)
+    a = load_ckpt(ckpts / "step_00000012.pt")
+    b = load_ckpt(tmp_path / "straight" / "checkpoints" / "step_00000012.pt")
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k

@@ -15,6 +15,7 @@ Below the sections: the introspection the loader and the reference walk (`leaf_f
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,8 @@ class TrainConfig:
     bptt: int = 128
     #: optimizer steps in the whole run (one step = one window on every rank)
     steps: int = 1000
+    #: wall-clock budget of this start's training, Lightning's `max_time` form `DD:HH:MM:SS` (or `HH:MM:SS`, `MM:SS`, or seconds); at the step every rank settles at (a log step) where training to the next one would pass it, every rank checkpoints and the run exits 0 with one line, without the final evaluation; the same command continues with a new budget; empty: no budget
+    max_time: str = ""
 
     # -- the peak learning rate and the rule that scales it to the model and batch (training/lr_rule.py)
     #: peak learning rate of one LSTM layer `lr_ref_hidden` units wide at a global batch of `lr_ref_batch` streams, reached after warm-up; `lr_scaling` gives other shapes theirs
@@ -204,6 +207,26 @@ class Config:
 # Range rules: dotted key -> (predicate, what the value must be), for settings whose type alone allows
 # values that make no sense. Applied in this order after every load (`checks.validate`) and to values
 # code takes directly (`checks.check_setting`, `checks.check_option`).
+def duration_seconds(text: str) -> typing.Optional[float]:
+    """`train.max_time` in seconds: `DD:HH:MM:SS` (PyTorch Lightning's `max_time` string), `HH:MM:SS`, `MM:SS`
+    or a number of seconds, above 0; math.inf for the empty string (no budget); None where the text is none
+    of these (`RULES` then refuses it)."""
+    text = text.strip()
+    if not text:
+        return math.inf
+    parts = text.split(":")
+    if len(parts) > 4:
+        return None
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        return None
+    if any(not math.isfinite(v) or v < 0 for v in values) or (len(parts) > 1 and any(v != int(v) for v in values[:-1])):
+        return None
+    seconds = sum(v * unit for v, unit in zip(reversed(values), (1, 60, 3600, 86400)))
+    return seconds if seconds > 0 else None
+
+
 RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "run.name": (lambda v: bool(v) and "/" not in v and v not in (".", ".."), "a non-empty name without '/'"),
     "run.dir": (lambda v: bool(v), "a non-empty path"),
@@ -216,6 +239,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.batch_size": (lambda v: v > 0, "> 0"),
     "train.bptt": (lambda v: v > 0, "> 0"),
     "train.steps": (lambda v: v > 0, "> 0"),
+    "train.max_time": (lambda v: duration_seconds(v) is not None, "empty, seconds, or DD:HH:MM:SS (HH:MM:SS, MM:SS) above 0"),
     "train.lr": (lambda v: v > 0, "> 0"),
     "train.lr_ref_batch": (lambda v: v > 0, "> 0 streams"),
     "train.lr_ref_hidden": (lambda v: v > 0, "> 0 units"),

@@ -15,6 +15,7 @@ stops every rank at that step with a checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import signal
 import time
@@ -27,6 +28,7 @@ from lstm_dist.common import faults
 from lstm_dist.common.atomic import atomic_write_text
 from lstm_dist.common.distributed import DistEnv, all_objects, cpu_threads, on_every_rank, placement
 from lstm_dist.config import Config
+from lstm_dist.config.schema import duration_seconds
 from lstm_dist.data.run_corpus import open_corpus
 from lstm_dist.data.streams import TokenStream
 from lstm_dist.inference.sampling import sample_prompt_note
@@ -171,6 +173,9 @@ class Trainer:
         self.clock = StepClock(self.device)
         self.pending: list[torch.Tensor] = []  # the verdicts of the steps queued since the host last read them
         self._compile_agreed = False  # whether a failed compiled step was agreed on (and said) already
+        self.budget_s = duration_seconds(cfg.train.max_time)  # train.max_time (math.inf: none)
+        self._budget_from: Optional[tuple[float, int]] = None  # (monotonic time, step) this start's training began at
+        self.out_of_time = False  # every rank agreed that train.max_time passes before the next settle
         self._graphs_agreed = False  # likewise a failed CUDA graph capture
         self.evaluation = Evaluation(cfg, env, self.model, self.vocab, splits, self.kernels.bf16, self.say)
         at = self.progress.step if resumed else None
@@ -255,13 +260,26 @@ class Trainer:
                     raise NonFiniteStop(failed_steps_advice(p.nonfinite, self.run_dir, self.env.is_main))
             else:
                 p.nonfinite.ok()
-        stop, compile_failed, graphs_failed = agree_flags(
-            [preemption.requested, loops.compile_failure() is not None, graphs.failure() is not None], self.device)
+        stop, compile_failed, graphs_failed, self.out_of_time = agree_flags(
+            [preemption.requested, loops.compile_failure() is not None, graphs.failure() is not None,
+             self._budget_passes_before_next_settle()], self.device)
         if compile_failed and not self._compile_agreed:
             self._agree_compile_failure()
         if graphs_failed and not self._graphs_agreed:
             self._agree_graphs_failure()
         return norm, stop
+
+    def _budget_passes_before_next_settle(self) -> bool:
+        """Whether training on to the next step every rank settles at would pass `train.max_time` on this
+        rank: the time since this start's first step plus the steps to there at this start's mean step time
+        (the first step's compile and warm-up included, so the estimate errs early)."""
+        p = self.progress
+        if self.budget_s == math.inf or self._budget_from is None or p.step >= self.cfg.train.steps:
+            return False
+        since, first = self._budget_from
+        elapsed, done = time.monotonic() - since, p.step - first
+        nxt = next(s for s in range(p.step + 1, self.cfg.train.steps + 1) if self.settles_at(s))
+        return elapsed + (elapsed / max(done, 1)) * (nxt - p.step) > self.budget_s
 
     def _agree_compile_failure(self) -> None:
         """A compiled step failed on some rank since the last settle (`loops.compile_failure`): every rank
@@ -305,6 +323,7 @@ class Trainer:
             self.say(line)
         window = LogInterval(self.env.world * t.batch_size * t.bptt)
         every = lambda n: n and p.step % n == 0 and p.step < t.steps  # noqa: E731  (not at the end)
+        self._budget_from, self.out_of_time = (time.monotonic(), p.step), False
         while p.step < t.steps:
             window.begin()
             self.train_step()
@@ -321,6 +340,13 @@ class Trainer:
                          "run the same command to resume")
                 self.save_checkpoint()
                 return EXIT_PREEMPTED
+            if self.out_of_time:
+                spent = datetime.timedelta(seconds=round(time.monotonic() - self._budget_from[0]))
+                self.say(f"time budget: train.max_time={t.max_time} would pass before the next log step ({spent} spent "
+                         f"of {datetime.timedelta(seconds=round(self.budget_s))}); checkpointing at step {p.step} of {t.steps} and exiting with 0, "
+                         "without the final evaluation; run the same command to continue (with a new budget)")
+                self.save_checkpoint()
+                return 0
             if every(t.eval_every):
                 self.evaluation.periodic(p.step, self.metrics)
             # No periodic checkpoint inside a run of non-finite steps: the newest ones stay healthy ones.
