@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -372,3 +373,18 @@ def test_a_time_budget_stops_at_a_log_step_exits_0_and_the_same_command_continue
     b = load_ckpt(tmp_path / "straight" / "checkpoints" / "step_00000012.pt")
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_profile_steps_traces_those_steps_on_rank_0_into_the_run_directory(tmp_path, tiny_corpus):
+    """log.profile_steps=2-3: a Chrome trace of exactly those steps (Perfetto and TensorBoard's plugin open
+    it) in the run directory's profile/, the top operations and the trace's path on the console."""
+    proc = run_train(1, *TINY, f"data.path={tiny_corpus}", f"run.dir={tmp_path}", "run.name=prof", "train.steps=5",
+                     "log.profile_steps=2-3", cwd=tmp_path)
+    trace = tmp_path / "prof" / "profile" / "rank0_steps_2-3.pt.trace.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert "LSTMWindow" in names and "LSTMWindowBackward" in names, sorted(n for n in names if n)[:40]
+    # two steps' worth: one optimizer step each
+    assert sum(1 for e in events if str(e.get("name", "")).startswith("Optimizer.step")) == 2
+    out = proc.stdout
+    assert "profile of steps 2-3 on rank 0" in out and f"profile trace: {trace}" in out and "LSTMWindow" in out

@@ -170,6 +170,8 @@ class WandbConfig:
 class LogConfig:
     #: log a metrics line every this many steps
     every: int = 10
+    #: profile steps `A-B` (inclusive; or one step `A`) on rank 0 with torch.profiler: the trace goes to the run directory's `profile/` (Chrome trace JSON, opened by Perfetto and TensorBoard's profiler plugin), the top operations to the console; empty: off
+    profile_steps: str = ""
     #: Weights & Biases settings (rank 0 only)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -227,6 +229,20 @@ def duration_seconds(text: str) -> typing.Optional[float]:
     return seconds if seconds > 0 else None
 
 
+def step_range(text: str) -> typing.Optional[tuple[int, int]]:
+    """`log.profile_steps` as (first, last) steps, inclusive: `A-B` or `A`; (0, 0) for the empty string
+    (off); None where the text is neither, or A < 1 or B < A (`RULES` then refuses it)."""
+    text = text.strip()
+    if not text:
+        return (0, 0)
+    a, _, b = text.partition("-")
+    try:
+        first, last = int(a), int(b or a)
+    except ValueError:
+        return None
+    return (first, last) if 1 <= first <= last else None
+
+
 RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "run.name": (lambda v: bool(v) and "/" not in v and v not in (".", ".."), "a non-empty name without '/'"),
     "run.dir": (lambda v: bool(v), "a non-empty path"),
@@ -239,6 +255,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.batch_size": (lambda v: v > 0, "> 0"),
     "train.bptt": (lambda v: v > 0, "> 0"),
     "train.steps": (lambda v: v > 0, "> 0"),
+    "log.profile_steps": (lambda v: step_range(v) is not None, "empty, a step A >= 1, or A-B with 1 <= A <= B"),
     "train.max_time": (lambda v: duration_seconds(v) is not None, "empty, seconds, or DD:HH:MM:SS (HH:MM:SS, MM:SS) above 0"),
     "train.lr": (lambda v: v > 0, "> 0"),
     "train.lr_ref_batch": (lambda v: v > 0, "> 0 streams"),

@@ -41,6 +41,7 @@ from lstm_dist.training import lr_rule
 from lstm_dist.training.evaluation import SAMPLE_PROMPT, Evaluation
 from lstm_dist.training.metrics import NO_METRICS, Metrics
 from lstm_dist.training.optim import Schedule, build_optimizer, schedule_phrase
+from lstm_dist.training.profiling import StepProfiler
 from lstm_dist.training.resume import pick_up
 from lstm_dist.training.rundir import RunDirectory
 from lstm_dist.training.seeds import init_seed, rank_seed, seed_everything
@@ -324,9 +325,12 @@ class Trainer:
         window = LogInterval(self.env.world * t.batch_size * t.bptt)
         every = lambda n: n and p.step % n == 0 and p.step < t.steps  # noqa: E731  (not at the end)
         self._budget_from, self.out_of_time = (time.monotonic(), p.step), False
+        profiler = StepProfiler(cfg.log.profile_steps, self.run_dir, self.device, self.env.is_main, self.say)
         while p.step < t.steps:
             window.begin()
+            profiler.before(p.step + 1)
             self.train_step()
+            profiler.after(p.step)
             stop = False
             if self.settles_at(p.step):
                 norm, stop = self.settle(window, preemption)
