@@ -388,3 +388,33 @@ def test_profile_steps_traces_those_steps_on_rank_0_into_the_run_directory(tmp_p
     assert sum(1 for e in events if str(e.get("name", "")).startswith("Optimizer.step")) == 2
     out = proc.stdout
     assert "profile of steps 2-3 on rank 0" in out and f"profile trace: {trace}" in out and "LSTMWindow" in out
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights_only(tmp_path, tiny_corpus):
+    """checkpoint.init_from (nanoGPT's init_from): the weights of another run's latest checkpoint, but step 0,
+    a fresh optimizer and schedule; another model is refused in one line naming the setting to change."""
+    common = [*TINY, f"data.path={tiny_corpus}", f"run.dir={tmp_path}", "log.every=5"]
+    run_train(1, *common, "run.name=base", "train.steps=10", cwd=tmp_path)
+    base = load_ckpt(tmp_path / "base" / "checkpoints" / "step_00000010.pt")
+    # one step at a negligible rate: the new run's weights are the base run's, to the step's size
+    proc = run_train(1, *common, "run.name=tuned", "train.steps=1", "train.lr=1e-9", "train.lr_scaling=none", "train.warmup_steps=0",
+                     f"checkpoint.init_from={tmp_path / 'base'}", cwd=tmp_path)
+    assert (f"starting from the weights of {tmp_path / 'base' / 'checkpoints' / 'step_00000010.pt'} (step 10; "
+            "checkpoint.init_from): step 0") in proc.stdout
+    tuned = load_ckpt(tmp_path / "tuned" / "checkpoints" / "step_00000001.pt")
+    assert tuned["step"] == 1
+    for k, v in base["model"].items():
+        torch.testing.assert_close(tuned["model"][k], v, rtol=0, atol=1e-7)
+    # a fresh optimizer: one step of state, where the base run's has ten
+    steps = {float(s["step"]) for s in tuned["optimizer"]["state"].values()}
+    assert steps == {1.0}, steps
+    fresh = run_train(1, *common, "run.name=fresh", "train.steps=1", "train.lr=1e-9", "train.lr_scaling=none", "train.warmup_steps=0",
+                      cwd=tmp_path)
+    assert "starting from the weights" not in fresh.stdout
+    other = load_ckpt(tmp_path / "fresh" / "checkpoints" / "step_00000001.pt")
+    assert not torch.allclose(other["model"]["cells.0.weight_hh"], base["model"]["cells.0.weight_hh"], atol=1e-3)
+    bad = run_train(1, *common, "run.name=bad", "train.steps=1", "train.warmup_steps=0", "model.hidden=24",
+                    f"checkpoint.init_from={tmp_path / 'base'}", cwd=tmp_path, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].endswith("is of another model (model.hidden=32, this config has 24); "
+                                                        "set model.hidden=32 to start from it"), bad.stderr

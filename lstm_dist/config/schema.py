@@ -184,6 +184,8 @@ class CheckpointConfig:
     keep: int = 3
     #: `auto` (latest valid checkpoint of the run directory, else start fresh), `never`, or a checkpoint file path
     resume: str = "auto"
+    #: fine-tuning (nanoGPT's `init_from`): a checkpoint file or run directory whose model weights a run starting fresh begins from — step 0, a fresh optimizer and schedule, this config's settings; its own checkpoints resume as any run's; empty: random weights
+    init_from: str = ""
 
 
 @dataclass

@@ -179,6 +179,25 @@ def check_compatible(saved: dict[str, Any], cfg: Any, vocab: Vocab, path: Path) 
             "use the corpus it was trained on or start a new run.name")
 
 
+def init_weights(cfg: Any, vocab: Vocab) -> tuple[Path, int, dict[str, torch.Tensor]]:
+    """`checkpoint.init_from`'s (file, step, model weights), for a run that starts from them: raises a
+    one-line CheckpointError where it cannot be read or is of another model or vocabulary."""
+    path = resolve(cfg.checkpoint.init_from)
+    saved = load(path)
+    saved_model = saved["config"]["model"]
+    for key in ("embedding", "hidden", "layers"):
+        if saved_model[key] != getattr(cfg.model, key):
+            raise CheckpointError(
+                f"checkpoint.init_from={cfg.checkpoint.init_from}: {path} is of another model (model.{key}="
+                f"{saved_model[key]}, this config has {getattr(cfg.model, key)}); set model.{key}={saved_model[key]} "
+                "to start from it")
+    if saved["vocab"] != vocab.to_dict():
+        raise CheckpointError(
+            f"checkpoint.init_from={cfg.checkpoint.init_from}: {path} was trained on another vocabulary than the "
+            f"corpus at {cfg.data.path}; prepare the new text with that checkpoint's vocabulary, or start from scratch")
+    return path, int(saved["step"]), saved["model"]
+
+
 def find_resume(cfg: Any, vocab: Vocab, say: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from per `checkpoint.resume` (rank 0 decides; every rank then loads it)."""
     mode = cfg.checkpoint.resume

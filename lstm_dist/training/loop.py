@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lstm_dist.common import faults
 from lstm_dist.common.atomic import atomic_write_text
 from lstm_dist.common.distributed import DistEnv, all_objects, cpu_threads, on_every_rank, placement
+from lstm_dist.common.errors import first_line
 from lstm_dist.config import Config
 from lstm_dist.config.schema import duration_seconds
 from lstm_dist.data.run_corpus import open_corpus
@@ -182,6 +183,23 @@ class Trainer:
         at = self.progress.step if resumed else None
         self.metrics = on_every_rank(lambda: open_metrics(cfg, at) if env.is_main else NO_METRICS)
 
+    def _init_from(self) -> None:
+        """A fresh run's weights from `checkpoint.init_from` (fine-tuning): every rank reads them (a collective;
+        a file that cannot be read or another model or vocabulary is one line on every rank); the step, the
+        optimizer and the schedule stay this run's fresh ones."""
+        path, step, weights = on_every_rank(lambda: ckpt.init_weights(self.cfg, self.vocab))
+
+        def load() -> None:
+            try:
+                self.model.load_state_dict(weights)
+            except (RuntimeError, KeyError) as exc:
+                raise ckpt.CheckpointError(f"checkpoint.init_from: {path} does not fit this model: "
+                                           f"{first_line(exc)}") from None
+
+        on_every_rank(load)
+        self.say(f"starting from the weights of {path} (step {step}; checkpoint.init_from): step 0, a fresh "
+                 "optimizer and learning-rate schedule, this config's settings")
+
     def _resume(self) -> bool:
         """Resume per `checkpoint.resume`, or seed this rank's generators for a fresh start; True when resumed."""
         chosen = ckpt.choose_resume(self.cfg, self.env, self.vocab, self.say)  # rank 0 reads; nothing is written
@@ -189,7 +207,9 @@ class Trainer:
         # refused for its checkpoint (above) has left the directory as it was.
         self.run_lock.claim(self.env)
         if chosen is None:
-            if self.cfg.checkpoint.resume == "auto":
+            if self.cfg.checkpoint.init_from:
+                self._init_from()
+            elif self.cfg.checkpoint.resume == "auto":
                 self.say(f"no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}: starting fresh")
             seed_everything(rank_seed(self.cfg.run.seed, self.env.rank))
             return False
