@@ -418,3 +418,19 @@ def test_init_from_starts_a_new_run_from_another_runs_weights_only(tmp_path, tin
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].endswith("is of another model (model.hidden=32, this config has 24); "
                                                         "set model.hidden=32 to start from it"), bad.stderr
+
+
+def test_final_scores_print_once_samples_are_labelled_and_a_finished_run_says_no_step_is_left(tmp_path, tiny_corpus):
+    """The console: each sample one labelled line continuing train.sample_prompt; the final scores only in the
+    done line (metrics.jsonl still has their row); a rerun of the finished run says no step is left."""
+    args = [*TINY, f"data.path={tiny_corpus}", f"run.dir={tmp_path}", "run.name=r", "train.steps=8", "log.every=4",
+            "train.eval_every=4", "train.sample_chars=10", "train.sample_prompt=It "]
+    lines = run_train(1, *args, cwd=tmp_path).stdout.splitlines()
+    samples = [line for line in lines if line.startswith("sample @ step ")]
+    assert [s[:len('sample @ step 4: "It ')] for s in samples] == ['sample @ step 4: "It ', 'sample @ step 8: "It ']
+    assert not any(line.startswith(("summary |", "step 8 | valid_")) for line in lines), lines
+    assert sum(line.startswith("done: step 8, valid ") for line in lines) == 1
+    rows = read_metrics(tmp_path / "r")
+    assert any("test_bpb" in row and row["step"] == 8 for row in rows)  # the final scores' row is still written
+    again = run_train(1, *args, cwd=tmp_path).stdout
+    assert "; no step left (at step 8 of 8); run directory" in again

@@ -152,6 +152,8 @@ class TrainConfig:
     # -- the text samples logged at each evaluation
     #: characters of generated text logged at each evaluation; 0 turns samples off
     sample_chars: int = 200
+    #: the text each sample continues (its tokens must be in the corpus's vocabulary)
+    sample_prompt: str = "The "
 
 
 @dataclass
@@ -258,6 +260,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.bptt": (lambda v: v > 0, "> 0"),
     "train.steps": (lambda v: v > 0, "> 0"),
     "log.profile_steps": (lambda v: step_range(v) is not None, "empty, a step A >= 1, or A-B with 1 <= A <= B"),
+    "train.sample_prompt": (lambda v: bool(v), "a non-empty text"),
     "train.max_time": (lambda v: duration_seconds(v) is not None, "empty, seconds, or DD:HH:MM:SS (HH:MM:SS, MM:SS) above 0"),
     "train.lr": (lambda v: v > 0, "> 0"),
     "train.lr_ref_batch": (lambda v: v > 0, "> 0 streams"),

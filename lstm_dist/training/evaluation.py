@@ -24,9 +24,6 @@ from lstm_dist.training.metrics import Metrics
 from lstm_dist.training.seeds import sample_seed
 from lstm_dist.training.stopping import NonFiniteStop
 
-SAMPLE_PROMPT = "The "
-
-
 class Evaluation:
     """Scores `model` on this rank's share of a split (every rank takes part: the sums are
     all-reduced) and writes the results to `metrics` (rank 0's; a no-op elsewhere)."""
@@ -56,11 +53,12 @@ class Evaluation:
         self.sample(step, metrics)
 
     def sample(self, step: int, metrics: Metrics) -> None:
-        """A short generated text after `SAMPLE_PROMPT` (rank 0, its own generator)."""
+        """A short generated text after `train.sample_prompt` (rank 0, its own generator)."""
         if self.env.is_main and self.cfg.train.sample_chars:
-            text = sample_text(self.model, self.vocab, SAMPLE_PROMPT, self.cfg.train.sample_chars,
+            prompt = self.cfg.train.sample_prompt
+            text = sample_text(self.model, self.vocab, prompt, self.cfg.train.sample_chars,
                                seed=sample_seed(self.cfg.run.seed, step))
-            metrics.log_text(step, "sample", SAMPLE_PROMPT + text)
+            metrics.log_text(step, "sample", prompt + text)
 
     def final(self, step: int, metrics: Metrics) -> None:
         """All of valid and test, logged as the run's summary, then a sample and the `done:` line.
@@ -72,8 +70,9 @@ class Evaluation:
         test, test_count = self.score("test")
         scores = {f"valid_{u.score}": valid, f"test_{u.score}": test, f"valid_{u.count}": valid_count,
                   f"test_{u.count}": test_count, "eval_s": time.perf_counter() - t0}
-        metrics.log(step, scores)
-        metrics.summary(scores)
+        # the numbers go to metrics.jsonl and W&B here and to the console once, in the done line below
+        metrics.log(step, scores, console=False)
+        metrics.summary(scores, console=False)
         self.sample(step, metrics)
         limit = self.cfg.train.divergence_ratio * math.log2(self.vocab.size)
         worst = max(valid, test)

@@ -39,7 +39,7 @@ from lstm_dist.model import graphs, loops, products
 from lstm_dist.model.kernels import choose_kernels
 from lstm_dist.training import checkpoint as ckpt
 from lstm_dist.training import lr_rule
-from lstm_dist.training.evaluation import SAMPLE_PROMPT, Evaluation
+from lstm_dist.training.evaluation import Evaluation
 from lstm_dist.training.metrics import NO_METRICS, Metrics
 from lstm_dist.training.optim import Schedule, build_optimizer, schedule_phrase
 from lstm_dist.training.profiling import StepProfiler
@@ -80,7 +80,8 @@ def start_lines(trainer: "Trainer") -> list[str]:
             f"{trainer.kernels.describe()}"
             + (f", {trainer.kernels.products.describe()}" if trainer.device.type == "cpu" else "")
             + f", {torch.get_num_threads()} threads/process); "
-            f"steps {p.step + 1}..{t.steps}; run directory {trainer.run_dir}",
+            + (f"steps {p.step + 1}..{t.steps}" if p.step < t.steps else f"no step left (at step {p.step} of {t.steps})")
+            + f"; run directory {trainer.run_dir}",
             f"learning rate: {lr_rule.explain(trainer.cfg, env.world)}, {schedule_phrase(t)}"
             + (f"; continued from step {anchor[0]} at {anchor[1]:.4g} of the peak (train.resume_schedule)"
                if anchor else "")]
@@ -143,7 +144,7 @@ class Trainer:
         self.run_lock = RunDirectory(cfg.run_dir)  # claimed in _resume, once the checkpoint is chosen
         corpus = open_corpus(cfg, env, self.say)
         self.vocab = corpus.vocab
-        if t.sample_chars and (note := sample_prompt_note(self.vocab, SAMPLE_PROMPT)):
+        if t.sample_chars and (note := sample_prompt_note(self.vocab, t.sample_prompt)):
             self.say(f"warning: {note}")
         splits = {name: corpus.split(name) for name in ("train", "valid", "test")}
         self.stream = on_every_rank(lambda: TokenStream(splits["train"], env.rank, env.world, t.batch_size, t.bptt,

@@ -267,16 +267,20 @@ class Metrics:
         if self._closed:
             return
         step = self._last_step = int(step)
-        self._print(f"step {step} | {key}:\n{text}")
+        # one labelled line: the text's newlines and quotes escaped (JSON's string form), so that it never
+        # reads as loose console lines
+        self._print(f"{key} @ step {step}: {json.dumps(str(text), ensure_ascii=False)}")
         self.jsonl.write({"step": step, "time": round(time.time(), 3), key: str(text)})
         self.wandb.log_text(step, key, str(text))
 
-    def summary(self, values: Mapping[str, Any]) -> None:
-        """Final numbers (e.g. valid/test scores): a JSONL ``summary`` row and the W&B run summary."""
+    def summary(self, values: Mapping[str, Any], *, console: bool = True) -> None:
+        """Final numbers (e.g. valid/test scores): a JSONL ``summary`` row and the W&B run summary (and a
+        console line unless `console` is False: where the caller prints them once in its own words)."""
         if self._closed:
             return
         values = {str(k): _scalar(v) for k, v in values.items()}
-        self._print("summary | " + " | ".join(format_item(k, v) for k, v in values.items()))
+        if console:
+            self._print("summary | " + " | ".join(format_item(k, v) for k, v in values.items()))
         row: dict[str, Any] = {"time": round(time.time(), 3), "summary": values}
         if self._last_step is not None:
             row = {"step": self._last_step, **row}
@@ -302,13 +306,13 @@ class Metrics:
 class _NoMetrics:
     """What ranks other than 0 log to: nothing."""
 
-    def log(self, step: int, values: Mapping[str, Any]) -> None:
+    def log(self, step: int, values: Mapping[str, Any], *, console: bool = True) -> None:
         pass
 
     def log_text(self, step: int, key: str, text: str) -> None:
         pass
 
-    def summary(self, values: Mapping[str, Any]) -> None:
+    def summary(self, values: Mapping[str, Any], *, console: bool = True) -> None:
         pass
 
     def close(self) -> None:
