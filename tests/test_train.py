@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -432,5 +433,15 @@ def test_final_scores_print_once_samples_are_labelled_and_a_finished_run_says_no
     assert sum(line.startswith("done: step 8, valid ") for line in lines) == 1
     rows = read_metrics(tmp_path / "r")
     assert any("test_bpb" in row and row["step"] == 8 for row in rows)  # the final scores' row is still written
+    # the log line: step of steps, loss, score, rate, throughput in all and per process, elapsed and ETA, short
+    logged = [line for line in lines if line.startswith("step 4/8 | ")]
+    assert len(logged) == 1 and len(logged[0]) < 120, logged
+    assert re.fullmatch(r"step 4/8 \| loss \d\.\d{4} \| bpb \d\.\d{4} \| lr \S+ \| \S+ chars/s \(\S+/process\) \| "
+                        r"\S+ elapsed, ETA \S+", logged[0]), logged[0]
+    row = next(r for r in rows if r["step"] == 4 and "loss" in r)
+    assert {"grad_norm", "data_ms", "fwd_bwd_ms", "opt_ms", "chars_per_s_per_process", "elapsed_s", "eta_s"} <= set(row)
+    timed = run_train(1, *args, "run.name=t", "log.timings=true", "train.steps=4", cwd=tmp_path).stdout
+    assert re.search(r"^step 4/4 \| .* ETA \S+ \| data \S+ ms \| fwd_bwd \S+ ms \| opt \S+ ms \| outside_fwd_bwd \S+%$",
+                     timed, re.M), timed
     again = run_train(1, *args, cwd=tmp_path).stdout
     assert "; no step left (at step 8 of 8); run directory" in again

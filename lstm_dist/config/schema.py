@@ -172,6 +172,8 @@ class WandbConfig:
 class LogConfig:
     #: log a metrics line every this many steps
     every: int = 10
+    #: the log line also shows where each step's time went (data, forward+backward, optimizer ms, outside forward+backward %); they are in metrics.jsonl and W&B either way
+    timings: bool = False
     #: profile steps `A-B` (inclusive; or one step `A`) on rank 0 with torch.profiler: the trace goes to the run directory's `profile/` (Chrome trace JSON, opened by Perfetto and TensorBoard's profiler plugin), the top operations to the console; empty: off
     profile_steps: str = ""
     #: Weights & Biases settings (rank 0 only)

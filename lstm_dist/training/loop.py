@@ -40,7 +40,7 @@ from lstm_dist.model.kernels import choose_kernels
 from lstm_dist.training import checkpoint as ckpt
 from lstm_dist.training import lr_rule
 from lstm_dist.training.evaluation import Evaluation
-from lstm_dist.training.metrics import NO_METRICS, Metrics
+from lstm_dist.training.metrics import NO_METRICS, Metrics, format_duration, format_item, format_rate, format_value
 from lstm_dist.training.optim import Schedule, build_optimizer, schedule_phrase
 from lstm_dist.training.profiling import StepProfiler
 from lstm_dist.training.resume import pick_up
@@ -68,6 +68,23 @@ def open_metrics(cfg: Config, resumed_at: int | None) -> Metrics:
         print(f"starting fresh: {dropped} row(s) of an earlier attempt without a checkpoint removed from "
               f"{cfg.run_dir / 'metrics.jsonl'}", flush=True)
     return metrics
+
+
+def log_line(step: int, cfg: Config, score: str, values: dict, per: str) -> str:
+    """The training log line a person reads at a glance (under 120 characters on the CPU): step of steps,
+    loss and score, rate, throughput in all and per `per` (GPU or process), peak GPU memory on CUDA, elapsed
+    and ETA; `log.timings` adds where the step's time went. Every value is in metrics.jsonl and W&B too."""
+    parts = [f"step {step}/{cfg.train.steps}", f"loss {values['loss']:.4f}", f"{score} {values[score]:.4f}",
+             f"lr {format_value(values['lr'])}",
+             f"{format_rate(values['chars_per_s'])} chars/s ({format_rate(values['chars_per_s_per_process'])}/{per})"]
+    if "max_memory_gib" in values:
+        parts.append(f"mem {values['max_memory_gib']:.1f} GiB")
+    if "nonfinite_steps" in values:
+        parts.append(f"nonfinite_steps {values['nonfinite_steps']}")
+    parts.append(f"{format_duration(values['elapsed_s'])} elapsed, ETA {format_duration(values['eta_s'])}")
+    if cfg.log.timings:
+        parts += [format_item(k, values[k]) for k in ("data_ms", "fwd_bwd_ms", "opt_ms", "outside_fwd_bwd_pct")]
+    return " | ".join(parts)
 
 
 def start_lines(trainer: "Trainer") -> list[str]:
@@ -387,10 +404,15 @@ class Trainer:
         loss, timing = window.take(self.cfg.train.steps - p.step)
         # bits per token, named after the vocabulary (bpb or bpc), as the evaluations name theirs
         values = {"epoch": self.stream.epoch, "loss": loss, self.vocab.units.score: loss / LN2,
-                  "lr": self.schedule.lr(p.step), "grad_norm": norm, **timing}
+                  "lr": self.schedule.lr(p.step), "grad_norm": norm, **timing,
+                  "chars_per_s_per_process": timing["chars_per_s"] / self.env.world,
+                  "elapsed_s": time.monotonic() - self._budget_from[0]}
+        if self.device.type == "cuda":  # the caching allocator's own count: no device synchronisation
+            values["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if p.nonfinite.total:
             values["nonfinite_steps"] = p.nonfinite.total
-        self.metrics.log(p.step, values)
+        self.metrics.log(p.step, values, line=log_line(p.step, self.cfg, self.vocab.units.score, values,
+                                                        "GPU" if self.device.type == "cuda" else "process"))
 
     def close(self) -> None:
         self.metrics.close()

@@ -248,8 +248,9 @@ class Metrics:
         """This process's W&B run folder (``run_dir/wandb/offline-run-*`` or ``run-*``)."""
         return None if self.wandb.run is None else Path(self.wandb.run.dir).parent
 
-    def log(self, step: int, values: Mapping[str, Any], *, console: bool = True) -> None:
-        """Record `values` at `step`: a console line, a JSONL row, a W&B history row."""
+    def log(self, step: int, values: Mapping[str, Any], *, console: bool = True, line: str | None = None) -> None:
+        """Record `values` at `step`: a console line (`line` where given, else every value by
+        `format_line`; none where `console` is False), a JSONL row, a W&B history row."""
         if self._closed:
             return
         for key in _RESERVED_KEYS:
@@ -258,7 +259,7 @@ class Metrics:
         step = self._last_step = int(step)
         values = {str(k): _scalar(v) for k, v in values.items()}
         if console:
-            self._print(format_line(step, values))
+            self._print(line if line is not None else format_line(step, values))
         self.jsonl.write({"step": step, "time": round(time.time(), 3), **values})
         self.wandb.call(lambda run: run.log(values, step=step))
 
@@ -306,7 +307,7 @@ class Metrics:
 class _NoMetrics:
     """What ranks other than 0 log to: nothing."""
 
-    def log(self, step: int, values: Mapping[str, Any], *, console: bool = True) -> None:
+    def log(self, step: int, values: Mapping[str, Any], *, console: bool = True, line: str | None = None) -> None:
         pass
 
     def log_text(self, step: int, key: str, text: str) -> None:
