@@ -323,7 +323,9 @@ def test_missing_corpus_and_bad_config_are_one_line(tmp_path):
 
 def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp_path, tiny_corpus):
     proc = run_train(2, *common(tmp_path, tiny_corpus, "full", "train.steps=6", "train.eval_every=3",
-                                "train.eval_max_windows=1", "log.wandb.mode=offline", "log.every=2"), cwd=tmp_path)
+                                "train.eval_max_windows=1", "log.wandb.mode=offline", "log.every=2",
+                                "log.wandb.tags=tiny, test", "log.wandb.group=g1", "log.wandb.notes=a test run"),
+                     cwd=tmp_path)
     run_dir = tmp_path / "full"
     from lstm_dist.config import load
 
@@ -353,6 +355,16 @@ def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp
         assert key in rows[0]
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), proc.stdout
     assert (run_dir / "wandb_run_id").read_text().strip()
+    # the W&B run as wandb's own reader sees it: tags, group, notes, and the derived values in its config
+    from test_metrics import inspect_run, run_record
+
+    (folder,) = (run_dir / "wandb").glob("offline-run-*")
+    run = run_record(inspect_run(folder))
+    assert run.get("tags") == ["tiny", "test"] and run.get("run_group") == "g1" and run.get("notes") == "a test run", run
+    derived = run["config"]["update"]["derived"]
+    assert derived["world_size"] == 2 and derived["global_batch_size"] == 8 and derived["vocab_size"] == 256
+    assert derived["parameters"] == sum(v.numel() for v in load_ckpt(run_dir / "checkpoints" / "step_00000006.pt")["model"].values())
+    assert derived["peak_lr"] > 0 and derived["version"]
 
 
 def test_a_time_budget_stops_at_a_log_step_exits_0_and_the_same_command_continues_exactly(tmp_path, tiny_corpus):

@@ -166,6 +166,12 @@ class WandbConfig:
     entity: str = ""
     #: seconds to wait for an online W&B start before falling back to offline
     init_timeout: float = 30.0
+    #: W&B tags of the run, comma-separated (e.g. `wt103,baseline`)
+    tags: str = ""
+    #: W&B group the run belongs to (runs of one experiment side by side); empty: none
+    group: str = ""
+    #: W&B notes: a sentence on what the run is for
+    notes: str = ""
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+import lstm_dist
 from lstm_dist.common import faults
 from lstm_dist.common.atomic import atomic_write_text
 from lstm_dist.common.distributed import DistEnv, all_objects, cpu_threads, on_every_rank, placement
@@ -53,7 +54,7 @@ from lstm_dist.training.stopping import (EXIT_PREEMPTED, NonFiniteStop, Preempti
 from lstm_dist.training.timing import LogInterval, StepClock
 
 
-def open_metrics(cfg: Config, resumed_at: int | None) -> Metrics:
+def open_metrics(cfg: Config, resumed_at: int | None, derived: dict | None = None) -> Metrics:
     """Rank 0's metrics: the resolved config next to them, and no rows past the step resumed from. A
     fresh start (`resumed_at` None) keeps no rows at all: those of an earlier attempt that left no
     checkpoint (one that failed before its first, or whose checkpoints were set aside) would read as
@@ -61,8 +62,14 @@ def open_metrics(cfg: Config, resumed_at: int | None) -> Metrics:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.run_dir / "config.yaml", cfg.to_yaml())
     w = cfg.log.wandb
-    metrics = Metrics(cfg.run_dir, cfg.to_dict(), wandb_mode=w.mode, project=w.project, entity=w.entity or None,
-                      run_name=cfg.run.name, init_timeout=w.init_timeout)
+    # W&B's config: the settings, and under `derived` what follows from them and the machine (world size,
+    # global batch, parameters, vocabulary, the peak rate the rule gives, the code's version)
+    config = {**cfg.to_dict(), **({"derived": derived} if derived else {})}
+    init = {"tags": [t.strip() for t in w.tags.split(",") if t.strip()] or None, "group": w.group or None,
+            "notes": w.notes or None}
+    metrics = Metrics(cfg.run_dir, config, wandb_mode=w.mode, project=w.project, entity=w.entity or None,
+                      run_name=cfg.run.name, init_timeout=w.init_timeout,
+                      wandb_init={k: v for k, v in init.items() if v is not None})
     dropped = metrics.truncate_after(0 if resumed_at is None else resumed_at)
     if resumed_at is None and dropped:
         print(f"starting fresh: {dropped} row(s) of an earlier attempt without a checkpoint removed from "
@@ -199,7 +206,11 @@ class Trainer:
         self._graphs_agreed = False  # likewise a failed CUDA graph capture
         self.evaluation = Evaluation(cfg, env, self.model, self.vocab, splits, self.kernels.bf16, self.say)
         at = self.progress.step if resumed else None
-        self.metrics = on_every_rank(lambda: open_metrics(cfg, at) if env.is_main else NO_METRICS)
+        derived = {"world_size": env.world, "global_batch_size": env.world * t.batch_size,
+                   "chars_per_step": env.world * t.batch_size * t.bptt,
+                   "parameters": sum(q.numel() for q in self.model.parameters()), "vocab_size": self.vocab.size,
+                   "peak_lr": self.schedule.peak, "kernels": self.kernels.describe(), "version": lstm_dist.__version__}
+        self.metrics = on_every_rank(lambda: open_metrics(cfg, at, derived) if env.is_main else NO_METRICS)
 
     def _init_from(self) -> None:
         """A fresh run's weights from `checkpoint.init_from` (fine-tuning): every rank reads them (a collective;

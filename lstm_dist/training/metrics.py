@@ -214,7 +214,7 @@ class Metrics:
     def __init__(self, run_dir: Path, config: Mapping[str, Any], *, wandb_mode: str = WandbConfig.mode,
                  project: str = WandbConfig.project, entity: str | None = None, run_name: str | None = None,
                  console: TextIO | None = None, init_timeout: float = WandbConfig.init_timeout,
-                 finish_timeout: float = 60.0) -> None:
+                 finish_timeout: float = 60.0, wandb_init: Mapping[str, Any] | None = None) -> None:
         if wandb_mode not in MODES:
             raise UserError(f"log.wandb.mode={wandb_mode!r} is not one of {', '.join(MODES)}; pick one of them")
         self.run_dir = Path(run_dir)
@@ -224,7 +224,8 @@ class Metrics:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = JsonlSink(self.run_dir / JSONL_NAME)
         self.wandb = WandbSink(self.run_dir, wandb_mode, json.loads(json.dumps(dict(config), default=str)),
-                               project, entity, run_name, float(init_timeout), float(finish_timeout), self._print)
+                               project, entity, run_name, float(init_timeout), float(finish_timeout), self._print,
+                               init_args=dict(wandb_init or {}))
 
     @property
     def wandb_mode(self) -> str:

@@ -99,8 +99,10 @@ class WandbSink:
     """
 
     def __init__(self, run_dir: Path, mode: str, config: dict, project: str, entity: str | None,
-                 run_name: str | None, init_timeout: float, finish_timeout: float, say, keep_id: bool = True) -> None:
+                 run_name: str | None, init_timeout: float, finish_timeout: float, say, keep_id: bool = True,
+                 init_args: dict | None = None) -> None:
         self.run_dir, self.say, self.keep_id = run_dir, say, keep_id
+        self._init_args = dict(init_args or {})  # more of wandb.init's arguments (tags, group, notes)
         self.dir = run_dir / "wandb"
         self.mode = "disabled"  # the mode actually in use
         self.run: Any = None
@@ -140,7 +142,8 @@ class WandbSink:
                 reinit="create_new",  # this object owns its run; never reuse a global one
             )
             return wandb.init(project=project, entity=entity, name=run_name, id=run_id, resume="allow",
-                              dir=str(self.run_dir), mode=init_mode, config=config, settings=settings)
+                              dir=str(self.run_dir), mode=init_mode, config=config, settings=settings,
+                              **self._init_args)
 
         try:
             run = init(mode)
