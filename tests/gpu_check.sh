@@ -88,15 +88,67 @@ else
          train.precision=bf16 model.compile=true)
   corpus=(--source stdlib-docs)
 fi
+# Each part is `python -m MODULE ARGS` with its stdout and stderr in files. On the GPU every part is a process
+# of its own under its time limit. In the dry run the parts are queued and then run in turn by one interpreter
+# (runpy: the same entry points and arguments), since each new interpreter spends ~5 s importing torch and
+# CI's whole suite has 6 minutes.
+queue="$raw/.parts"
+: >"$queue"
+part() {  # seconds, stdout file, stderr file (the same file: both in one), module, args...
+  local limit=$1 so=$2 se=$3; shift 3
+  if [ $dry = 1 ]; then
+    printf '%q ' "$so" "$se" "$@" >>"$queue"
+    printf '\n' >>"$queue"
+  elif [ "$so" = "$se" ]; then
+    timeout "$limit" "$PY" -m "$@" >"$so" 2>&1 || status=1
+  else
+    timeout "$limit" "$PY" -m "$@" >"$so" 2>"$se" || status=1
+  fi
+}
+run_queued() {  # the dry run's queued parts, in one interpreter; status 1 where a part failed
+  [ $dry = 1 ] || return 0
+  "$PY" - "$queue" <<'EOF' || status=1
+import os, runpy, shlex, sys, traceback
+failed = False
+for line in open(sys.argv[1]).read().splitlines():
+    so, se, module, *args = shlex.split(line)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd_out = os.open(so, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd_err = fd_out if se == so else os.open(se, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd_out, 1)
+    os.dup2(fd_err, 2)
+    sys.argv = [module, *args]
+    code = 0
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - a part's crash goes to its own file; the next part runs
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in {fd_out, fd_err, *saved}:
+            os.close(fd)
+    failed = failed or code != 0
+sys.exit(1 if failed else 0)
+EOF
+}
 # In one process, without pyproject's `-n auto` and without pytest-xdist at all (a GPU machine may lack it;
 # the dry run then proves that conftest loads without it)
-timeout "$t_tests" "$PY" -m pytest -m cuda -q -p no:cacheprovider -p no:xdist -o addopts= "${tests[@]}" >"$raw/cuda_tests.txt" 2>&1 || status=1
+part "$t_tests" "$raw/cuda_tests.txt" "$raw/cuda_tests.txt" pytest -m cuda -q -p no:cacheprovider -p no:xdist \
+  -o addopts= "${tests[@]}"
 bench() {  # name, seconds, args...
   local name=$1 limit=$2; shift 2
   # every result also goes to gpu_check.jsonl the moment it is measured: a part its time limit stops keeps
   # the rows it finished
-  timeout "$limit" "$PY" -m lstm_dist.bench --device "$device" "$@" --json --jsonl "$out/gpu_check.jsonl" \
-    >"$raw/$name.json" 2>"$raw/$name.err" || status=1
+  part "$limit" "$raw/$name.json" "$raw/$name.err" lstm_dist.bench --device "$device" "$@" --json \
+    --jsonl "$out/gpu_check.jsonl"
 }
 paths=eager,compiled,compiled+graphs,triton,triton+graphs  # model.compile / model.triton / model.cuda_graphs
 # on the CPU every path runs the C++ loops: two of them prove the --paths plumbing, in less of CI's time
@@ -105,12 +157,14 @@ bench train_bf16 "$t_bf16" --train --precision bf16 --repeats "$reps" "${grid[@]
 bench train_fp32 "$t_fp32" --train --precision fp32 --repeats "$reps" "${grid[@]}"
 bench cluster_step "$t_cluster" --train --precision bf16 "${cluster[@]}" --repeats "$reps" --paths "$paths"
 profile_part() {  # part, seconds, args...
-  local part=$1 limit=$2; shift 2
-  timeout "$limit" "$PY" -m lstm_dist.bench.profile "$part" --device "$device" "$@" --json --jsonl "$out/gpu_check.jsonl" \
-    >"$raw/$part.json" 2>"$raw/$part.err" || status=1
+  local name=$1 limit=$2; shift 2
+  part "$limit" "$raw/$name.json" "$raw/$name.err" lstm_dist.bench.profile "$name" --device "$device" "$@" --json \
+    --jsonl "$out/gpu_check.jsonl"
 }
 profile_part product "$t_product" "${product[@]}" --repeats "$reps"
 profile_part window "$t_window" "${window[@]}" --paths "$paths"
+run_queued
+rm -f "$queue"
 # a real run over NCCL (gloo in the dry run): 16 steps, a checkpoint at 8, then a resume from it to 16
 work="$out/train_run"
 train=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m lstm_dist.train --config configs/smoke.yaml
