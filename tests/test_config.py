@@ -26,20 +26,26 @@ def run_config(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-@pytest.fixture
-def config_cli(capsys, monkeypatch):
-    """`python -m lstm_dist.config ARGS` in this process: (exit status, stdout, stderr)."""
-    for name in ("RANK", "LSTM_DIST_DEBUG"):  # errors print on rank 0, without a traceback
+def _in_process(capsys, monkeypatch, entry, env_names):
+    """An entry point's main run in this process, as `run(*args) -> (exit status, stdout, stderr)`, with
+    `env_names` unset (errors print on rank 0, without a traceback)."""
+    for name in env_names:
         monkeypatch.delenv(name, raising=False)
 
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            run_cli(main, list(args))
+            run_cli(entry, list(args))
         out, err = capsys.readouterr()
         return exit_info.value.code, out, err
 
     return run
+
+
+@pytest.fixture
+def config_cli(capsys, monkeypatch):
+    """`python -m lstm_dist.config ARGS` in this process: (exit status, stdout, stderr)."""
+    return _in_process(capsys, monkeypatch, main, ("RANK", "LSTM_DIST_DEBUG"))
 
 
 def test_defaults_yaml_then_overrides_win_in_order(tmp_path):
@@ -225,17 +231,7 @@ def train_cli(capsys, monkeypatch):
     before training starts (help, refused arguments)."""
     from lstm_dist.train import main as train_main
 
-    for name in ("RANK", "LSTM_DIST_DEBUG", "LSTM_DIST_EXIT_FILE"):
-        monkeypatch.delenv(name, raising=False)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(train_main, list(args))
-        out, err = capsys.readouterr()
-        return exit_info.value.code, out, err
-
-    return run
+    return _in_process(capsys, monkeypatch, train_main, ("RANK", "LSTM_DIST_DEBUG", "LSTM_DIST_EXIT_FILE"))
 
 
 def test_train_help_names_where_every_setting_is_listed(train_cli):
