@@ -50,6 +50,7 @@ from lstm_dist.model.kernels import choose_kernels
 from lstm_dist.training import lr_rule
 from lstm_dist.training.optim import build_optimizer
 from lstm_dist.training.seeds import seed_everything
+from lstm_dist.training.batching import global_batch
 from lstm_dist.training.step import TrainingStep
 from lstm_dist.training.wandb_sink import WandbSink
 
@@ -82,21 +83,23 @@ def suggest(rates: list[float], smoothed: list[float], divisor: float, skip: int
 
 def range_test(cfg: config_mod.Config, world: int, start: float, end: float, steps: int, beta: float,
                stop_factor: float, divisor: float, device: torch.device, say=print) -> RangeTest:
-    """Train `steps` steps of `cfg`'s model in this process on world × batch_size streams, the rate
-    rising exponentially from `start` to `end`: the run's own kernels, autocast and training step
-    (`training.step.TrainingStep`), so on CUDA it measures what training runs. Raises UserError when
-    fewer than two steps gave a finite loss."""
+    """Train `steps` steps of `cfg`'s model in this process on the real run's global batch of streams
+    (`train.global_batch_size`, or world × batch_size), in forward passes of `train.batch_size` streams
+    with the gradients accumulated, the rate rising exponentially from `start` to `end`: the run's own
+    kernels, autocast and training step (`training.step.TrainingStep`), so on CUDA it measures what
+    training runs. Raises UserError when fewer than two steps gave a finite loss."""
     t = cfg.train
-    streams = world * t.batch_size  # the real run's global batch, in one process
+    streams = global_batch(t, world)  # the real run's global batch, in one process
     # one process, no process group: rank 0 of a world of 1 (a missing built-in corpus is prepared)
     corpus = open_corpus(cfg, DistEnv(rank=0, world=1, local_rank=0, local_world=1, device=device), say)
     stream = TokenStream(corpus.split("train"), 0, 1, streams, t.bptt, seed=cfg.run.seed,
                          random_offset=cfg.data.random_offset)
     seed_everything(cfg.run.seed)
-    kernels = choose_kernels(cfg.model, t.precision, device, batch=streams, say=say, tf32=t.tf32, bptt=t.bptt,
+    kernels = choose_kernels(cfg.model, t.precision, device, batch=t.batch_size, say=say, tf32=t.tf32, bptt=t.bptt,
                              vocab=corpus.vocab.size)
     model = CharLSTM.from_config(cfg.model, corpus.vocab.size, kernels=kernels).to(device)
-    step = TrainingStep(model, model, build_optimizer(model, t), t.clip_norm, kernels.autocast)
+    step = TrainingStep(model, model, build_optimizer(model, t), t.clip_norm, kernels.autocast,
+                        micro_batches=streams // t.batch_size)
     state = None
     rates, losses = [], []
     stopped = False
@@ -198,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", metavar="FILE", help="YAML file with settings (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="settings that win over the file")
     parser.add_argument("--world", type=int, default=1,
-                        help="processes the real run will use: the test runs one process with world × batch_size "
-                             "streams, the same global batch (default 1)")
+                        help="processes the real run will use: the test runs one process with the run's global batch "
+                             "(train.global_batch_size, or world × batch_size streams; default 1)")
     parser.add_argument("--start", type=float, default=1e-4, help="first learning rate (default 1e-4)")
     parser.add_argument("--end", type=float, default=1.0, help="last learning rate (default 1)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the sweep (default 100)")
@@ -217,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(t.device)  # the trainer's choice for local rank 0
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(t.threads, 1))  # one process: all of this machine's share
-    streams = args.world * t.batch_size
+    streams = global_batch(t, args.world)
+    where = (f"train.global_batch_size, in passes of {t.batch_size}" if t.global_batch_size else
+             f"world {args.world} × batch_size {t.batch_size}")
     print(f"LR range test: {args.steps} steps, rate {args.start:g} → {args.end:g} (exponential), "
-          f"{streams} streams × bptt {t.bptt} (world {args.world} × batch_size {t.batch_size}), "
+          f"{streams} streams × bptt {t.bptt} ({where}), "
           f"{cfg.model.layers} × {cfg.model.hidden} LSTM, {device.type}; nothing is written to {cfg.run_dir}",
           flush=True)
     t0 = time.perf_counter()

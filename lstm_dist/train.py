@@ -36,7 +36,7 @@ from lstm_dist import config as config_mod
 from lstm_dist.common.atomic import atomic_write_text
 from lstm_dist.common.distributed import setup
 from lstm_dist.common.errors import EXIT_USER_ERROR, EveryRankError, UserError, print_error, run_cli
-from lstm_dist.training import lr_rule
+from lstm_dist.training import batching, lr_rule
 from lstm_dist.training.loop import Trainer
 from lstm_dist.training.stopping import EXIT_NONFINITE, NonFiniteStop, Preemption
 
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(args.config, args.overrides)
         if args.print_config:
             sys.stdout.write(cfg.to_yaml())
-            sys.stdout.write(lr_rule.print_config_note(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            sys.stdout.write(batching.print_config_note(cfg.train, world))
+            sys.stdout.write(lr_rule.print_config_note(cfg, world))
             return 0
         preemption = Preemption()
         preemption.install()

@@ -109,3 +109,29 @@ def test_print_config_shows_the_rule_for_the_launch_world_size():
     assert proc.returncode == 0, proc.stderr
     assert "lr_ref_batch: 32" in proc.stdout and "lr_scaling: rule" in proc.stdout
     assert "world_size=4" in proc.stdout and "peak lr 0.006 = train.lr 0.003 × (128 / 32 streams)^0.5" in proc.stdout
+
+
+def test_a_global_batch_gives_every_world_size_the_same_rate_and_splits_into_forward_passes():
+    """train.global_batch_size fixes the global batch (and so the rule's rate) whatever the world size;
+    each rank's share runs in passes of train.batch_size; a share the passes cannot split is one line."""
+    from lstm_dist.common.errors import EveryRankError
+    from lstm_dist.training.batching import batch_layout
+
+    cfg = C.load(None, ["train.global_batch_size=64", "train.batch_size=8", "train.lr_batch_exponent=0.5"])
+    assert {lr_rule.peak_lr(cfg, w) for w in (1, 2, 4, 8)} == {lr_rule.peak_lr(cfg, 1)}
+    m = cfg.model
+    assert lr_rule.peak_lr(cfg, 1) == pytest.approx(0.02 * (64 / 32) ** 0.5 * (256 / m.hidden) ** 0.5 / m.layers)
+    layouts = {w: batch_layout(cfg.train, w) for w in (1, 2, 4, 8)}
+    assert [(l.per_rank, l.accumulation) for l in layouts.values()] == [(64, 8), (32, 4), (16, 2), (8, 1)]
+    assert layouts[2].describe() == "32 streams in 4 micro-batches of 8 (64 in all: train.global_batch_size)"
+    assert layouts[8].describe() == "8 streams (64 in all: train.global_batch_size)"
+    with pytest.raises(EveryRankError, match=r"train.global_batch_size=64 streams cannot be split over 16 process\(es\) "
+                       r"in forward passes of train.batch_size=8: it must be a multiple of 16 × 8 = 128; set "
+                       r"train.batch_size=4 \(streams per forward pass\)"):
+        batch_layout(cfg.train, 16)
+    with pytest.raises(EveryRankError, match="run on a number of processes that divides 64"):
+        batch_layout(cfg.train, 3)
+    # without it, today's meaning: batch_size streams per rank, one pass, the global batch world × batch_size
+    plain = C.load(None, ["train.batch_size=8"])
+    assert [(batch_layout(plain.train, w).global_batch, batch_layout(plain.train, w).accumulation) for w in (1, 4)] == [(8, 1), (32, 1)]
+    assert batch_layout(plain.train, 4).describe() == "8 streams"

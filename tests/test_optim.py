@@ -180,7 +180,7 @@ def test_the_training_step_clips_sets_the_rate_and_hands_back_a_detached_state()
     x, y = torch.randint(0, 11, (3, 5)), torch.randint(0, 11, (3, 5))
     p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = step.forward_backward(x, y, None)
-    assert loss.dtype == torch.float32 and loss.dim() == 0 and loss.requires_grad
+    assert loss.dtype == torch.float32 and loss.dim() == 0 and not loss.requires_grad  # backward is done
     norm = float(step.clip())
     clipped = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert norm > 1e-2  # far above the limit: the gradients were scaled down to it
@@ -200,3 +200,28 @@ def test_the_training_step_clips_sets_the_rate_and_hands_back_a_detached_state()
     assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
     step.discard()
     assert all(torch.equal(p.detach(), p1[n]) and p.grad is None for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("k", [2, 3, 6])
+def test_k_micro_batches_accumulate_to_the_step_of_one_batch(k):
+    """Gradient accumulation (train.global_batch_size): a window of 6 streams in k passes of 6 / k streams,
+    each from its own slice of the carried state, gives one pass's mean loss, gradients, update and next
+    state (to float summation order); a batch that k does not divide is refused."""
+    x, y = torch.randint(0, 11, (6, 5)), torch.randint(0, 11, (6, 5))
+    state = tuple(torch.randn(2, 6, 6) for _ in range(2))
+    runs = {}
+    for passes in (1, k):
+        torch.manual_seed(0)
+        model = _model()
+        opt = build_optimizer(model, TrainConfig(optimizer="sgd", beta1=0.0, weight_decay=0.0, lr=1.0))
+        step = TrainingStep(model, model, opt, clip_norm=0, micro_batches=passes)
+        loss = step.forward_backward(x, y, state)
+        grads = [p.grad.clone() for p in model.parameters()]
+        runs[passes] = (loss, grads, step.apply(0.5), [p.detach().clone() for p in model.parameters()])
+    (l1, g1, s1, w1), (lk, gk, sk, wk) = runs[1], runs[k]
+    assert float(lk) == pytest.approx(float(l1), rel=1e-6)
+    for a, b in zip(g1 + list(s1) + w1, gk + list(sk) + wk):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert sk[0].shape == (2, 6, 6)
+    with pytest.raises(ValueError, match="does not split into 4 micro-batches"):
+        TrainingStep(model, model, opt, clip_norm=0, micro_batches=4).forward_backward(x, y, state)

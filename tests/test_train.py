@@ -44,20 +44,43 @@ def assert_same_state(a: dict, b: dict, exact: bool = True, atol: float = 0.0) -
                 assert torch.equal(sa[i][name], sb[i][name]), f"optimizer state {i}.{name} differs"
 
 
-def test_two_ranks_of_four_streams_equal_one_rank_of_eight(tmp_path, tiny_corpus):
-    run_train(2, *common(tmp_path, tiny_corpus, "two", "train.steps=10", "train.batch_size=4"), cwd=tmp_path)
-    # one process as torchrun starts it: a process group of one and DDP, the path a one-GPU job takes
-    run_ranks(1, *common(tmp_path, tiny_corpus, "one", "train.steps=10", "train.batch_size=8"), cwd=tmp_path)
-    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert sorted(two) == list(range(1, 11)) and sorted(one) == list(range(1, 11))
-    for step in range(1, 11):
-        assert two[step] == pytest.approx(one[step], abs=1e-5), step
-    a = load_ckpt(tmp_path / "two" / "checkpoints" / "step_00000010.pt")
-    b = load_ckpt(tmp_path / "one" / "checkpoints" / "step_00000010.pt")
-    assert_same_state(a, b, exact=False, atol=1e-5)
-    # and training did something: the weights moved from their initial values
-    assert losses(tmp_path / "one")[10] < losses(tmp_path / "one")[1]
+def test_one_global_batch_trains_alike_on_1_2_and_4_processes_and_resumes_across_them(tmp_path, tiny_corpus):
+    """train.global_batch_size=8 in forward passes of train.batch_size=2: 1 process accumulates 4 passes, 2
+    processes 2 each, 4 processes 1 each; every layout reads the same 8 streams and takes the same steps (the
+    float summation order aside). A checkpoint written by 2 processes then goes on over 4 with the streams'
+    hidden states re-sliced: the same curve as the uninterrupted runs."""
+    same = ("train.global_batch_size=8", "train.batch_size=2", "train.steps=20", "checkpoint.every=10")
+    for nproc in (1, 2, 4):  # one process as torchrun starts it: a process group of one and DDP
+        proc = run_ranks(nproc, *common(tmp_path, tiny_corpus, f"p{nproc}", *same), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        passes = f" in {8 // nproc // 2} micro-batches of 2" if nproc < 4 else ""
+        assert f"× {8 // nproc} streams{passes} (8 in all: train.global_batch_size) × bptt 16" in proc.stdout
+    curves = {n: losses(tmp_path / f"p{n}") for n in (1, 2, 4)}
+    assert all(sorted(c) == list(range(1, 21)) for c in curves.values())
+    for step in range(1, 21):
+        for n in (2, 4):
+            assert curves[n][step] == pytest.approx(curves[1][step], rel=1e-5), (n, step)
+    final = {n: load_ckpt(tmp_path / f"p{n}" / "checkpoints" / "step_00000020.pt") for n in (1, 2, 4)}
+    for n in (2, 4):
+        assert_same_state(final[1], final[n], exact=False, atol=1e-5)
+    assert curves[1][20] < curves[1][1] - 0.1  # and it trained: the steps compared are not all alike by chance
 
+    # the 2-process checkpoint of step 10 on 4 processes: the same 8 streams, with their (h, c)
+    half = tmp_path / "p2" / "checkpoints" / "step_00000010.pt"
+    proc = run_ranks(4, *common(tmp_path, tiny_corpus, "p2to4", *same, f"checkpoint.resume={half}"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"resumed from {half} at step 10: it was written by 2 processes × batch 4 × bptt 16; the same 8 "
+            "streams go on over 4 process(es) × 2, each with its hidden state") in proc.stdout
+    resumed = losses(tmp_path / "p2to4")
+    assert sorted(resumed) == list(range(11, 21))
+    for step in range(11, 21):
+        assert resumed[step] == pytest.approx(curves[2][step], rel=1e-5), step
+    assert_same_state(final[2], load_ckpt(tmp_path / "p2to4" / "checkpoints" / "step_00000020.pt"), exact=False,
+                      atol=1e-5)
+    # without the hidden states (a re-cut from zeros) the first steps after the resume would differ: the
+    # states carried matter here, so the comparison above would catch them lost
+    half_state = load_ckpt(half)["ranks"][0]["hidden"]
+    assert half_state is not None and float(half_state[0].abs().max()) > 0.1
 
 
 def test_resume_from_half_way_is_bit_identical(tmp_path, tiny_corpus, straight_run):
@@ -116,8 +139,8 @@ def test_auto_resume_continues_a_finished_run_and_falls_back_past_a_bad_checkpoi
     assert f"checkpoint {newest} cannot be loaded" in proc.stdout
     assert "falling back to the previous checkpoint" in proc.stdout
     assert "resumed from" in proc.stdout and "at step 15" in proc.stdout
-    # 2 processes × 4 streams wrote it; 1 process × 8 streams reads it: same streams, but said re-cut
-    assert "re-cut streams" in proc.stdout
+    # 2 processes × 4 streams wrote it; 1 process × 8 streams reads it: the same streams, with their states
+    assert "the same 8 streams go on over 1 process(es) × 8, each with its hidden state" in proc.stdout
     assert sorted(losses(run_dir)) == list(range(16, 21))
 
 
@@ -223,7 +246,7 @@ def test_a_resumed_run_lists_every_changed_setting_and_an_extended_run_keeps_its
     tmp = straight_run.parent  # conftest.straight_run: 20 steps, 2 ranks, a checkpoint every 5
     end = tmp / "straight" / "checkpoints" / "step_00000020.pt"
     was = {m["step"]: m["lr"] for m in read_metrics(tmp / "straight") if "lr" in m}[20]
-    # one process × 8 streams (the same 8 streams as 2 × 4, re-cut): plain python, seconds cheaper than torchrun
+    # one process × 8 streams (the same 8 streams as 2 × 4, states re-sliced): plain python, seconds cheaper than torchrun
     longer = ["train.steps=30", "checkpoint.every=5", "train.clip_norm=0.5", "train.batch_size=8"]
     proc = run_train(1, *common(tmp_path, tiny_corpus, "longer", *longer, f"checkpoint.resume={end}"), cwd=tmp_path)
     changed = [line for line in proc.stdout.splitlines() if line.startswith("resumed with a changed setting")]

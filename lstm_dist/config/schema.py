@@ -76,8 +76,10 @@ class TrainConfig:
     # reference table (docs/configuration.md) and of `python -m lstm_dist.config`; the names are the keys users type.
 
     # -- the loop: what one step reads and how many steps
-    #: character streams per rank (the global batch is world_size × batch_size streams)
+    #: character streams of one forward pass on each rank (the micro-batch); without `global_batch_size` also of one optimizer step, whose global batch is then world_size × batch_size streams
     batch_size: int = 32
+    #: character streams of one optimizer step across all ranks, the same whatever the number of processes (torchtitan's global batch size): every world size reads the same streams in the same order, each rank `global_batch_size / world_size` of them in micro-batches of `batch_size`, the gradients accumulated (docs/training.md); a multiple of world_size × batch_size; 0: world_size × batch_size, no accumulation
+    global_batch_size: int = 0
     #: characters per truncated-BPTT window (time steps backpropagated through)
     bptt: int = 128
     #: optimizer steps in the whole run (one step = one window on every rank)
@@ -88,7 +90,7 @@ class TrainConfig:
     # -- the peak learning rate and the rule that scales it to the model and batch (training/lr_rule.py)
     #: peak learning rate of one LSTM layer `lr_ref_hidden` units wide at a global batch of `lr_ref_batch` streams, reached after warm-up; `lr_scaling` gives other shapes theirs
     lr: float = 2e-2
-    #: `rule`: peak = lr × (global / lr_ref_batch)^lr_batch_exponent × (lr_ref_hidden / hidden)^lr_width_exponent / layers^lr_depth_exponent (lstm_dist/training/lr_rule.py; global = world_size × batch_size streams); `none`: lr as written
+    #: `rule`: peak = lr × (global / lr_ref_batch)^lr_batch_exponent × (lr_ref_hidden / hidden)^lr_width_exponent / layers^lr_depth_exponent (lstm_dist/training/lr_rule.py; global = `global_batch_size`, or world_size × batch_size streams without it); `none`: lr as written
     lr_scaling: Literal["rule", "none"] = "rule"
     #: global batch (streams) at which `lr` is the peak rate as written
     lr_ref_batch: int = 32
@@ -265,6 +267,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.layers": (lambda v: v > 0, "> 0"),
     "model.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "train.batch_size": (lambda v: v > 0, "> 0"),
+    "train.global_batch_size": (lambda v: v >= 0, ">= 0 (0: world_size × batch_size)"),
     "train.bptt": (lambda v: v > 0, "> 0"),
     "train.steps": (lambda v: v > 0, "> 0"),
     "log.profile_steps": (lambda v: step_range(v) is not None, "empty, a step A >= 1, or A-B with 1 <= A <= B"),

@@ -35,6 +35,7 @@ from lstm_dist.data.corpus import Vocab
 from lstm_dist.common.distributed import DistEnv, on_every_rank, broadcast_object, gather_objects
 from lstm_dist.common.errors import EveryRankError, UserError, first_line
 from lstm_dist.data.streams import Restore
+from lstm_dist.training.batching import batch_layout
 
 FORMAT = 1  # bump when the layout of the dict changes incompatibly
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
@@ -275,6 +276,7 @@ class Resumed(NamedTuple):
     path: Path
     step: int
     exact: bool  # same processes × streams × bptt and split: every per-rank piece restored, not only the stream
+    resliced: bool  # the same global streams on another number of processes: states re-sliced, generators not
     written_by: str  # the layout that wrote it, "2 processes × batch 4 × bptt 16"
     config: dict[str, Any]  # the config of the run that wrote it (Config.to_dict())
     world: int  # how many processes wrote it
@@ -296,9 +298,13 @@ def restore(chosen: Chosen, cfg: Any, env: DistEnv, pieces: Pieces) -> Resumed:
 
     Every shared piece gets its entry (None for a key the file lacks: written before that piece
     existed; the piece decides what that means). Per rank, the `stream` piece decides: this rank's own
-    entry when the file was written by as many processes with the same batch and bptt, else rank 0's;
-    when the stream continues exactly (`Restore.EXACT`), the other per-rank pieces get their entries
-    too, else they are left as they are (a re-cut starts from zero states and new generators)."""
+    entry when the file was written by as many processes with the same streams per rank and bptt, else
+    rank 0's (the cursor is the same on every rank). When the stream continues exactly (`Restore.EXACT`:
+    the same global streams) on as many processes, the other per-rank pieces get their own entries too
+    (`Resumed.exact`). On another number of processes (`Resumed.resliced`), a per-rank piece with a
+    `load_resliced(entries, rank, world)` method gets every old rank's entry to take this rank's share
+    from (the hidden states: `state._StatePiece`); the others are left as they are (the caller seeds
+    new generators). Otherwise (a re-cut) they are all left as they are: zero states, new generators."""
     saved = on_every_rank(lambda: chosen.saved if chosen.saved is not None else load(chosen.path))
 
     def load_shared() -> None:
@@ -312,15 +318,20 @@ def restore(chosen: Chosen, cfg: Any, env: DistEnv, pieces: Pieces) -> Resumed:
     on_every_rank(load_shared)
     ranks = saved["ranks"]
     old = ranks[0]["stream"]
-    same_processes = len(ranks) == env.world and old["batch"] == cfg.train.batch_size and old["bptt"] == cfg.train.bptt
+    same_processes = (len(ranks) == env.world and old["batch"] == batch_layout(cfg.train, env.world).per_rank
+                      and old["bptt"] == cfg.train.bptt)
     mine = ranks[env.rank] if same_processes else ranks[0]
     # The stream re-cuts by itself when the split changed length, even with the same processes.
-    exact = pieces.per_rank["stream"].load_state_dict(mine["stream"]) is Restore.EXACT and same_processes
-    if exact:
-        for key, piece in pieces.per_rank.items():
-            if key != "stream":
-                piece.load_state_dict(mine.get(key))
-    return Resumed(chosen.path, int(saved["step"]), exact,
+    same_streams = pieces.per_rank["stream"].load_state_dict(mine["stream"]) is Restore.EXACT
+    exact, resliced = same_streams and same_processes, same_streams and not same_processes
+    for key, piece in pieces.per_rank.items():
+        if key == "stream":
+            continue
+        if exact:
+            piece.load_state_dict(mine.get(key))
+        elif resliced and hasattr(piece, "load_resliced"):
+            piece.load_resliced([r.get(key) for r in ranks], env.rank, env.world)
+    return Resumed(chosen.path, int(saved["step"]), exact, resliced,
                    f"{len(ranks)} processes × batch {old['batch']} × bptt {old['bptt']}", saved["config"], len(ranks))
 
 

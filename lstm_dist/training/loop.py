@@ -40,6 +40,7 @@ from lstm_dist.model import graphs, loops, products
 from lstm_dist.model.kernels import choose_kernels
 from lstm_dist.training import checkpoint as ckpt
 from lstm_dist.training import lr_rule
+from lstm_dist.training.batching import batch_layout
 from lstm_dist.training.evaluation import Evaluation
 from lstm_dist.training.metrics import NO_METRICS, Metrics, format_duration, format_item, format_rate, format_value
 from lstm_dist.training.optim import Schedule, build_optimizer, schedule_phrase
@@ -100,7 +101,7 @@ def start_lines(trainer: "Trainer") -> list[str]:
     t, env, p = trainer.cfg.train, trainer.env, trainer.progress
     anchor = trainer.schedule.anchor
     return [f"training {sum(q.numel() for q in trainer.model.parameters()):,} parameters on {env.world} "
-            f"process(es) ({placement()}) × {t.batch_size} streams × bptt {t.bptt} ({trainer.device.type}, "
+            f"process(es) ({placement()}) × {trainer.layout.describe()} × bptt {t.bptt} ({trainer.device.type}, "
             f"{trainer.kernels.describe()}"
             + (f", {trainer.kernels.products.describe()}" if trainer.device.type == "cpu" else "")
             + f", {torch.get_num_threads()} threads/process); "
@@ -171,7 +172,9 @@ class Trainer:
         if t.sample_chars and (note := sample_prompt_note(self.vocab, t.sample_prompt)):
             self.say(f"warning: {note}")
         splits = {name: corpus.split(name) for name in ("train", "valid", "test")}
-        self.stream = on_every_rank(lambda: TokenStream(splits["train"], env.rank, env.world, t.batch_size, t.bptt,
+        # the global batch's streams, this rank's share of them, and its forward passes (training.batching)
+        self.layout = layout = batch_layout(t, env.world)
+        self.stream = on_every_rank(lambda: TokenStream(splits["train"], env.rank, env.world, layout.per_rank, t.bptt,
                                                         seed=cfg.run.seed, random_offset=cfg.data.random_offset))
         seed_everything(init_seed(cfg.run.seed))
         self.kernels = choose_kernels(cfg.model, t.precision, self.device, batch=t.batch_size, say=self.say,
@@ -196,7 +199,7 @@ class Trainer:
             # then every 100 (its runtime logging): a host synchronisation inside a step. Only the first 10.
             self.ddp_model._set_ddp_runtime_logging_sample_rate(2**31 - 1)
         self.training_step = TrainingStep(self.ddp_model, self.model, self.optimizer, t.clip_norm, self.kernels.autocast,
-                                          max_loss=self.max_loss, world=env.world)
+                                          max_loss=self.max_loss, world=env.world, micro_batches=layout.accumulation)
         self.clock = StepClock(self.device)
         self.pending: list[torch.Tensor] = []  # the verdicts of the steps queued since the host last read them
         self._compile_agreed = False  # whether a failed compiled step was agreed on (and said) already
@@ -206,8 +209,8 @@ class Trainer:
         self._graphs_agreed = False  # likewise a failed CUDA graph capture
         self.evaluation = Evaluation(cfg, env, self.model, self.vocab, splits, self.kernels.bf16, self.say)
         at = self.progress.step if resumed else None
-        derived = {"world_size": env.world, "global_batch_size": env.world * t.batch_size,
-                   "chars_per_step": env.world * t.batch_size * t.bptt,
+        derived = {"world_size": env.world, "global_batch_size": layout.global_batch,
+                   "gradient_accumulation_steps": layout.accumulation, "chars_per_step": layout.global_batch * t.bptt,
                    "parameters": sum(q.numel() for q in self.model.parameters()), "vocab_size": self.vocab.size,
                    "peak_lr": self.schedule.peak, "kernels": self.kernels.describe(), "version": lstm_dist.__version__}
         self.metrics = on_every_rank(lambda: open_metrics(cfg, at, derived) if env.is_main else NO_METRICS)
@@ -371,7 +374,7 @@ class Trainer:
         cfg, t, p = self.cfg, self.cfg.train, self.progress
         for line in start_lines(self):
             self.say(line)
-        window = LogInterval(self.env.world * t.batch_size * t.bptt)
+        window = LogInterval(self.layout.global_batch * t.bptt)
         every = lambda n: n and p.step % n == 0 and p.step < t.steps  # noqa: E731  (not at the end)
         self._budget_from, self.out_of_time = (time.monotonic(), p.step), False
         profiler = StepProfiler(cfg.log.profile_steps, self.run_dir, self.device, self.env.is_main, self.say)

@@ -8,7 +8,9 @@ shape gets
               × (lr_ref_hidden / hidden)^lr_width_exponent
               / layers^lr_depth_exponent
 
-where global = world_size × train.batch_size streams. The exponents are settings, not constants:
+where global = train.global_batch_size streams, or world_size × train.batch_size without it
+(`training.batching.global_batch`): with a global batch set, the rate is the same on any number of
+processes. The exponents are settings, not constants:
 the defaults are what the sweep in docs/lr_sweep.md (`python -m lstm_dist.lr_sweep`) measured on
 2 CPU cores, and a sweep on other hardware can replace them. `train.lr_scaling=none` uses
 `train.lr` as written, whatever the shape.
@@ -20,11 +22,12 @@ result, and the line that starts training says which rate the rule gave and why.
 from __future__ import annotations
 
 from lstm_dist.config import Config
+from lstm_dist.training import batching
 
 
 def global_batch(cfg: Config, world: int) -> int:
-    """Streams that one optimizer step averages over: every rank's `batch_size` streams."""
-    return world * cfg.train.batch_size
+    """Streams that one optimizer step averages over (`batching.global_batch`)."""
+    return batching.global_batch(cfg.train, world)
 
 
 def scale_factor(cfg: Config, world: int) -> float:

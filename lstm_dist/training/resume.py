@@ -1,8 +1,10 @@
 """After a checkpoint is restored (`checkpoint.restore`): how the run picks up, said in one line
 each, and the learning-rate schedule it goes on with.
 
-- An exact resume continues as if never stopped. A re-cut (another number of processes, batch or
-  bptt, or a split of another length) starts from zero states, with generators seeded anew for the
+- An exact resume continues as if never stopped. The same global streams on another number of
+  processes (`train.global_batch_size`) continue with their hidden states, re-sliced over the ranks,
+  and new generators (`seeds.recut_seed`). A re-cut (another global batch or bptt, or a split of
+  another length) starts from zero states, with generators seeded anew for the
   step (`seeds.recut_seed`): the continued run does not replay the dropout masks of its first steps.
 - Every setting that differs from the checkpoint's config is one line.
 - The schedule: the checkpoint's anchor is back in the run's `Schedule` (a checkpoint piece); where
@@ -18,6 +20,7 @@ from lstm_dist import config as config_mod
 from lstm_dist.common.distributed import DistEnv
 from lstm_dist.config import Config
 from lstm_dist.training import lr_rule
+from lstm_dist.training.batching import batch_layout
 from lstm_dist.training.checkpoint import Resumed
 from lstm_dist.training.optim import Schedule
 from lstm_dist.training.seeds import recut_seed, seed_everything
@@ -29,11 +32,17 @@ def pick_up(resumed: Resumed, cfg: Config, env: DistEnv, schedule: Schedule, say
     step = resumed.step
     if resumed.exact:
         say(f"resumed from {resumed.path} at step {step}")
+    elif resumed.resliced:
+        seed_everything(recut_seed(cfg.run.seed, env.rank, step))
+        layout = batch_layout(cfg.train, env.world)
+        say(f"resumed from {resumed.path} at step {step}: it was written by {resumed.written_by}; the same "
+            f"{layout.global_batch} streams go on over {env.world} process(es) × {layout.per_rank}, each with its "
+            "hidden state (the random generators are seeded anew for this layout)")
     else:
         seed_everything(recut_seed(cfg.run.seed, env.rank, step))
         t = cfg.train
         say(f"resumed from {resumed.path} at step {step}: it was written by {resumed.written_by}; re-cut streams "
-            f"for {env.world} × {t.batch_size} × {t.bptt}: position carried over by characters "
+            f"for {env.world} × {batch_layout(t, env.world).per_rank} × {t.bptt}: position carried over by characters "
             "consumed, hidden states start at zero")
     for key, old, new in config_mod.changes(resumed.config, cfg):
         say(f"resumed with a changed setting: {key}: {old!r} → {new!r}")

@@ -51,6 +51,20 @@ class _StatePiece:
     def load_state_dict(self, saved: Optional[State]) -> None:
         self.progress.state = None if saved is None else (saved[0].to(self.device), saved[1].to(self.device))
 
+    def load_resliced(self, entries: list[Optional[State]], rank: int, world: int) -> None:
+        """This rank's share of the global streams' states written by another number of processes:
+        `entries` are every old rank's (h, c), each [layers, streams of that rank, hidden], in rank order
+        (rank r held streams [r·n, (r+1)·n)); joined along the streams, this rank takes streams
+        [rank·G/world, (rank+1)·G/world) of the G. None when any old rank had none (the next window
+        starts from zeros: at a window where every rank had none, as every rank resets together)."""
+        if any(e is None for e in entries):
+            self.progress.state = None
+            return
+        h, c = (torch.cat([e[i] for e in entries], dim=1) for i in (0, 1))
+        share = h.shape[1] // world
+        rows = slice(rank * share, (rank + 1) * share)
+        self.load_state_dict((h[:, rows].contiguous(), c[:, rows].contiguous()))
+
 
 class ModelWeights:
     """A model's weights as a checkpoint piece: CPU copies of its state_dict (device-independent)."""

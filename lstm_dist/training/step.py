@@ -1,7 +1,9 @@
 """The one training step of truncated BPTT: what `train`, `lr_find` and `bench --train` all run.
 
     forward_backward(x, y, state)  the forward from the carried state under the run's autocast, the
-                                   cross-entropy over the window in fp32, backward
+                                   cross-entropy over the window in fp32, backward; in `micro_batches`
+                                   forward/backward passes over slices of the streams (gradient
+                                   accumulation), DDP's all-reduce after the last only
     clip()                         the global gradient norm, clipped to `clip_norm` (0: measured only)
     verdict(loss, norm)            [mean loss over the ranks, norm, failed]: one small all-reduce; a
                                    non-finite loss or norm, or a loss above `max_loss`, fails the step
@@ -39,25 +41,61 @@ class TrainingStep:
     runs in (`Kernels.autocast`: bf16 on CUDA where the run computes in bf16; the loss is fp32 always).
     `max_loss` (nats; 0: none) fails a step whose mean loss over the ranks is above it (a diverged
     run); `world` is the number of ranks that `verdict` averages over (it all-reduces when above 1).
+    `micro_batches` k > 1 runs a window's streams in k forward/backward passes of batch / k streams
+    each (`training.batching`), the gradients accumulated in `.grad` and all-reduced by DDP after the
+    last pass only (its `no_sync` on the others).
     """
 
     def __init__(self, forward: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, clip_norm: float,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 max_loss: float = 0.0, world: int = 1) -> None:
+                 max_loss: float = 0.0, world: int = 1, micro_batches: int = 1) -> None:
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         self.forward, self.model, self.optimizer, self.autocast = forward, model, optimizer, autocast
         self.max_norm = clip_norm if clip_norm > 0 else math.inf  # inf: the norm is measured, nothing clipped
-        self.max_loss, self.world = max_loss, world  # max_loss 0: no divergence limit
+        self.max_loss, self.world, self.micro_batches = max_loss, world, micro_batches  # max_loss 0: no limit
         self._new_state: Optional[State] = None
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, state: Optional[State],
                          poison: bool = False) -> torch.Tensor:
-        """x, y int64 [batch, bptt] (y is x shifted by one character), `state` the carried (h, c) or
-        None (zeros) -> the mean loss over the window (nats per character, an fp32 scalar tensor);
-        the gradients are in the parameters' `.grad`. `poison` multiplies the loss by NaN before
+        """x, y int64 [batch, bptt] (y is x shifted by one character), `state` the carried (h, c), each
+        [layers, batch, hidden], or None (zeros) -> the mean loss over the window (nats per character,
+        an fp32 scalar tensor, detached); the gradients are in the parameters' `.grad`.
+
+        With `micro_batches` k, streams [j·batch/k, (j+1)·batch/k) go through the model in pass j with
+        their own slice of the state; each pass's mean loss is scaled by 1/k before its backward, so the
+        accumulated gradient is the gradient of the window's mean loss, as one pass would give (to float
+        summation order). Only the last backward is outside DDP's `no_sync`: one all-reduce per window.
+        Raises ValueError when k does not divide batch. `poison` multiplies each pass's loss by NaN before
         backward (LSTM_DIST_FAULT=nonfinite: what a diverged forward gives)."""
+        k = self.micro_batches
+        if k == 1:
+            return self._pass(x, y, state, 1.0, poison).detach()
+        batch = x.shape[0]
+        if batch % k:
+            raise ValueError(f"a window of {batch} streams does not split into {k} micro-batches")
+        m = batch // k
+        no_sync = getattr(self.forward, "no_sync", contextlib.nullcontext)  # DDP's; a plain module has none
+        total, states = None, []
+        for j in range(k):
+            rows = slice(j * m, (j + 1) * m)
+            part = None if state is None else tuple(s[:, rows].contiguous() for s in state)
+            with no_sync() if j < k - 1 else contextlib.nullcontext():
+                loss = self._pass(x[rows], y[rows], part, 1.0 / k, poison).detach()
+            states.append(self._new_state)
+            total = loss if total is None else total + loss
+        self._new_state = tuple(torch.cat(parts, dim=1) for parts in zip(*states))
+        return total
+
+    def _pass(self, x: torch.Tensor, y: torch.Tensor, state: Optional[State], scale: float,
+              poison: bool) -> torch.Tensor:
+        """One forward and backward of `scale` × the mean cross-entropy of x's streams -> that scaled loss;
+        the pass's final state in `_new_state`."""
         with self.autocast():
             logits, self._new_state = self.forward(x, state)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        if scale != 1.0:
+            loss = loss * scale
         if poison:
             loss = loss * float("nan")
         loss.backward()
