@@ -1,7 +1,8 @@
 """Training windows and evaluation batches over a split (a token array, usually a `Corpus` memmap).
 
 Training (`TokenStream`): the split, after a per-epoch offset, is cut into ``world*batch``
-contiguous streams of equal length; rank r reads streams [r*batch, (r+1)*batch) and window k of
+contiguous streams of equal length (`batch` is a rank's share of the global batch: `training.batching`);
+rank r reads streams [r*batch, (r+1)*batch) and window k of
 every stream covers its characters [k*bptt, k*bptt+bptt] (x is the first bptt of them, y the last
 bptt). Ranks never share a training character in one epoch. Evaluation (`eval_batches`) instead
 scores every predictable position of a split exactly once, the short tail included, each segment
