@@ -71,6 +71,26 @@ def test_window_flops_formula():
     assert window_flops(1, 1, 10, 4, 2) == 3 * (2 * 16 * 14 + 2 * 16 * 8)
 
 
+def test_flops_per_token_are_two_per_weight_of_every_product_of_the_real_model():
+    """`model.flops` (bench's count, and training's for perf/mfu) against a real CharLSTM: a token's forward
+    is 2 FLOPs (a multiply and an add) per element of each matrix its products use, the layers' W_ih and
+    W_hh and the head's weight (not the embedding: a lookup; not the biases: additions), and training 3×
+    that. A model that gained or lost a product would fail here."""
+    from lstm_dist.config import ModelConfig
+    from lstm_dist.model.char_lstm import CharLSTM
+    from lstm_dist.model.flops import forward_flops_per_token, training_flops_per_token
+    from lstm_dist.model.kernels import Kernels
+
+    model = CharLSTM.from_config(ModelConfig(embedding=10, hidden=4, layers=3), 7, kernels=Kernels())
+    weights = sum(q.numel() for name, q in model.named_parameters() if name.endswith(("weight_ih", "weight_hh"))
+                  or name == "head.weight")
+    assert forward_flops_per_token(10, 4, 3, vocab=7) == 2 * weights == 2 * (16 * 14 + 2 * 16 * 8 + 4 * 7)
+    assert training_flops_per_token(10, 4, 3, vocab=7) == 3 * 2 * weights
+    assert training_flops_per_token(10, 4, 3) * 5 * 2 == window_flops(5, 2, 10, 4, 3)  # bench: the layers alone
+    with pytest.raises(ValueError, match="no such model"):
+        forward_flops_per_token(10, 0, 3)
+
+
 def test_table_shows_mfu_on_cuda_only():
     r = {"device": "cuda:0", "device_name": "H200", "dtype": "bfloat16", "threads": 1, "batch": 1, "bptt": 1,
          "embedding": 1, "hidden": 1, "layers": 1, "compile": True, "repeats": 1,

@@ -15,6 +15,7 @@ from lstm_dist.bench.timing import baseline_dtype, failures, path_ran, timed, wa
 from lstm_dist.common.distributed import pick_device
 from lstm_dist.config import ModelConfig
 from lstm_dist.model.char_lstm import LSTMLayer
+from lstm_dist.model.flops import training_flops_per_token
 from lstm_dist.model.kernels import Kernels, choose_kernels
 from lstm_dist.model.products import CpuProducts
 
@@ -22,9 +23,9 @@ IMPL_NAMES = ("fast", "reference", "torch_lstm")
 
 
 def window_flops(batch: int, bptt: int, embedding: int, hidden: int, layers: int) -> float:
-    """Matrix-product FLOPs of forward + backward over one window (see the module docstring)."""
-    per_char = sum(2 * 4 * hidden * ((embedding if k == 0 else hidden) + hidden) for k in range(layers))
-    return 3.0 * per_char * batch * bptt
+    """Matrix-product FLOPs of forward + backward of the LSTM layers (no head: the bench times the layers
+    alone) over one window of batch × bptt tokens: `model.flops.training_flops_per_token` × tokens."""
+    return float(training_flops_per_token(embedding, hidden, layers) * batch * bptt)
 
 
 def bench_kernels(args: argparse.Namespace, device: torch.device) -> Kernels:

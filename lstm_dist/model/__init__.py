@@ -7,6 +7,7 @@
     buffers.py    the pool of big per-window buffers
     kernels.py    the table of paths (`KERNELS`), the `Kernels` in force, and `choose_kernels`
     char_lstm.py  `CharLSTM`: embedding, layers, head; `step()` for sampling
+    flops.py      the model's FLOPs per token (matrix products): the count behind every MFU
 
 Nothing is imported here: import the module you need (`from lstm_dist.model.kernels import choose_kernels`).
 """
