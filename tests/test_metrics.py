@@ -392,3 +392,25 @@ def test_a_fresh_start_keeps_no_rows_of_an_earlier_attempt_and_a_resume_only_tho
     assert [(r["step"], r["loss"]) for r in rows] == [(5, 2.5)]
     assert f"starting fresh: 1 row(s) of an earlier attempt without a checkpoint removed from {tmp_path / 'r'}" in \
         capsys.readouterr().out
+
+
+def test_mfu_has_a_peak_only_for_a_gpu_of_the_table_and_the_runs_arithmetic():
+    """training.mfu: the datasheets' dense peaks by torch.cuda.get_device_name(), in the arithmetic of the run's
+    products; an unknown name (another GPU, a MIG slice, the H200 NVL card, the CPU) has none, so no MFU."""
+    from lstm_dist.training.mfu import matmul_precision, model_flops_utilization, peak_flops
+
+    assert peak_flops("NVIDIA H200", "bf16") == peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
+    assert peak_flops("NVIDIA H200", "tf32") == pytest.approx(494.7e12)
+    assert peak_flops("NVIDIA H200", "fp32") == pytest.approx(66.9e12)
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756.5e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == peak_flops("NVIDIA A100 80GB PCIe", "bf16") == 312e12
+    for unknown in ("NVIDIA H200 NVL", "NVIDIA A100-SXM4-40GB MIG 1g.5gb", "NVIDIA GeForce RTX 4090", "cpu", ""):
+        assert peak_flops(unknown, "bf16") is None, unknown
+    with pytest.raises(ValueError, match="precision 'fp16' is not one of bf16, tf32, fp32"):
+        peak_flops("NVIDIA H200", "fp16")
+    assert (matmul_precision(bf16=True, tf32=True), matmul_precision(bf16=False, tf32=True),
+            matmul_precision(bf16=False, tf32=False)) == ("bf16", "tf32", "fp32")
+    # 1e6 tokens/s over 2 GPUs at 1e9 FLOPs a token: 5e14 FLOP/s each, half of a 1e15 peak
+    assert model_flops_utilization(1e6, 1e9, 2, 1e15) == 0.5
+    assert model_flops_utilization(1e6, 1e9, 2, None) is None
+
