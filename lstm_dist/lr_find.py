@@ -140,26 +140,30 @@ def wandb_dir(cfg: config_mod.Config) -> Path:
 def log_curve(cfg: config_mod.Config, result: RangeTest, settings: dict, say=print) -> Path | None:
     """The range test as a W&B run of its own, under `wandb_dir(cfg)`, in `log.wandb.mode` (chosen as
     training chooses it: `training.wandb_sink.WandbSink`; a fresh run id every time): one history row
-    per step (step = the optimizer step, 1-based) with `lr`, `loss` (nats per token),
-    `smoothed_loss` and the smoothed loss in bits (`smoothed_bpb` or `smoothed_bpc`, after the
-    vocabulary), each plotted against `lr` (`define_metric`); the summary holds `suggested_lr`,
-    `lowest_lr` and `stopped_early`; `settings` (the command's options) join the config. Returns the
-    W&B run's folder, or None where W&B is off (disabled, wandb missing, or failed: one line says so)."""
+    per step (step = the optimizer step, 1-based) with `lr_find/lr`, `lr_find/loss` (nats per token),
+    `lr_find/smoothed_loss` and the smoothed loss in bits (`lr_find/smoothed_bpb` or `.../smoothed_bpc`,
+    after the vocabulary), each plotted against `lr_find/lr` (`define_metric`); the summary holds
+    `lr_find/suggested_lr`, `lr_find/lowest_lr` and `lr_find/stopped_early`; `settings` (the command's
+    options) join the config. The names are not training's (`train/loss`, `train/lr`: docs/metrics.md):
+    this curve's x is the rate, not the step, and in a project that holds both, W&B's panels of one name
+    gather every run's curve of that name. Returns the W&B run's folder, or None where W&B is off
+    (disabled, wandb missing, or failed: one line says so)."""
     w = cfg.log.wandb
     sink = WandbSink(wandb_dir(cfg), w.mode, {**cfg.to_dict(), "lr_find": settings}, w.project, w.entity or None,
                      f"lr_find-{cfg.run.name}", w.init_timeout, 60.0, say, keep_id=False)
     if sink.run is None:
         return None
     folder = Path(sink.run.dir).parent  # wandb/offline-run-<time>-<id> (or run-... online)
-    bits = f"smoothed_{result.units.score}"
+    bits = f"lr_find/smoothed_{result.units.score}"
 
     def curve(run) -> None:
-        for key in ("loss", "smoothed_loss", bits):
-            run.define_metric(key, step_metric="lr")
+        for key in ("lr_find/loss", "lr_find/smoothed_loss", bits):
+            run.define_metric(key, step_metric="lr_find/lr")
         for i, (lr, loss, smoothed) in enumerate(zip(result.rates, result.losses, result.smoothed), 1):
-            run.log({"lr": lr, "loss": loss, "smoothed_loss": smoothed, bits: smoothed / LN2}, step=i)
-        run.summary.update({"suggested_lr": result.suggested, "lowest_lr": result.lowest,
-                            "stopped_early": result.stopped_early})
+            run.log({"lr_find/lr": lr, "lr_find/loss": loss, "lr_find/smoothed_loss": smoothed, bits: smoothed / LN2},
+                    step=i)
+        run.summary.update({"lr_find/suggested_lr": result.suggested, "lr_find/lowest_lr": result.lowest,
+                            "lr_find/stopped_early": result.stopped_early})
 
     sink.call(curve)
     online = sink.mode == "online" and sink.run is not None

@@ -184,8 +184,8 @@ def train_once(args: argparse.Namespace, results: Results, overrides: list[str],
     if returncode == 0:
         for line in summary.read_text().splitlines():
             row = json.loads(line)
-            if f"valid_{u.score}" in row and f"test_{u.score}" in row:
-                score = row[f"valid_{u.score}"]
+            if f"val/{u.score}" in row and f"test/{u.score}" in row:  # the final evaluation's row (docs/metrics.md)
+                score = row[f"val/{u.score}"]
     elif returncode != 3:
         raise RuntimeError(f"run {name} failed with exit status {returncode}; see {log}")
     results.add({"key": key, "name": name, "lr": float(f"{lr:.6g}"), f"valid_{u.score}": score,

@@ -187,10 +187,8 @@ print("\n".join(f"- {line}" for line in (raw / "environment.txt").read_text().st
 tests = (raw / "cuda_tests.txt").read_text().strip().splitlines()
 print("\n## `pytest -m cuda`" + (" (collected only)" if dry else "") + "\n")
 print(tests[-1] if tests else "(no output)")
-def flops_per_char(w):  # matrix-product FLOPs of forward + backward per character (bench --help's formula)
-    return 3 * sum(2 * 4 * w["hidden"] * ((w["embedding"] if k == 0 else w["hidden"]) + w["hidden"])
-                   for k in range(w["layers"]))
-PEAK = {"bfloat16": 990e12, "float32": 495e12}  # an H200's dense peaks (bf16; TF32), bench's --peak-tflops default for bf16
+from lstm_dist.model.flops import training_flops_per_token  # the count training's perf/mfu uses
+from lstm_dist.training.mfu import peak_flops
 for name in ("cluster_step", "train_bf16", "train_fp32"):
     try:
         r = json.loads((raw / f"{name}.json").read_text())
@@ -200,16 +198,21 @@ for name in ("cluster_step", "train_bf16", "train_fp32"):
         continue
     print(f"\n## {name}: {r['device_name']}, {r['dtype']} (torch.nn.LSTM in {r['baseline_computes_in']}), "
           f"median of {r['repeats']}, interleaved\n")
+    def precision(w):  # the matrix products' arithmetic: bf16 autocast, else TF32 where the row's kernels had it
+        return "bf16" if r["dtype"] == "bfloat16" else ("tf32" if w.get("tf32") else "fp32")
     print("| layers | hidden | emb | batch | bptt | asked | path that ran | lstm_dist ms | nn.LSTM ms | ratio | "
           "x cuDNN chars/s | lstm_dist chars/s | MFU |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for w in r["rows"]:
-        mfu = "n/a" if dry else f"{100 * flops_per_char(w) * w['lstm_dist_chars_per_s'] / PEAK[r['dtype']]:.1f}%"
+        flops = training_flops_per_token(w["embedding"], w["hidden"], w["layers"], r["vocab"])
+        peak = peak_flops(r["device_name"], precision(w))
+        mfu = "n/a" if peak is None else f"{100 * flops * w['lstm_dist_chars_per_s'] / peak:.1f}%"
         print(f"| {w['layers']} | {w['hidden']} | {w['embedding']} | {w['batch']} | {w['bptt']} | {w.get('asked', '')} | "
               f"{w.get('path', w['kernels'])} | {w['lstm_dist_ms']:.2f} | {w['torch_lstm_ms']:.2f} | {w['ratio']:.3f} | "
               f"{1 / w['ratio']:.2f} | {w['lstm_dist_chars_per_s']:,.0f} | {mfu} |")
-    print(f"\nMFU: the layers' matrix-product FLOPs of forward + backward per character (head left out) times "
-          f"chars/s, over an H200's dense {PEAK[r['dtype']] / 1e12:.0f} TFLOP/s ({'bf16' if r['dtype'] == 'bfloat16' else 'TF32'})")
+    print("\nMFU: the model's matrix-product FLOPs of forward + backward per character (layers and head: "
+          "lstm_dist.model.flops, as training's perf/mfu) times chars/s, over the device's dense peak in the "
+          "row's arithmetic (lstm_dist.training.mfu); n/a where the device is not in its table")
 try:
     r = json.loads((raw / "product.json").read_text())
     print(f"\n## product (the recurrent products alone, {r['dtype']}, hidden {r['hidden']}, batch {r['batch']}, "
@@ -239,7 +242,7 @@ else:
 def rows(name):
     try:
         return {m["step"]: m for m in map(json.loads, (raw / f"train_{name}.jsonl").read_text().splitlines())
-                if "loss" in m}
+                if "train/loss" in m}
     except (OSError, ValueError, KeyError):
         return {}
 a, b = rows("straight"), rows("resumed")
@@ -247,9 +250,11 @@ print("\n## training run (torchrun, one process, " + ("gloo" if dry else "NCCL")
 if not a or not b:
     print("no result (see train_straight.txt and train_resumed.txt in gpu_check_logs.tgz)")
 else:
-    print("| step | straight loss | resumed loss | straight chars/s |\n| --- | --- | --- | --- |")
+    print("| step | straight loss | resumed loss | straight chars/s | straight MFU |\n| --- | --- | --- | --- | --- |")
     for step in sorted(set(a) & set(b)):
-        print(f"| {step} | {a[step]['loss']:.4f} | {b[step]['loss']:.4f} | {a[step].get('chars_per_s', 0):,.0f} |")
+        mfu = a[step].get("perf/mfu")  # where the GPU's peak is known (lstm_dist.training.mfu)
+        print(f"| {step} | {a[step]['train/loss']:.4f} | {b[step]['train/loss']:.4f} | "
+              f"{a[step]['perf/chars_per_s']:,.0f} | {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} |")
 EOF
 tar czf "$out/gpu_check_logs.tgz" -C "$raw" . && rm -rf "$raw"
 exit $status

@@ -100,7 +100,7 @@ def test_a_sigkilled_worker_is_restarted_by_torchrun_and_the_run_ends_bit_identi
     assert "resumed from" in proc.stdout and "step_00000010.pt at step 10" in proc.stdout, proc.stdout
     assert_same(final(tmp_path / "run", 20), final(straight_run, 20))
     # metrics.jsonl holds every step once: the steps after the checkpoint were dropped and trained again
-    steps = [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m]
+    steps = [m["step"] for m in read_metrics(tmp_path / "run") if "train/loss" in m]
     assert steps == list(range(1, 21))
     assert losses(tmp_path / "run") == losses(straight_run)
 

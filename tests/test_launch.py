@@ -152,7 +152,7 @@ def test_a_stop_signal_to_a_launcher_checkpoints_and_ends_without_torchruns_trac
         while waiting:  # once a launcher's run has trained a few steps, stop it
             for script, proc in list(waiting.items()):
                 metrics = tmp_path / script / "smoke" / "metrics.jsonl"
-                if metrics.exists() and any(m.get("step", 0) >= 3 for m in read_metrics(metrics.parent) if "loss" in m):
+                if metrics.exists() and any(m.get("step", 0) >= 3 for m in read_metrics(metrics.parent) if "train/loss" in m):
                     os.kill(proc.pid, cases[script][0])
                     del waiting[script]
                 assert proc.poll() is None, proc.communicate()

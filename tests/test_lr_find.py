@@ -131,12 +131,15 @@ def test_the_curve_goes_to_an_offline_wandb_run_with_the_rate_as_x(tmp_path, tin
     assert sorted(rows) == [int(step) for step, *_ in csv] == list(range(1, 21))
     for step, lr, loss, smoothed in csv:
         row = rows[int(step)]
-        assert row["lr"] == pytest.approx(float(lr), rel=1e-5) and row["loss"] == pytest.approx(float(loss), abs=1e-6)
-        assert row["smoothed_bpb"] == pytest.approx(float(smoothed) / math.log(2), abs=1e-5)
+        assert row["lr_find/lr"] == pytest.approx(float(lr), rel=1e-5)
+        assert row["lr_find/loss"] == pytest.approx(float(loss), abs=1e-6)
+        assert row["lr_find/smoothed_bpb"] == pytest.approx(float(smoothed) / math.log(2), abs=1e-5)
     axes = {r["metric"]["name"]: r["metric"].get("step_metric") for r in records if r["type"] == "metric"}
-    assert axes == {"loss": "lr", "smoothed_loss": "lr", "smoothed_bpb": "lr"}
+    assert axes == {"lr_find/loss": "lr_find/lr", "lr_find/smoothed_loss": "lr_find/lr",
+                    "lr_find/smoothed_bpb": "lr_find/lr"}
     summary = summary_of(records)
-    assert summary["suggested_lr"] == pytest.approx(suggested(out), rel=1e-2) and summary["stopped_early"] in (True, False)
+    assert summary["lr_find/suggested_lr"] == pytest.approx(suggested(out), rel=1e-2)
+    assert summary["lr_find/stopped_early"] in (True, False)
     assert run_record(records)["config"]  # the settings travel with the curve
     lr_find_here(capsys, *args)
     again = sorted((runs / "lr_find" / "real" / "wandb").glob("offline-run-*"))
@@ -174,7 +177,7 @@ def test_suggestion_lands_near_the_best_rate_of_a_small_real_sweep(tmp_path):
     for lr in rates:
         run_train(1, *common, f"run.name=lr{lr}", f"train.lr={lr}", "train.lr_scaling=none", "train.steps=200",
                   cwd=tmp_path)
-        bpc[lr] = [m for m in read_metrics(tmp_path / "runs" / f"lr{lr}") if "test_bpb" in m][-1]["valid_bpb"]
+        bpc[lr] = [m for m in read_metrics(tmp_path / "runs" / f"lr{lr}") if "test/bpb" in m][-1]["val/bpb"]
     best = min(bpc, key=bpc.get)
     assert best not in (rates[0], rates[-1]), f"the sweep must bracket its best rate: {bpc}"
     proc = lr_find(*common, "--steps", "100", cwd=tmp_path)

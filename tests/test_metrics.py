@@ -98,12 +98,14 @@ def test_offline_run_is_readable_back_with_wandb_tooling(tmp_path):
     assert m.wandb_mode == "offline" and m.wandb_dir == tmp_path / "run" / "wandb"
     run_dir = m.wandb_run_dir
     assert run_dir is not None and run_dir.parent == m.wandb_dir
-    logged = {0: {"epoch": 0, "loss": 2.5, "bpc": 3.6067}, 10: {"epoch": 0, "loss": 2.0, "bpc": 2.8854},
-              20: {"epoch": 1, "loss": 1.75, "bpc": 2.5247, "lr": 3e-3}}
+    # the names training logs (docs/metrics.md): W&B groups its panels by the part before the "/"
+    logged = {0: {"train/epoch": 0, "train/loss": 2.5, "train/bpc": 3.6067},
+              10: {"train/epoch": 0, "train/loss": 2.0, "train/bpc": 2.8854},
+              20: {"train/epoch": 1, "train/loss": 1.75, "train/bpc": 2.5247, "train/lr": 3e-3}}
     for step, values in logged.items():
         m.log(step, values)
     m.log_text(20, "sample", "The <b>cat</b> sat\non the mat")
-    m.summary({"valid_bpc": 1.61, "test_bpc": 1.63})
+    m.summary({"val/bpc": 1.61, "test/bpc": 1.63})
     t0 = time.perf_counter()
     m.close()
     finish_s = time.perf_counter() - t0
@@ -125,20 +127,20 @@ def test_offline_run_is_readable_back_with_wandb_tooling(tmp_path):
     media = run_dir / "files" / rows[20]["sample.path"]
     assert "The &lt;b&gt;cat&lt;/b&gt; sat\non the mat" in media.read_text()
     summary = summary_of(records)
-    assert summary["valid_bpc"] == pytest.approx(1.61) and summary["test_bpc"] == pytest.approx(1.63)
+    assert summary["val/bpc"] == pytest.approx(1.61) and summary["test/bpc"] == pytest.approx(1.63)
     assert any(rec["type"] == "exit" for rec in records)  # finish really happened
 
     jsonl = strict_rows(tmp_path / "run" / "metrics.jsonl")
-    metric_rows = [r for r in jsonl if "loss" in r]
+    metric_rows = [r for r in jsonl if "train/loss" in r]
     assert [r["step"] for r in metric_rows] == [0, 10, 20]
     for row in metric_rows:
         assert {k: row[k] for k in logged[row["step"]]} == logged[row["step"]]
         assert abs(row["time"] - time.time()) < 600
     assert {"step": 20, "sample": "The <b>cat</b> sat\non the mat"}.items() <= jsonl[3].items()
-    assert jsonl[4]["summary"] == {"valid_bpc": 1.61, "test_bpc": 1.63}
+    assert jsonl[4]["summary"] == {"val/bpc": 1.61, "test/bpc": 1.63}
     text = out.getvalue()
-    assert "step 20 | epoch 1 | loss 1.7500 | bpc 2.5247 | lr 3.00e-03" in text
-    assert "The <b>cat</b> sat" in text and "test_bpc 1.6300" in text
+    assert "step 20 | train/epoch 1 | train/loss 1.7500 | train/bpc 2.5247 | train/lr 3.00e-03" in text
+    assert "The <b>cat</b> sat" in text and "test/bpc 1.6300" in text
 
 
 def test_online_without_key_falls_back_to_offline_quickly(tmp_path):
@@ -414,3 +416,25 @@ def test_mfu_has_a_peak_only_for_a_gpu_of_the_table_and_the_runs_arithmetic():
     assert model_flops_utilization(1e6, 1e9, 2, 1e15) == 0.5
     assert model_flops_utilization(1e6, 1e9, 2, None) is None
 
+
+def test_the_log_line_shows_mfu_where_the_row_has_it():
+    """The training line (loop.log_line) from a row of the names `Trainer._log` logs: MFU after the throughput
+    where the row has perf/mfu (a CUDA run on a GPU of the table), nothing where it has none; the ETA is
+    the line's own argument, not a metric."""
+    from lstm_dist.config import load
+    from lstm_dist.model.flops import training_flops_per_token
+    from lstm_dist.training.loop import log_line
+    from lstm_dist.training.mfu import model_flops_utilization, peak_flops
+
+    cfg = load(None, ["train.steps=640"])
+    row = {"train/epoch": 0, "train/loss": 1.25, "train/bpb": 1.8034, "train/lr": 0.02, "train/grad_norm": 0.5,
+           "perf/chars_per_s": 4.2e6, "perf/chars_per_s_per_process": 5.25e5, "perf/elapsed_s": 4.9,
+           "perf/max_memory_gib": 3.21}
+    assert log_line(10, cfg, "bpb", row, "GPU", 297.0) == (
+        "step 10/640 | loss 1.2500 | bpb 1.8034 | lr 0.0200 | 4.20M chars/s (525k/GPU) | mem 3.2 GiB | "
+        "4.9s elapsed, ETA 4m57s")
+    m = cfg.model
+    mfu = model_flops_utilization(4.2e6, training_flops_per_token(m.embedding, m.hidden, m.layers, 256), 8,
+                                  peak_flops("NVIDIA H200", "bf16"))
+    line = log_line(10, cfg, "bpb", {**row, "perf/mfu": mfu}, "GPU", 297.0)
+    assert f"(525k/GPU) | MFU {100 * mfu:.1f}% | mem 3.2 GiB |" in line and 0 < mfu < 1, line

@@ -196,7 +196,7 @@ def warn_when_training(slurm_env: dict, job: str, log: Path, run_dir: Path, afte
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if (run_dir / "metrics.jsonl").exists() and \
-                any(m.get("step", 0) >= after_step for m in read_metrics(run_dir) if "loss" in m):
+                any(m.get("step", 0) >= after_step for m in read_metrics(run_dir) if "train/loss" in m):
             break
         time.sleep(0.2)
     else:

@@ -17,6 +17,7 @@ from lstm_dist.config import from_dict
 from lstm_dist.training.lr_rule import peak_lr
 from lstm_dist.data.corpus import Corpus
 from lstm_dist.common.errors import UserError
+from lstm_dist.training.metrics import format_rate
 from lstm_dist.training.optim import lr_at
 from lstm_dist.data.prepare import prepare
 from lstm_dist.data.run_corpus import scorable
@@ -230,7 +231,7 @@ def test_non_finite_steps_are_skipped_then_stop_leaving_the_last_checkpoint(tmp_
     assert f"exitcode  : {EXIT_NONFINITE}" in out or proc.returncode == EXIT_NONFINITE, out
     # no checkpoint was written at or after the first skipped step; the one written just before it holds
     # the weights that failed (their update made the next loss non-finite): set aside, never resumed from
-    skipped = [m for m in read_metrics(tmp_path / "diverge") if m.get("nonfinite_steps")]
+    skipped = [m for m in read_metrics(tmp_path / "diverge") if m.get("train/nonfinite_steps")]
     assert skipped and skipped[0]["step"] == 2, out
     assert ckpt.list_checkpoints(tmp_path / "diverge") == []
     aside = sorted((tmp_path / "diverge" / "checkpoints").glob("*.diverged"))
@@ -245,7 +246,7 @@ def test_a_resumed_run_lists_every_changed_setting_and_an_extended_run_keeps_its
     run's state, so a later resume follows it bit for bit; `recompute` is there and says so."""
     tmp = straight_run.parent  # conftest.straight_run: 20 steps, 2 ranks, a checkpoint every 5
     end = tmp / "straight" / "checkpoints" / "step_00000020.pt"
-    was = {m["step"]: m["lr"] for m in read_metrics(tmp / "straight") if "lr" in m}[20]
+    was = {m["step"]: m["train/lr"] for m in read_metrics(tmp / "straight") if "train/lr" in m}[20]
     # one process × 8 streams (the same 8 streams as 2 × 4, states re-sliced): plain python, seconds cheaper than torchrun
     longer = ["train.steps=30", "checkpoint.every=5", "train.clip_norm=0.5", "train.batch_size=8"]
     proc = run_train(1, *common(tmp_path, tiny_corpus, "longer", *longer, f"checkpoint.resume={end}"), cwd=tmp_path)
@@ -257,7 +258,7 @@ def test_a_resumed_run_lists_every_changed_setting_and_an_extended_run_keeps_its
                        "resumed with a changed setting: train.clip_norm: 1.0 → 0.5"], proc.stdout
     assert (f"learning-rate schedule continued from the checkpoint's (train.resume_schedule=continue): {was:.4g} at "
             f"step 20, {was:.4g} at step 21, {was:.4g} at step 30 (recompute would give ") in proc.stdout
-    rates = {m["step"]: m["lr"] for m in read_metrics(tmp_path / "longer") if "lr" in m}
+    rates = {m["step"]: m["train/lr"] for m in read_metrics(tmp_path / "longer") if "train/lr" in m}
     assert sorted(rates) == list(range(21, 31)) and all(rates[s] == pytest.approx(was) for s in rates), rates
 
     mid = tmp_path / "longer" / "checkpoints" / "step_00000025.pt"
@@ -274,7 +275,7 @@ def test_a_resumed_run_lists_every_changed_setting_and_an_extended_run_keeps_its
     assert jump > 2 * was
     assert (f"learning-rate schedule recomputed for the new settings (train.resume_schedule=recompute): {was:.4g} at "
             f"step 20, {jump:.4g} at step 21") in proc.stdout
-    assert {m["step"]: m["lr"] for m in read_metrics(tmp_path / "recomputed") if "lr" in m}[21] == pytest.approx(jump)
+    assert {m["step"]: m["train/lr"] for m in read_metrics(tmp_path / "recomputed") if "train/lr" in m}[21] == pytest.approx(jump)
 
 
 def test_a_diverged_run_leaves_no_checkpoint_to_resume_and_its_score_never_ends_in_done(tmp_path, tiny_corpus):
@@ -354,15 +355,15 @@ def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp
 
     assert load(run_dir / "config.yaml").train.steps == 6
     rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
-    evals = [r for r in rows if "valid_bpb" in r]  # bits per byte: the tiny corpus has the bytes vocabulary
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
+    evals = [r for r in rows if "val/bpb" in r]  # bits per byte: the tiny corpus has the bytes vocabulary
     assert [r["step"] for r in evals] == [3, 6]
     # eval_max_windows=1 during training: one scored window of bptt 16 (after a window of context) in each
     # of 2 ranks × 4 streams
-    assert evals[0]["valid_bytes"] == 2 * 4 * 16
-    (final,) = [r for r in rows if "test_bpb" in r]
-    assert final["valid_bytes"] == 399 and final["test_bytes"] == 399  # the final evaluation: all of it
-    assert not any(k.endswith(("bpc", "_chars")) for r in rows for k in r)  # one name per vocabulary
+    assert evals[0]["val/bytes"] == 2 * 4 * 16
+    (final,) = [r for r in rows if "test/bpb" in r]
+    assert final["val/bytes"] == 399 and final["test/bytes"] == 399  # the final evaluation: all of it
+    assert not any(k.endswith(("bpc", "chars")) for r in rows for k in r)  # one name per vocabulary
     # the logged numbers are the model's: the same bits computed here from the final checkpoint
     from lstm_dist.data.corpus import Corpus
     from lstm_dist.inference.load import load_model
@@ -372,10 +373,16 @@ def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp
     for split in ("valid", "test"):
         bits, count = split_bits(model, Corpus(tiny_corpus).split(split), rank=0, world=1, batch=8, bptt=16,
                                  device=torch.device("cpu"))
-        assert final[f"{split}_bpb"] == pytest.approx(bits / count, rel=1e-5), split
+        assert final[f"{'val' if split == 'valid' else split}/bpb"] == pytest.approx(bits / count, rel=1e-5), split
     assert any("sample" in r and r["sample"].startswith("The ") for r in rows)
-    for key in ("chars_per_s", "data_ms", "fwd_bwd_ms", "opt_ms", "outside_fwd_bwd_pct", "grad_norm", "lr", "eta_s"):
-        assert key in rows[0]
+    # every row of metrics.jsonl in W&B's groups (docs/metrics.md): train/, perf/, val/, test/ (and the sample)
+    assert set(rows[0]) == {"step", "time", "train/epoch", "train/loss", "train/bpb", "train/lr", "train/grad_norm",
+                            "perf/chars_per_s", "perf/chars_per_s_per_process", "perf/data_ms", "perf/fwd_bwd_ms",
+                            "perf/opt_ms", "perf/outside_fwd_bwd_pct", "perf/elapsed_s"}, rows[0]  # no ETA, no MFU on a CPU
+    assert set(evals[0]) == {"step", "time", "val/bpb", "val/bytes", "perf/eval_s"}
+    assert set(final) == {"step", "time", "val/bpb", "val/bytes", "test/bpb", "test/bytes", "perf/eval_s"}
+    (summary,) = [r["summary"] for r in rows if "summary" in r]
+    assert summary == {k: v for k, v in final.items() if k not in ("step", "time")}
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), proc.stdout
     assert (run_dir / "wandb_run_id").read_text().strip()
     # the W&B run as wandb's own reader sees it: tags, group, notes, and the derived values in its config
@@ -467,14 +474,16 @@ def test_final_scores_print_once_samples_are_labelled_and_a_finished_run_says_no
     assert not any(line.startswith(("summary |", "step 8 | valid_")) for line in lines), lines
     assert sum(line.startswith("done: step 8, valid ") for line in lines) == 1
     rows = read_metrics(tmp_path / "r")
-    assert any("test_bpb" in row and row["step"] == 8 for row in rows)  # the final scores' row is still written
+    assert any("test/bpb" in row and row["step"] == 8 for row in rows)  # the final scores' row is still written
     # the log line: step of steps, loss, score, rate, throughput in all and per process, elapsed and ETA, short
     logged = [line for line in lines if line.startswith("step 4/8 | ")]
     assert len(logged) == 1 and len(logged[0]) < 120, logged
     assert re.fullmatch(r"step 4/8 \| loss \d\.\d{4} \| bpb \d\.\d{4} \| lr \S+ \| \S+ chars/s \(\S+/process\) \| "
                         r"\S+ elapsed, ETA \S+", logged[0]), logged[0]
-    row = next(r for r in rows if r["step"] == 4 and "loss" in r)
-    assert {"grad_norm", "data_ms", "fwd_bwd_ms", "opt_ms", "chars_per_s_per_process", "elapsed_s", "eta_s"} <= set(row)
+    row = next(r for r in rows if r["step"] == 4 and "train/loss" in r)
+    # the line's numbers are the row's (the ETA, a guess, is the console's alone)
+    assert f"loss {row['train/loss']:.4f} | bpb {row['train/bpb']:.4f} | " in logged[0] and "eta_s" not in row
+    assert f" chars/s ({format_rate(row['perf/chars_per_s_per_process'])}/process) | " in logged[0]
     timed = run_train(1, *args, "run.name=t", "log.timings=true", "train.steps=4", cwd=tmp_path).stdout
     assert re.search(r"^step 4/4 \| .* ETA \S+ \| data \S+ ms \| fwd_bwd \S+ ms \| opt \S+ ms \| outside_fwd_bwd \S+%$",
                      timed, re.M), timed

@@ -45,11 +45,12 @@ class Evaluation:
         return bits / count, count
 
     def periodic(self, step: int, metrics: Metrics) -> None:
-        """The valid score during training, then a sample."""
+        """The valid score during training (`val/<score>`, `val/<count>`, `perf/eval_s`: docs/metrics.md),
+        then a sample."""
         t0 = time.perf_counter()
         u = self.vocab.units
         score, count = self.score("valid", self.cfg.train.eval_max_windows)
-        metrics.log(step, {f"valid_{u.score}": score, f"valid_{u.count}": count, "eval_s": time.perf_counter() - t0})
+        metrics.log(step, {f"val/{u.score}": score, f"val/{u.count}": count, "perf/eval_s": time.perf_counter() - t0})
         self.sample(step, metrics)
 
     def sample(self, step: int, metrics: Metrics) -> None:
@@ -61,15 +62,16 @@ class Evaluation:
             metrics.log_text(step, "sample", prompt + text)
 
     def final(self, step: int, metrics: Metrics) -> None:
-        """All of valid and test, logged as the run's summary, then a sample and the `done:` line.
+        """All of valid and test (`val/<score>`, `test/<score>`, their counts, `perf/eval_s`), logged as a row
+        and as the run's summary, then a sample and the `done:` line.
         Raises NonFiniteStop when a score is not finite or above `train.divergence_ratio` × that of
         a uniform guess: a diverged model never ends a run with exit 0."""
         t0 = time.perf_counter()
         u = self.vocab.units
         valid, valid_count = self.score("valid")
         test, test_count = self.score("test")
-        scores = {f"valid_{u.score}": valid, f"test_{u.score}": test, f"valid_{u.count}": valid_count,
-                  f"test_{u.count}": test_count, "eval_s": time.perf_counter() - t0}
+        scores = {f"val/{u.score}": valid, f"test/{u.score}": test, f"val/{u.count}": valid_count,
+                  f"test/{u.count}": test_count, "perf/eval_s": time.perf_counter() - t0}
         # the numbers go to metrics.jsonl and W&B here and to the console once, in the done line below
         metrics.log(step, scores, console=False)
         metrics.summary(scores, console=False)

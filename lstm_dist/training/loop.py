@@ -37,12 +37,14 @@ from lstm_dist.inference.sampling import sample_prompt_note
 from lstm_dist.inference.scoring import LN2
 from lstm_dist.model.char_lstm import CharLSTM
 from lstm_dist.model import graphs, loops, products
+from lstm_dist.model.flops import training_flops_per_token
 from lstm_dist.model.kernels import choose_kernels
 from lstm_dist.training import checkpoint as ckpt
 from lstm_dist.training import lr_rule
 from lstm_dist.training.batching import batch_layout
 from lstm_dist.training.evaluation import Evaluation
 from lstm_dist.training.metrics import NO_METRICS, Metrics, format_duration, format_item, format_rate, format_value
+from lstm_dist.training.mfu import matmul_precision, model_flops_utilization, peak_flops
 from lstm_dist.training.optim import Schedule, build_optimizer, schedule_phrase
 from lstm_dist.training.profiling import StepProfiler
 from lstm_dist.training.resume import pick_up
@@ -78,20 +80,26 @@ def open_metrics(cfg: Config, resumed_at: int | None, derived: dict | None = Non
     return metrics
 
 
-def log_line(step: int, cfg: Config, score: str, values: dict, per: str) -> str:
+def log_line(step: int, cfg: Config, score: str, values: dict, per: str, eta_s: float) -> str:
     """The training log line a person reads at a glance (under 120 characters on the CPU): step of steps,
-    loss and score, rate, throughput in all and per `per` (GPU or process), peak GPU memory on CUDA, elapsed
-    and ETA; `log.timings` adds where the step's time went. Every value is in metrics.jsonl and W&B too."""
-    parts = [f"step {step}/{cfg.train.steps}", f"loss {values['loss']:.4f}", f"{score} {values[score]:.4f}",
-             f"lr {format_value(values['lr'])}",
-             f"{format_rate(values['chars_per_s'])} chars/s ({format_rate(values['chars_per_s_per_process'])}/{per})"]
-    if "max_memory_gib" in values:
-        parts.append(f"mem {values['max_memory_gib']:.1f} GiB")
-    if "nonfinite_steps" in values:
-        parts.append(f"nonfinite_steps {values['nonfinite_steps']}")
-    parts.append(f"{format_duration(values['elapsed_s'])} elapsed, ETA {format_duration(values['eta_s'])}")
+    loss and score, rate, throughput in all and per `per` (GPU or process), MFU where the GPU's peak is
+    known, peak GPU memory on CUDA, elapsed and `eta_s` (seconds left: the console's alone, a guess rather
+    than a measurement); `log.timings` adds where the step's time went. `values` are the row `Trainer._log`
+    logs, by their metric names (`train/loss`, `train/<score>`, `perf/chars_per_s`, ...: docs/metrics.md);
+    each is in metrics.jsonl and W&B too."""
+    parts = [f"step {step}/{cfg.train.steps}", f"loss {values['train/loss']:.4f}",
+             f"{score} {values[f'train/{score}']:.4f}", f"lr {format_value(values['train/lr'])}",
+             f"{format_rate(values['perf/chars_per_s'])} chars/s "
+             f"({format_rate(values['perf/chars_per_s_per_process'])}/{per})"]
+    if "perf/mfu" in values:
+        parts.append(f"MFU {100 * values['perf/mfu']:.1f}%")
+    if "perf/max_memory_gib" in values:
+        parts.append(f"mem {values['perf/max_memory_gib']:.1f} GiB")
+    if "train/nonfinite_steps" in values:
+        parts.append(f"nonfinite_steps {values['train/nonfinite_steps']}")
+    parts.append(f"{format_duration(values['perf/elapsed_s'])} elapsed, ETA {format_duration(eta_s)}")
     if cfg.log.timings:
-        parts += [format_item(k, values[k]) for k in ("data_ms", "fwd_bwd_ms", "opt_ms", "outside_fwd_bwd_pct")]
+        parts += [format_item(k, values[f"perf/{k}"]) for k in ("data_ms", "fwd_bwd_ms", "opt_ms", "outside_fwd_bwd_pct")]
     return " | ".join(parts)
 
 
@@ -414,19 +422,36 @@ class Trainer:
         return 0
 
     def _log(self, window: LogInterval, norm: float) -> None:
-        p = self.progress
+        """The log step's row, grouped as W&B users read them (docs/metrics.md): `train/` what training
+        computes (epoch, loss, bits per token named after the vocabulary as the evaluations name theirs,
+        rate, gradient norm, failed steps so far), `perf/` how fast (throughput, phases, elapsed, MFU and
+        peak memory on CUDA). To the console, metrics.jsonl and W&B; the time left goes to the console
+        only (a guess, not a measurement)."""
+        p, score = self.progress, self.vocab.units.score
         loss, timing = window.take(self.cfg.train.steps - p.step)
-        # bits per token, named after the vocabulary (bpb or bpc), as the evaluations name theirs
-        values = {"epoch": self.stream.epoch, "loss": loss, self.vocab.units.score: loss / LN2,
-                  "lr": self.schedule.lr(p.step), "grad_norm": norm, **timing,
-                  "chars_per_s_per_process": timing["chars_per_s"] / self.env.world,
-                  "elapsed_s": time.monotonic() - self._budget_from[0]}
-        if self.device.type == "cuda":  # the caching allocator's own count: no device synchronisation
-            values["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        eta_s = timing.pop("eta_s")
+        values = {"train/epoch": self.stream.epoch, "train/loss": loss, f"train/{score}": loss / LN2,
+                  "train/lr": self.schedule.lr(p.step), "train/grad_norm": norm,
+                  **{f"perf/{k}": v for k, v in timing.items()},
+                  "perf/chars_per_s_per_process": timing["chars_per_s"] / self.env.world,
+                  "perf/elapsed_s": time.monotonic() - self._budget_from[0]}
+        if self.device.type == "cuda":
+            # MFU (`training.mfu`): the model's training FLOPs per character (`model.flops`: layers and head)
+            # × chars/s over all ranks, one GPU each, over the GPU's dense peak in this run's arithmetic
+            # (bf16 autocast, TF32 or fp32 products); none where the GPU is not in the table of peaks
+            m = self.cfg.model
+            mfu = model_flops_utilization(
+                timing["chars_per_s"], training_flops_per_token(m.embedding, m.hidden, m.layers, self.vocab.size),
+                self.env.world, peak_flops(torch.cuda.get_device_name(self.device),
+                                           matmul_precision(self.kernels.bf16, self.kernels.tf32)))
+            if mfu is not None:
+                values["perf/mfu"] = mfu
+            # the caching allocator's own count: no device synchronisation
+            values["perf/max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if p.nonfinite.total:
-            values["nonfinite_steps"] = p.nonfinite.total
-        self.metrics.log(p.step, values, line=log_line(p.step, self.cfg, self.vocab.units.score, values,
-                                                        "GPU" if self.device.type == "cuda" else "process"))
+            values["train/nonfinite_steps"] = p.nonfinite.total
+        self.metrics.log(p.step, values, line=log_line(p.step, self.cfg, score, values,
+                                                        "GPU" if self.device.type == "cuda" else "process", eta_s))
 
     def close(self) -> None:
         self.metrics.close()

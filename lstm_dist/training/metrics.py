@@ -1,12 +1,14 @@
 """One `log(step, values)` that feeds the console, `metrics.jsonl` and Weights & Biases.
 
 Rank 0 builds a `Metrics`; every other rank logs to `NO_METRICS`, which does nothing. The training
-loop only ever talks to one of these two.
+loop only ever talks to one of these two. The names it logs are grouped as W&B groups its panels
+(`train/loss`, `val/bpb`, `perf/chars_per_s`, ...: docs/metrics.md), the same in every sink.
 
 Three sinks, in order of trust:
 
-- console: one line per `log` call, written for a person:
-  ``step 120 | epoch 0 | loss 1.8342 | bpb 2.6461 | lr 3.00e-03 | 47.7k chars/s | ETA 3m49s``;
+- console: one line per `log` call, written for a person: the caller's own (the training line,
+  `loop.log_line`) or the values by `format_line`:
+  ``step 160 | val/bpb 2.1299 | val/bytes 70914 | perf/eval 0.93s``;
 - `JsonlSink`, ``run_dir/metrics.jsonl``: one JSON object per call (``step``, wall-clock ``time``
   in Unix seconds, then the values at full precision), flushed every call, appended across
   resumes. It is strict JSON (``json.dumps(allow_nan=False)``): a non-finite float (a diverged
