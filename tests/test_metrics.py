@@ -78,6 +78,11 @@ def summary_of(records: list[dict]) -> dict:
     return merged
 
 
+def console_of(records: list[dict]) -> str:
+    """What a run captured of its process's console (W&B's Logs tab): stdout and stderr as written, in order."""
+    return "".join(rec["output_raw"]["line"] for rec in records if rec["type"] == "output_raw")
+
+
 def strict_rows(path: Path) -> list[dict]:
     """metrics.jsonl parsed as strict JSON (NaN/Infinity tokens would raise)."""
 
@@ -170,28 +175,48 @@ def assert_fell_back_under_one_run_id(run: Path, warning: str) -> str:
     return run_id
 
 
-def test_online_with_unreachable_server_falls_back_within_init_timeout(tmp_path, monkeypatch):
+def test_online_with_unreachable_server_falls_back_within_init_timeout_and_captures_the_console(tmp_path, monkeypatch):
+    """A server that never answers: offline within init_timeout under the same run id, and the offline run
+    captures the console from then on (W&B's Logs tab). In a process of its own, as rank 0 of a job is:
+    wandb wraps the write of sys.stdout and sys.stderr when it is first imported, so a test's captured
+    streams would say nothing of a job's."""
     # A key is configured, so wandb.init really tries the (closed) server and has to time out.
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
     # ... also with WANDB_MODE=offline in the environment: log.wandb.mode=online wins, as in wandb
     monkeypatch.setenv("WANDB_MODE", "offline")
-    out = io.StringIO()
-    t0 = time.perf_counter()
-    m = Metrics(tmp_path / "run", CONFIG, wandb_mode="online", console=out, init_timeout=3)
-    seconds = time.perf_counter() - t0
+    script = f"""if True:
+        import sys, time
+        from pathlib import Path
+        from lstm_dist.training.metrics import Metrics
+        t0 = time.perf_counter()
+        m = Metrics(Path({str(tmp_path / "run")!r}), {{}}, wandb_mode="online", init_timeout=3)
+        print(f"init took {{time.perf_counter() - t0:.2f}} s", file=sys.stderr, flush=True)
+        m.log(1, {{"train/loss": 0.5}})
+        print("warning: a line on stderr", file=sys.stderr, flush=True)
+        print("WANDB", m.wandb_mode, m.wandb_run_id, m.wandb_run_dir, flush=True)
+        m.close()
+        """
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    seconds = float(proc.stderr.split("init took ")[1].split(" s")[0])
     print(f"online (server unreachable, init_timeout=3) -> offline fallback in {seconds:.2f} s")
-    assert m.wandb_mode == "offline"
     assert seconds < 3 + 30  # init_timeout plus bounded slack, never wandb's 90 s default
-    lines = out.getvalue().splitlines()
+    lines = proc.stdout.splitlines()
     assert "WANDB_MODE=offline" in lines[0] and "log.wandb.mode=online wins" in lines[0], lines
-    assert lines[1].startswith("warning: W&B online init failed") and "API key" not in out.getvalue(), lines
-    m.log(1, {"loss": 0.5})
-    run_dir = m.wandb_run_dir
-    m.close()
-    records = inspect_run(run_dir)
+    assert lines[1].startswith("warning: W&B online init failed") and "API key" not in proc.stdout, lines
+    _, mode, run_id, folder = next(line for line in lines if line.startswith("WANDB ")).split()
+    assert mode == "offline"
+    records = inspect_run(Path(folder))
     kept = assert_fell_back_under_one_run_id(tmp_path / "run", lines[1])
-    assert run_record(records)["run_id"] == m.wandb_run_id == kept
-    assert history(records)[1]["loss"] == 0.5
+    assert run_record(records)["run_id"] == run_id == kept
+    assert history(records)[1]["train/loss"] == 0.5
+    # the console from the offline run's start to its finish, stdout and stderr, as the process wrote it
+    console = console_of(records)
+    assert "step 1 | train/loss 0.5000\n" in console and "warning: a line on stderr\n" in console, console
+    assert "warning: W&B online init failed" not in console  # said before the run existed
+    assert {rec["output_raw"].get("output_type") for rec in records if rec["type"] == "output_raw"} == {
+        "STDOUT", "STDERR"}
 
 
 def test_auto_picks_offline_without_key_and_says_so(tmp_path):

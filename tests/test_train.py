@@ -386,15 +386,21 @@ def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb")), proc.stdout
     assert (run_dir / "wandb_run_id").read_text().strip()
     # the W&B run as wandb's own reader sees it: tags, group, notes, and the derived values in its config
-    from test_metrics import inspect_run, run_record
+    from test_metrics import console_of, inspect_run, run_record
 
     (folder,) = (run_dir / "wandb").glob("offline-run-*")
-    run = run_record(inspect_run(folder))
+    records = inspect_run(folder)
+    run = run_record(records)
     assert run.get("tags") == ["tiny", "test"] and run.get("run_group") == "g1" and run.get("notes") == "a test run", run
     derived = run["config"]["update"]["derived"]
     assert derived["world_size"] == 2 and derived["global_batch_size"] == 8 and derived["vocab_size"] == 256
     assert derived["parameters"] == sum(v.numel() for v in load_ckpt(run_dir / "checkpoints" / "step_00000006.pt")["model"].values())
     assert derived["peak_lr"] > 0 and derived["version"]
+    # rank 0's console from the run's start to its end is the W&B run's (the Logs tab), as the job's log has it
+    console = console_of(records)
+    for line in [ln for ln in proc.stdout.splitlines() if ln.startswith(("step ", "sample @ ", "done: "))]:
+        assert line + "\n" in console, (line, console)
+    assert "done: step 6, valid " in console and "step 3 | val/bpb " in console
 
 
 def test_a_time_budget_stops_at_a_log_step_exits_0_and_the_same_command_continues_exactly(tmp_path, tiny_corpus):

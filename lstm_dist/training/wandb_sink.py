@@ -95,7 +95,10 @@ class WandbSink:
     - an online init that fails (no server, a timeout) falls back to offline with that same run id
       (so `wandb sync` later fills the same run), and the failed attempt's folder
       (``run_dir/wandb/run-*-<id>``, a stub that would sync as an empty run) is removed;
-    - any exception later (a dead service, a full disk) switches W&B off with one warning.
+    - any exception later (a dead service, a full disk) switches W&B off with one warning;
+    - the console: what the process prints to sys.stdout and sys.stderr while the run is open (the log
+      lines, evaluations, samples, warnings, the `done:` line) is the run's console log, W&B's Logs tab
+      (`console="wrap"`; offline, `files/output.log` and the run's records, uploaded by `wandb sync`).
     """
 
     def __init__(self, run_dir: Path, mode: str, config: dict, project: str, entity: str | None,
@@ -137,7 +140,11 @@ class WandbSink:
         def init(init_mode: str) -> Any:
             settings = wandb.Settings(
                 **self._settings,
-                console="off",  # leave stdout unwrapped: the metrics reach W&B directly
+                # the run's Logs tab: wandb wraps sys.stdout's and sys.stderr's write (wandb's "auto" on Linux),
+                # so rank 0's lines from here to finish reach W&B as they reach the console; output
+                # written below Python (a C library's own prints to the file descriptors) is not captured,
+                # which "redirect" would do by swapping the descriptors under torchrun's pipes
+                console="wrap",
                 quiet=True,  # no banners; warnings stay visible (also skips a slow viewer query)
                 reinit="create_new",  # this object owns its run; never reuse a global one
             )
