@@ -28,7 +28,9 @@ docs/scoring.md), and a layout of the same world × batch gives the same bits ex
 The tokens are bytes with the bytes vocabulary and characters with the chars vocabulary, and the
 score is named after them everywhere (docs/scoring.md): output is one line (bytes scored, total bits,
 bits per byte; or characters, bits per character), or with `--json` one JSON object with
-bytes, bits, bpb (chars, bits, bpc) and the settings. Only rank 0 prints.
+bytes, bits, bpb (chars, bits, bpc) and the settings. Only rank 0 prints; a long scoring also says how
+far it is on stderr at most every `--progress-every` seconds (`evaluating test: 43% (41,088 of
+94,793 bytes), 4.1s elapsed, ETA 5.3s`).
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ import torch
 from lstm_dist.data.corpus import Corpus, check_utf8_file, lacking_note, open_text_file, utf8_chunks
 from lstm_dist.common.distributed import cpu_threads, setup
 from lstm_dist.common.errors import UserError, run_cli
-from lstm_dist.config import TrainConfig, check_option, choices
+from lstm_dist.config import LogConfig, TrainConfig, check_option, choices
 from lstm_dist.inference.load import ArgumentParser, load_model
-from lstm_dist.inference.scoring import split_bits
+from lstm_dist.inference.scoring import ProgressLine, split_bits
 
 
 def build_parser() -> ArgumentParser:
@@ -71,6 +73,9 @@ def build_parser() -> ArgumentParser:
                    help=argparse.SUPPRESS)  # the old name of --precision bf16
     p.add_argument("--threads", type=int, default=TrainConfig.threads, metavar="N",
                    help="torch CPU threads per process; 0 (default) divides the cores among the local processes")
+    p.add_argument("--progress-every", type=float, default=LogConfig.eval_progress_every, metavar="SECONDS",
+                   help="rank 0 says how far the scoring is on stderr at most every SECONDS (0: after every window; "
+                        f"default {LogConfig.eval_progress_every:g}, as log.eval_progress_every)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     return p
 
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # The options stand for these settings of the run, whose range rules they follow.
     for dest, key, option in (("batch", "train.batch_size", "--batch-size"), ("bptt", "train.bptt", "--bptt"),
-                              ("threads", "train.threads", "--threads")):
+                              ("threads", "train.threads", "--threads"),
+                              ("progress_every", "log.eval_progress_every", "--progress-every")):
         if getattr(args, dest) is not None:
             check_option(key, getattr(args, dest), option)
     if args.text is not None and args.data is not None:
@@ -151,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         bptt = args.bptt or cfg.train.bptt
         t0 = time.perf_counter()
         context = cfg.train.bptt  # one window of the model's training: as long a context as training's evaluations
+        say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - stdout is the result's
+        label = (args.split or "valid") if args.text is None else Path(args.text).name
+        progress = (ProgressLine(label, vocab.units.count, args.progress_every, say, env.rank, env.world)
+                    if env.is_main else None)
         bits, count = split_bits(model, data, rank=env.rank, world=env.world, batch=batch, bptt=bptt,
-                                 device=env.device, bf16=args.bf16, context=context)
+                                 device=env.device, bf16=args.bf16, context=context, progress=progress)
         seconds = time.perf_counter() - t0
         if not env.is_main:
             return 0

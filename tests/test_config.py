@@ -85,6 +85,7 @@ def test_saved_config_loads_back_equal(tmp_path):
         (["train.lr=nan"], "train.lr (from the command line): expected a finite number, got"),
         (["model.compile=maybe"], "model.compile (from the command line): expected true or false, got 'maybe'"),
         (["log.wandb.mode=cloud"], "log.wandb.mode (from the command line): 'cloud' is not one of 'auto', 'online', 'offline', 'disabled'"),
+        (["log.eval_progress_every=-1"], "log.eval_progress_every must be >= 0 seconds (0 prints a line after every window), got -1"),
         (["train.steps"], "override 'train.steps' must look like section.key=value"),
         (["train=3"], "'train' is a section, not a setting"),
     ],

@@ -15,7 +15,7 @@ import torch
 from conftest import TINY, child_env, make_text, prepare_corpus, rank_envs, read_metrics, run_entries, run_train
 from lstm_dist.training.checkpoint import list_checkpoints
 from lstm_dist.data.corpus import Corpus
-from lstm_dist.data.streams import eval_segments
+from lstm_dist.data.streams import eval_batches, eval_segments
 from lstm_dist.common.errors import run_cli
 from lstm_dist.evaluate import main
 from lstm_dist.inference.load import load_model
@@ -127,10 +127,15 @@ def test_split_of_the_runs_corpus_by_default_and_its_line(capsys, bytes_run):
     r = evaluate_json(capsys, "--checkpoint", str(bytes_run), "--split", "test")
     assert (r["bytes"], r["batch"], r["bptt"]) == (len(test) - 1, cfg.train.batch_size, cfg.train.bptt)
     assert r["bits"] == pytest.approx(reference_bits(model, test, cfg.train.batch_size, cfg.train.bptt), rel=1e-5)
-    assert main(["--checkpoint", str(bytes_run)]) == 0  # default: the valid split, one line
-    out = capsys.readouterr().out
+    assert main(["--checkpoint", str(bytes_run), "--progress-every", "0"]) == 0  # default: the valid split, one line
+    out, err = capsys.readouterr()
     valid = Corpus(cfg.data.path).split("valid")
     assert out.startswith("valid split of ") and f"{len(valid) - 1:,} bytes scored" in out
+    # --progress-every 0: a line on stderr after every window, ending at all of the split
+    said = err.strip().splitlines()
+    windows = list(eval_batches(valid, 0, 1, cfg.train.batch_size, cfg.train.bptt, context=cfg.train.bptt))
+    assert len(said) == len(windows) and all(line.startswith("evaluating valid: ") for line in said), err
+    assert said[-1].startswith(f"evaluating valid: 100% ({len(valid) - 1:,} of {len(valid) - 1:,} bytes), "), err
     bpb = reference_bits(model, np.asarray(valid), cfg.train.batch_size, cfg.train.bptt) / (len(valid) - 1)
     assert f"{bpb:.4f} bits per byte" in out and f"bptt {cfg.train.bptt}, context {cfg.train.bptt};" in out
 
@@ -232,6 +237,8 @@ def test_bad_input_ends_in_one_line(capsys, bytes_run, chars_run, tmp_path, text
     assert user_error(capsys, "--checkpoint", ck, "--bptt", "-1").startswith("error: --bptt must be > 0, got -1")
     assert user_error(capsys, "--checkpoint", ck, "--threads", "-2") == \
         "error: --threads must be >= 0 (0 divides the cores among the local processes), got -2\n"
+    assert user_error(capsys, "--checkpoint", ck, "--progress-every", "-1") == \
+        "error: --progress-every must be >= 0 seconds (0 prints a line after every window), got -1.0\n"
     assert "--split" in user_error(capsys, "--checkpoint", ck, "--split", "train")
     one = tmp_path / "one.txt"
     one.write_text("a")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -348,6 +349,7 @@ def test_missing_corpus_and_bad_config_are_one_line(tmp_path):
 def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp_path, tiny_corpus):
     proc = run_train(2, *common(tmp_path, tiny_corpus, "full", "train.steps=6", "train.eval_every=3",
                                 "train.eval_max_windows=1", "log.wandb.mode=offline", "log.every=2",
+                                "log.eval_progress_every=0",
                                 "log.wandb.tags=tiny, test", "log.wandb.group=g1", "log.wandb.notes=a test run"),
                      cwd=tmp_path)
     run_dir = tmp_path / "full"
@@ -364,6 +366,13 @@ def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp
     (final,) = [r for r in rows if "test/bpb" in r]
     assert final["val/bytes"] == 399 and final["test/bytes"] == 399  # the final evaluation: all of it
     assert not any(k.endswith(("bpc", "chars")) for r in rows for k in r)  # one name per vocabulary
+    # rank 0's progress lines (log.eval_progress_every=0: one per window), in its own share's numbers: each
+    # evaluation ends with all of rank 0's 4 streams' bytes, 1 window of 16 each at step 3, half of 399 after
+    ends = [line.split(": ", 1)[1].split("),")[0] + ")" for line in proc.stdout.splitlines()
+            if line.startswith("evaluating ") and ": 100% (" in line]
+    assert ends == ["100% (64 of 64 bytes on rank 0 of 2)", "100% (199 of 199 bytes on rank 0 of 2)",
+                    "100% (199 of 199 bytes on rank 0 of 2)"], proc.stdout
+    assert "on rank 1 of 2" not in proc.stdout
     # the logged numbers are the model's: the same bits computed here from the final checkpoint
     from lstm_dist.data.corpus import Corpus
     from lstm_dist.inference.load import load_model
@@ -398,7 +407,7 @@ def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp
     assert derived["peak_lr"] > 0 and derived["version"]
     # rank 0's console from the run's start to its end is the W&B run's (the Logs tab), as the job's log has it
     console = console_of(records)
-    for line in [ln for ln in proc.stdout.splitlines() if ln.startswith(("step ", "sample @ ", "done: "))]:
+    for line in [ln for ln in proc.stdout.splitlines() if ln.startswith(("step ", "evaluating ", "sample @ ", "done: "))]:
         assert line + "\n" in console, (line, console)
     assert "done: step 6, valid " in console and "step 3 | val/bpb " in console
 
@@ -474,10 +483,30 @@ def test_final_scores_print_once_samples_are_labelled_and_a_finished_run_says_no
     done line (metrics.jsonl still has their row); a rerun of the finished run says no step is left."""
     args = [*TINY, f"data.path={tiny_corpus}", f"run.dir={tmp_path}", "run.name=r", "train.steps=8", "log.every=4",
             "train.eval_every=4", "train.sample_chars=10", "train.sample_prompt=It "]
-    lines = run_train(1, *args, cwd=tmp_path).stdout.splitlines()
+    lines = run_train(1, *args, "log.eval_progress_every=0", cwd=tmp_path).stdout.splitlines()
     samples = [line for line in lines if line.startswith("sample @ step ")]
     assert [s[:len('sample @ step 4: "It ')] for s in samples] == ['sample @ step 4: "It ', 'sample @ step 8: "It ']
-    assert not any(line.startswith(("summary |", "step 8 | valid_")) for line in lines), lines
+    assert not any(line.startswith(("summary |", "step 8 | val/")) for line in lines), lines
+    # log.eval_progress_every=0: a progress line after every window of every evaluation (valid at step 4;
+    # valid and test at the end), its count rising to all of the split's scored bytes
+    from lstm_dist.data.streams import eval_batches
+
+    progress = [re.fullmatch(r"evaluating (valid|test): (\d+)% \(([\d,]+) of ([\d,]+) bytes\), \S+ elapsed(, ETA \S+)?",
+                             line) for line in lines if line.startswith("evaluating ")]
+    assert all(progress), [line for line in lines if line.startswith("evaluating ")]
+    said = [(m[1], int(m[2]), int(m[3].replace(",", "")), int(m[4].replace(",", ""))) for m in progress]
+    corpus = Corpus(tiny_corpus)
+    runs = []  # one per evaluation: (split, [(percent, done, total), ...])
+    for split, percent, done, total in said:
+        if not runs or runs[-1][0] != split or done <= runs[-1][1][-1][1]:
+            runs.append((split, []))
+        runs[-1][1].append((percent, done, total))
+    assert [split for split, _ in runs] == ["valid", "valid", "test"], said
+    for split, seen in runs:
+        windows = list(eval_batches(corpus.split(split), 0, 1, 4, 16, context=16))  # TINY: 4 streams, bptt 16
+        assert len(seen) == len(windows) and all(p == 100 * d // t for p, d, t in seen), (split, seen)
+        assert [d for _, d, _ in seen] == list(itertools.accumulate(int(w.mask.sum()) for w in windows))
+        assert seen[-1][:2] == (100, len(corpus.split(split)) - 1) and {t for _, _, t in seen} == {seen[-1][1]}
     assert sum(line.startswith("done: step 8, valid ") for line in lines) == 1
     rows = read_metrics(tmp_path / "r")
     assert any("test/bpb" in row and row["step"] == 8 for row in rows)  # the final scores' row is still written

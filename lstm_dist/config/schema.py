@@ -184,6 +184,8 @@ class LogConfig:
     timings: bool = False
     #: profile steps `A-B` (inclusive; or one step `A`) on rank 0 with torch.profiler: the trace goes to the run directory's `profile/` (Chrome trace JSON, opened by Perfetto and TensorBoard's profiler plugin), the top operations to the console; empty: off
     profile_steps: str = ""
+    #: during an evaluation rank 0 prints how far it is (`evaluating valid: 23% (8,320 of 35,457 bytes on rank 0 of 2), 0.62s elapsed, ETA 2s`) at most every this many seconds; 0 after every window
+    eval_progress_every: float = 30.0
     #: Weights & Biases settings (rank 0 only)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -292,6 +294,7 @@ RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.threads": (lambda v: v >= 0, ">= 0 (0 divides the cores among the local processes)"),
     "train.sample_chars": (lambda v: v >= 0, ">= 0"),
     "log.every": (lambda v: v > 0, "> 0"),
+    "log.eval_progress_every": (lambda v: v >= 0, ">= 0 seconds (0 prints a line after every window)"),
     "log.wandb.init_timeout": (lambda v: v > 0, "> 0 seconds"),
     "train.collective_timeout": (lambda v: v > 0, "> 0 seconds"),
     "checkpoint.every": (lambda v: v >= 0, ">= 0 (0 writes only at the end and on preemption)"),

@@ -19,7 +19,7 @@ from lstm_dist.common.distributed import DistEnv
 from lstm_dist.config import Config
 from lstm_dist.data.corpus import Vocab
 from lstm_dist.inference.sampling import sample_text
-from lstm_dist.inference.scoring import split_bits
+from lstm_dist.inference.scoring import ProgressLine, split_bits
 from lstm_dist.training.metrics import Metrics
 from lstm_dist.training.seeds import sample_seed
 from lstm_dist.training.stopping import NonFiniteStop
@@ -35,11 +35,14 @@ class Evaluation:
 
     def score(self, split: str, max_windows: int = 0) -> tuple[float, int]:
         """(bits per token, tokens scored) on `split`, over all ranks; `max_windows` > 0 scores only
-        the first max_windows × bptt tokens of each segment (after its context of one window)."""
-        t = self.cfg.train
-        bits, count = split_bits(self.model, self.splits[split], rank=self.env.rank, world=self.env.world,
-                                 batch=t.batch_size, bptt=t.bptt, device=self.env.device, bf16=self.bf16,
-                                 max_windows=max_windows, context=t.bptt)
+        the first max_windows × bptt tokens of each segment (after its context of one window). Rank 0
+        says how far it is at most every `log.eval_progress_every` seconds (`scoring.ProgressLine`)."""
+        t, env = self.cfg.train, self.env
+        progress = (ProgressLine(split, self.vocab.units.count, self.cfg.log.eval_progress_every, self.say,
+                                 env.rank, env.world) if env.is_main else None)
+        bits, count = split_bits(self.model, self.splits[split], rank=env.rank, world=env.world,
+                                 batch=t.batch_size, bptt=t.bptt, device=env.device, bf16=self.bf16,
+                                 max_windows=max_windows, context=t.bptt, progress=progress)
         if count == 0:  # scorable() refuses such a split at start-up; a score of 0 from nothing is never reported
             raise RuntimeError(f"the {split} split gave no character to score")
         return bits / count, count
