@@ -409,7 +409,8 @@ def test_run_directory_holds_config_metrics_samples_and_an_offline_wandb_run(tmp
     console = console_of(records)
     for line in [ln for ln in proc.stdout.splitlines() if ln.startswith(("step ", "evaluating ", "sample @ ", "done: "))]:
         assert line + "\n" in console, (line, console)
-    assert "done: step 6, valid " in console and "step 3 | val/bpb " in console
+    assert "done: step 6, valid " in console
+    assert re.search(r"^step 3 \| valid [0-9.]+ bpb over [0-9,]+ bytes \| eval [0-9.]+s$", console, re.M), console
 
 
 def test_a_time_budget_stops_at_a_log_step_exits_0_and_the_same_command_continues_exactly(tmp_path, tiny_corpus):
@@ -486,7 +487,7 @@ def test_final_scores_print_once_samples_are_labelled_and_a_finished_run_says_no
     lines = run_train(1, *args, "log.eval_progress_every=0", cwd=tmp_path).stdout.splitlines()
     samples = [line for line in lines if line.startswith("sample @ step ")]
     assert [s[:len('sample @ step 4: "It ')] for s in samples] == ['sample @ step 4: "It ', 'sample @ step 8: "It ']
-    assert not any(line.startswith(("summary |", "step 8 | val/")) for line in lines), lines
+    assert not any(line.startswith(("summary |", "step 8 | valid")) for line in lines), lines
     # log.eval_progress_every=0: a progress line after every window of every evaluation (valid at step 4;
     # valid and test at the end), its count rising to all of the split's scored bytes
     from lstm_dist.data.streams import eval_batches

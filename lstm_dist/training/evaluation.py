@@ -20,7 +20,7 @@ from lstm_dist.config import Config
 from lstm_dist.data.corpus import Vocab
 from lstm_dist.inference.sampling import sample_text
 from lstm_dist.inference.scoring import ProgressLine, split_bits
-from lstm_dist.training.metrics import Metrics
+from lstm_dist.training.metrics import Metrics, format_duration
 from lstm_dist.training.seeds import sample_seed
 from lstm_dist.training.stopping import NonFiniteStop
 
@@ -53,7 +53,9 @@ class Evaluation:
         t0 = time.perf_counter()
         u = self.vocab.units
         score, count = self.score("valid", self.cfg.train.eval_max_windows)
-        metrics.log(step, {f"val/{u.score}": score, f"val/{u.count}": count, "perf/eval_s": time.perf_counter() - t0})
+        spent = time.perf_counter() - t0
+        metrics.log(step, {f"val/{u.score}": score, f"val/{u.count}": count, "perf/eval_s": spent},
+                    line=f"step {step} | valid {score:.4f} {u.score} over {count:,} {u.token}s | eval {format_duration(spent)}")
         self.sample(step, metrics)
 
     def sample(self, step: int, metrics: Metrics) -> None:
