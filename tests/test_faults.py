@@ -250,7 +250,11 @@ def test_wandb_out_of_reach_trains_on_offline_with_one_warning(tmp_path, tiny_co
         proc = ok(alone(*overrides(tmp_path, tiny_corpus, "run", "train.steps=5", "log.wandb.mode=online",
                                    "log.wandb.init_timeout=5"), cwd=tmp_path,
                         env={"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
-                             "WANDB_DIR": str(tmp_path)}))
+                             "WANDB_DIR": str(tmp_path),
+                             # wandb's own SDK telemetry (OpenTelemetry, to the same server) probes it at the
+                             # process's exit, 2 × 10 s against one that never answers, after our run is
+                             # saved: not what this test is about, and a test sends no telemetry anyway
+                             "WANDB_ERROR_REPORTING": "false"}))
         elapsed = time.monotonic() - t0
     warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "W&B" in warnings[0] and "offline" in warnings[0], proc.stdout + proc.stderr

@@ -61,14 +61,14 @@ def test_bad_arguments_end_in_one_line_and_exit_2(tmp_path, args, message, capsy
 
 
 @pytest.mark.slow
-def test_range_test_runs_prints_a_table_and_writes_nothing_into_the_run_directory(tmp_path, tiny_corpus):
+def test_range_test_runs_prints_a_table_and_writes_nothing_into_the_run_directory(tmp_path, tiny_corpus, capsys,
+                                                                                 monkeypatch):
     run_dir = tmp_path / "runs"
     csv = tmp_path / "lr.csv"
-    proc = lr_find(*SMALL, "train.batch_size=4", "train.bptt=16", f"data.path={tiny_corpus}", f"run.dir={run_dir}",
-                   "run.name=real", "log.wandb.mode=disabled", "--steps", "40", "--start", "1e-4", "--end", "1", "--world", "2",
-                   "--csv", str(csv), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    monkeypatch.chdir(tmp_path)  # by its main() in this process: the command line itself is the first bad-argument case's
+    out = lr_find_here(capsys, *SMALL, "train.batch_size=4", "train.bptt=16", f"data.path={tiny_corpus}",
+                       f"run.dir={run_dir}", "run.name=real", "log.wandb.mode=disabled", "--steps", "40", "--start",
+                       "1e-4", "--end", "1", "--world", "2", "--csv", str(csv))
     assert "8 streams × bptt 16 (world 2 × batch_size 4)" in out
     rows = [line.split() for line in out.splitlines() if re.match(r"^\s+[0-9.e-]+\s+[0-9.]+\s+[0-9.]+", line)]
     assert len(rows) >= 10
@@ -163,7 +163,7 @@ def test_without_wandb_the_range_test_goes_on_and_says_so_once(tmp_path, tiny_co
 
 
 @pytest.mark.slow
-def test_suggestion_lands_near_the_best_rate_of_a_small_real_sweep(tmp_path):
+def test_suggestion_lands_near_the_best_rate_of_a_small_real_sweep(tmp_path, capsys, monkeypatch):
     from lstm_dist.data.prepare import prepare
 
     # real prose-like text (the built-in corpus of standard-library docstrings), where the rate matters:
@@ -180,8 +180,7 @@ def test_suggestion_lands_near_the_best_rate_of_a_small_real_sweep(tmp_path):
         bpc[lr] = [m for m in read_metrics(tmp_path / "runs" / f"lr{lr}") if "test/bpb" in m][-1]["val/bpb"]
     best = min(bpc, key=bpc.get)
     assert best not in (rates[0], rates[-1]), f"the sweep must bracket its best rate: {bpc}"
-    proc = lr_find(*common, "--steps", "100", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    s = suggested(proc.stdout)
+    monkeypatch.chdir(tmp_path)
+    s = suggested(lr_find_here(capsys, *common, "--steps", "100"))
     # "near": within one step of the sweep's grid (a factor of 3) of its best rate
     assert best / 3.01 <= s <= best * 3.01, f"suggested {s:.3g}, sweep {bpc}"
