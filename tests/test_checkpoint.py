@@ -84,7 +84,7 @@ def test_a_training_checkpoint_has_the_format_1_layout_and_puts_every_piece_back
     chosen = ckpt.choose_resume(cfg, env, vocab, print)
     assert chosen.path == path
     resumed = ckpt.restore(chosen, cfg, env, theirs)
-    assert resumed.exact and resumed.step == 9 and resumed.world == 1 and resumed.written_by == "1 processes × batch 2 × bptt 4"
+    assert resumed.exact and resumed.step == 9 and resumed.world == 1 and resumed.written_by == "1 processes × 2 streams × bptt 4"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
     assert all(torch.equal(a, b) for a, b in zip(optimizer.state[next(model.parameters())].values(),
                                                   optimizer2.state[next(model2.parameters())].values()))

@@ -71,7 +71,7 @@ def test_one_global_batch_trains_alike_on_1_2_and_4_processes_and_resumes_across
     half = tmp_path / "p2" / "checkpoints" / "step_00000010.pt"
     proc = run_ranks(4, *common(tmp_path, tiny_corpus, "p2to4", *same, f"checkpoint.resume={half}"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (f"resumed from {half} at step 10: it was written by 2 processes × batch 4 × bptt 16; the same 8 "
+    assert (f"resumed from {half} at step 10: it was written by 2 processes × 4 streams × bptt 16; the same 8 "
             "streams go on over 4 process(es) × 2, each with its hidden state") in proc.stdout
     resumed = losses(tmp_path / "p2to4")
     assert sorted(resumed) == list(range(11, 21))
@@ -151,7 +151,7 @@ def test_one_process_resumes_a_two_process_checkpoint_with_a_recut(tmp_path, tin
     half = tmp / "straight" / "checkpoints" / "step_00000010.pt"
     proc = run_train(1, *common(tmp_path, tiny_corpus, "single", "train.steps=14", "train.batch_size=3",
                                 f"checkpoint.resume={half}"), cwd=tmp_path)
-    assert "written by 2 processes × batch 4" in proc.stdout
+    assert "written by 2 processes × 4 streams × bptt 16" in proc.stdout
     assert "re-cut streams for 1 × 3 × 16" in proc.stdout
     assert "hidden states start at zero" in proc.stdout
     assert sorted(losses(tmp_path / "single")) == [11, 12, 13, 14]

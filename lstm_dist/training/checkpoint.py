@@ -277,7 +277,7 @@ class Resumed(NamedTuple):
     step: int
     exact: bool  # same processes × streams × bptt and split: every per-rank piece restored, not only the stream
     resliced: bool  # the same global streams on another number of processes: states re-sliced, generators not
-    written_by: str  # the layout that wrote it, "2 processes × batch 4 × bptt 16"
+    written_by: str  # the layout that wrote it, "2 processes × 4 streams × bptt 16" (streams: each rank's share)
     config: dict[str, Any]  # the config of the run that wrote it (Config.to_dict())
     world: int  # how many processes wrote it
 
@@ -332,7 +332,7 @@ def restore(chosen: Chosen, cfg: Any, env: DistEnv, pieces: Pieces) -> Resumed:
         elif resliced and hasattr(piece, "load_resliced"):
             piece.load_resliced([r.get(key) for r in ranks], env.rank, env.world)
     return Resumed(chosen.path, int(saved["step"]), exact, resliced,
-                   f"{len(ranks)} processes × batch {old['batch']} × bptt {old['bptt']}", saved["config"], len(ranks))
+                   f"{len(ranks)} processes × {old['batch']} streams × bptt {old['bptt']}", saved["config"], len(ranks))
 
 
 def save_training(cfg: Any, env: DistEnv, vocab: Vocab, step: int, pieces: Pieces) -> Path | None:
