@@ -86,8 +86,9 @@ CASES = [
     Case("config-warmup-longer-than-run", "train", train("train.warmup_steps=5000", "train.steps=10"),
          "error: train.warmup_steps=5000 is longer than the run (train.steps=10)", RUNS),
     Case("config-global-batch-not-a-multiple", "train", train("train.global_batch_size=6", "train.batch_size=4"),
-         "error: train.global_batch_size=6 is not a multiple of train.batch_size=4 (the streams of one forward pass "
-         "on a rank)", RUNS),
+         "error: train.global_batch_size=6 streams cannot be split over 1 process(es) in forward passes of "
+         "train.batch_size=4: it must be a multiple of 1 × 4 = 4; set train.batch_size=3 (streams per forward pass)",
+         RUNS),
     Case("config-keep-zero", "train", train("checkpoint.keep=0"), "error: checkpoint.keep must be > 0, got 0", RUNS),
     Case("config-setting-as-option", "train", train("--train.step", "50"),
          "error: unknown key 'train.step' in --train.step 50; did you mean train.steps=50? (settings are written "

@@ -113,8 +113,4 @@ def check_consistent(cfg: Config) -> Config:
     if t.warmup_steps > t.steps:
         raise UserError(f"train.warmup_steps={t.warmup_steps} is longer than the run (train.steps={t.steps}), so the "
                         "learning rate would never reach train.lr; set train.warmup_steps to at most train.steps")
-    if t.global_batch_size % t.batch_size:  # whatever the world size (training.batching checks it against one)
-        raise UserError(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.batch_size="
-                        f"{t.batch_size} (the streams of one forward pass on a rank); set train.global_batch_size to a "
-                        f"multiple of {t.batch_size}, or train.batch_size to a divisor of {t.global_batch_size}")
     return cfg

@@ -54,7 +54,9 @@ def global_batch(train, world: int) -> int:
 def batch_layout(train, world: int) -> BatchLayout:
     """The layout of `train` (a TrainConfig) on `world` ranks. Raises EveryRankError (every rank reads
     the same config and world size) when `train.global_batch_size` is not a multiple of world ×
-    `train.batch_size`: the streams would not divide evenly into the ranks' forward passes."""
+    `train.batch_size`: the streams would not divide evenly into the ranks' forward passes. The one check
+    of the two settings together (it knows the world size, so the `batch_size` it suggests fits); the
+    trainer makes it before anything is read."""
     g, b = global_batch(train, world), train.batch_size
     if g % (world * b):
         fits = [m for m in range(b, 0, -1) if g % (world * m) == 0]
@@ -72,6 +74,6 @@ def print_config_note(train, world: int) -> str:
     try:
         layout = batch_layout(train, world)
     except EveryRankError as exc:
-        return f"# batch for world_size={world}: does not fit: {exc}\n"
-    return (f"# batch for world_size={world}: {layout.global_batch} streams a step, {layout.per_rank} per process in "
+        return f"# batch for world_size={world} (WORLD_SIZE, 1 without torchrun): does not fit: {exc}\n"
+    return (f"# batch for world_size={world} (WORLD_SIZE, 1 without torchrun): {layout.global_batch} streams a step, {layout.per_rank} per process in "
             f"{layout.accumulation} forward pass(es) of {layout.micro}\n")

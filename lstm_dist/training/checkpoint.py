@@ -280,6 +280,7 @@ class Resumed(NamedTuple):
     written_by: str  # the layout that wrote it, "2 processes × 4 streams × bptt 16" (streams: each rank's share)
     config: dict[str, Any]  # the config of the run that wrote it (Config.to_dict())
     world: int  # how many processes wrote it
+    streams: int  # the global batch it was written with: streams over all its ranks
 
 
 def choose_resume(cfg: Any, env: DistEnv, vocab: Vocab, say: Callable[[str], None]) -> Chosen | None:
@@ -332,7 +333,8 @@ def restore(chosen: Chosen, cfg: Any, env: DistEnv, pieces: Pieces) -> Resumed:
         elif resliced and hasattr(piece, "load_resliced"):
             piece.load_resliced([r.get(key) for r in ranks], env.rank, env.world)
     return Resumed(chosen.path, int(saved["step"]), exact, resliced,
-                   f"{len(ranks)} processes × {old['batch']} streams × bptt {old['bptt']}", saved["config"], len(ranks))
+                   f"{len(ranks)} processes × {old['batch']} streams × bptt {old['bptt']}", saved["config"], len(ranks),
+                   len(ranks) * int(old["batch"]))
 
 
 def save_training(cfg: Any, env: DistEnv, vocab: Vocab, step: int, pieces: Pieces) -> Path | None:

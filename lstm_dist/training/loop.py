@@ -174,14 +174,15 @@ class Trainer:
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads(t.threads, env.local_world))
         self.run_dir = cfg.run_dir
+        # the global batch's streams, this rank's share of them, and its forward passes (training.batching):
+        # first, so that a layout this world size cannot run is refused before anything is read or prepared
+        self.layout = layout = batch_layout(t, env.world)
         self.run_lock = RunDirectory(cfg.run_dir)  # claimed in _resume, once the checkpoint is chosen
         corpus = open_corpus(cfg, env, self.say)
         self.vocab = corpus.vocab
         if t.sample_chars and (note := sample_prompt_note(self.vocab, t.sample_prompt)):
             self.say(f"warning: {note}")
         splits = {name: corpus.split(name) for name in ("train", "valid", "test")}
-        # the global batch's streams, this rank's share of them, and its forward passes (training.batching)
-        self.layout = layout = batch_layout(t, env.world)
         self.stream = on_every_rank(lambda: TokenStream(splits["train"], env.rank, env.world, layout.per_rank, t.bptt,
                                                         seed=cfg.run.seed, random_offset=cfg.data.random_offset))
         seed_everything(init_seed(cfg.run.seed))

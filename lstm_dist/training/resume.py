@@ -41,9 +41,15 @@ def pick_up(resumed: Resumed, cfg: Config, env: DistEnv, schedule: Schedule, say
     else:
         seed_everything(recut_seed(cfg.run.seed, env.rank, step))
         t = cfg.train
+        layout = batch_layout(t, env.world)
+        keep = ""
+        if resumed.streams != layout.global_batch and resumed.streams % env.world == 0:
+            keep = (f"; the global batch goes from {resumed.streams} to {layout.global_batch} streams "
+                    f"(train.global_batch_size={resumed.streams}, with a train.batch_size that divides "
+                    f"{resumed.streams // env.world}, would go on with the same streams and their hidden states)")
         say(f"resumed from {resumed.path} at step {step}: it was written by {resumed.written_by}; re-cut streams "
-            f"for {env.world} × {batch_layout(t, env.world).per_rank} × {t.bptt}: position carried over by characters "
-            "consumed, hidden states start at zero")
+            f"for {env.world} × {layout.per_rank} × {t.bptt}: position carried over by characters "
+            f"consumed, hidden states start at zero{keep}")
     for key, old, new in config_mod.changes(resumed.config, cfg):
         say(f"resumed with a changed setting: {key}: {old!r} → {new!r}")
     continue_schedule(resumed, cfg, schedule, say)
