@@ -297,3 +297,37 @@ def test_the_setting_is_said_to_apply_on_cuda_only_on_the_cpu():
     said.clear()
     choose_kernels(ModelConfig(hidden=HID), "auto", torch.device("cpu"), batch=BATCH, say=said.append)
     assert NOTE_GRAPHS_ON_CPU not in said
+
+
+def test_gradient_accumulation_replays_the_same_sets_and_numbers_as_without_graphs():
+    """train.global_batch_size's micro-batches on the graphed path: each step runs two forward/backward passes
+    of half the streams, one after the other, so each pass finds its layer's set free again (one set per
+    layer for all passes and steps), and every step's loss, gradients and next state equal the same steps
+    without graphs, bit for bit."""
+    from lstm_dist.training.optim import build_optimizer
+    from lstm_dist.training.step import TrainingStep
+    from lstm_dist.config import TrainConfig
+
+    kernels = dataclasses.replace(kernels_here("eager"), force=True, graphs=True)
+    graphed, plain = twin(kernels)
+    results = []
+    for net in (graphed, plain):
+        step = TrainingStep(net, net, build_optimizer(net, TrainConfig(optimizer="sgd", beta1=0.0, lr=0.5)), clip_norm=0,
+                            micro_batches=2)
+        g = torch.Generator().manual_seed(3)
+        state, seen = None, []
+        for _ in range(6):
+            x = torch.randint(0, VOCAB, (2 * BATCH, BPTT + 1), generator=g)
+            loss = step.forward_backward(x[:, :-1], x[:, 1:], state)
+            seen.append([loss] + [p.grad.clone() for p in net.parameters()])
+            state = step.apply(0.5)
+            seen[-1] += list(state)
+        results.append(seen)
+    for window, (a, b) in enumerate(zip(*results)):
+        for k, (u, v) in enumerate(zip(a, b)):
+            assert torch.equal(u, v), (window, k, rel_err(u, v))
+    sets = graphs.SETS.all()
+    assert len(sets) == 2  # one per layer, shared by both passes of every step
+    for s in sets:
+        for phase in (s.forward_phase, s.backward_phase):
+            assert (phase.warmed, phase.captured, phase.replayed) == (graphs.WARMUP, 1, 12 - graphs.WARMUP)
