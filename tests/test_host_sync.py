@@ -101,10 +101,12 @@ def run_recording(cfg) -> list[tuple[int, str, str]]:
     return log.reads
 
 
-def test_between_two_log_lines_a_step_reads_nothing_back(tmp_path, tiny_corpus, monkeypatch):
-    """Steps 1..12 with a log line every 4: inside a step no host read at all; the reads of the
-    per-step values (and the agreement on a stop) happen in `settle`, at steps 4, 8 and 12 only."""
-    reads = run_recording(build(tmp_path, tiny_corpus, monkeypatch))
+@pytest.mark.parametrize("layout", [(), ("train.global_batch_size=8", "train.batch_size=2")], ids=["one-pass", "accumulated"])
+def test_between_two_log_lines_a_step_reads_nothing_back(tmp_path, tiny_corpus, monkeypatch, layout):
+    """Steps 1..12 with a log line every 4: inside a step no host read at all, with one forward pass or
+    with gradient accumulation (4 passes of 2 streams); the reads of the per-step values (and the agreement
+    on a stop) happen in `settle`, at steps 4, 8 and 12 only."""
+    reads = run_recording(build(tmp_path, tiny_corpus, monkeypatch, *layout))
     by_place = defaultdict(set)
     for step, place, _ in reads:
         by_place[place].add(step)
