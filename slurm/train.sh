@@ -3,7 +3,7 @@
 #
 #   sbatch slurm/train.sh configs/wikitext103.yaml                              # 2 nodes × 8 GPUs (defaults below)
 #   sbatch --nodes=1 slurm/train.sh configs/wikitext103.yaml                    # 1 node × 8 GPUs
-#   sbatch --nodes=4 slurm/train.sh configs/wikitext103.yaml train.steps=100000 # 4 nodes × 8 GPUs, any overrides
+#   sbatch --nodes=4 slurm/train.sh configs/wikitext103.yaml train.batch_size=64 # 4 nodes × 8 GPUs, any overrides
 #   NPROC_PER_NODE=2 sbatch --nodes=1 --gpus-per-node=0 slurm/train.sh configs/smoke.yaml   # CPU-only nodes (gloo)
 #
 # Arguments as lstm_dist.train and launch/torchrun.sh take them: CONFIG (or --config CONFIG), then
