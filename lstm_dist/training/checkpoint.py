@@ -166,18 +166,20 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     return data
 
 
-def check_compatible(saved: dict[str, Any], cfg: Any, vocab: Vocab, path: Path) -> None:
-    """A checkpoint must be of the same model on the same vocabulary; say which setting differs."""
+def check_compatible(saved: dict[str, Any], cfg: Any, vocab: Vocab, path: Path, *, subject: str = "",
+                     has: str = "this run has", model_fix: str = "or start a new run.name",
+                     vocab_fix: str = "use the corpus it was trained on or start a new run.name") -> None:
+    """A checkpoint must be of the same model on the same vocabulary; say which setting differs. `subject`
+    (default `checkpoint PATH`), `has` and the two fixes word the one-line CheckpointError for the caller."""
+    subject = subject or f"checkpoint {path}"
     saved_model = saved["config"]["model"]
     for key in ("embedding", "hidden", "layers"):
         if saved_model[key] != getattr(cfg.model, key):
             raise CheckpointError(
-                f"checkpoint {path} is of another model (model.{key}={saved_model[key]}, this run has "
-                f"{getattr(cfg.model, key)}); set model.{key}={saved_model[key]} or start a new run.name")
+                f"{subject} is of another model (model.{key}={saved_model[key]}, {has} "
+                f"{getattr(cfg.model, key)}); set model.{key}={saved_model[key]} {model_fix}")
     if saved["vocab"] != vocab.to_dict():
-        raise CheckpointError(
-            f"checkpoint {path} was trained on another vocabulary than the corpus at {cfg.data.path}; "
-            "use the corpus it was trained on or start a new run.name")
+        raise CheckpointError(f"{subject} was trained on another vocabulary than the corpus at {cfg.data.path}; {vocab_fix}")
 
 
 def init_weights(cfg: Any, vocab: Vocab) -> tuple[Path, int, dict[str, torch.Tensor]]:
@@ -185,17 +187,9 @@ def init_weights(cfg: Any, vocab: Vocab) -> tuple[Path, int, dict[str, torch.Ten
     one-line CheckpointError where it cannot be read or is of another model or vocabulary."""
     path = resolve(cfg.checkpoint.init_from)
     saved = load(path)
-    saved_model = saved["config"]["model"]
-    for key in ("embedding", "hidden", "layers"):
-        if saved_model[key] != getattr(cfg.model, key):
-            raise CheckpointError(
-                f"checkpoint.init_from={cfg.checkpoint.init_from}: {path} is of another model (model.{key}="
-                f"{saved_model[key]}, this config has {getattr(cfg.model, key)}); set model.{key}={saved_model[key]} "
-                "to start from it")
-    if saved["vocab"] != vocab.to_dict():
-        raise CheckpointError(
-            f"checkpoint.init_from={cfg.checkpoint.init_from}: {path} was trained on another vocabulary than the "
-            f"corpus at {cfg.data.path}; prepare the new text with that checkpoint's vocabulary, or start from scratch")
+    check_compatible(saved, cfg, vocab, path, subject=f"checkpoint.init_from={cfg.checkpoint.init_from}: {path}",
+                     has="this config has", model_fix="to start from it",
+                     vocab_fix="prepare the new text with that checkpoint's vocabulary, or start from scratch")
     return path, int(saved["step"]), saved["model"]
 
 
