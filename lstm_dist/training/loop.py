@@ -218,6 +218,14 @@ class Trainer:
         self._graphs_agreed = False  # likewise a failed CUDA graph capture
         self.evaluation = Evaluation(cfg, env, self.model, self.vocab, splits, self.kernels.bf16, self.say)
         at = self.progress.step if resumed else None
+        # MFU (`training.mfu`, on CUDA): the model's training FLOPs per character (`model.flops`: layers and
+        # head) × chars/s over all ranks, one GPU each, over the GPU's dense peak in this run's arithmetic (bf16
+        # autocast, TF32 or fp32 products); no peak (so no MFU) where the GPU is not in the table
+        m = cfg.model
+        self.flops_per_char = training_flops_per_token(m.embedding, m.hidden, m.layers, self.vocab.size)
+        self.peak_flops = (peak_flops(torch.cuda.get_device_name(self.device),
+                                      matmul_precision(self.kernels.bf16, self.kernels.tf32))
+                           if self.device.type == "cuda" else None)
         derived = {"world_size": env.world, "global_batch_size": layout.global_batch,
                    "gradient_accumulation_steps": layout.accumulation, "chars_per_step": layout.global_batch * t.bptt,
                    "parameters": sum(q.numel() for q in self.model.parameters()), "vocab_size": self.vocab.size,
@@ -437,14 +445,7 @@ class Trainer:
                   "perf/chars_per_s_per_process": timing["chars_per_s"] / self.env.world,
                   "perf/elapsed_s": time.monotonic() - self._budget_from[0]}
         if self.device.type == "cuda":
-            # MFU (`training.mfu`): the model's training FLOPs per character (`model.flops`: layers and head)
-            # × chars/s over all ranks, one GPU each, over the GPU's dense peak in this run's arithmetic
-            # (bf16 autocast, TF32 or fp32 products); none where the GPU is not in the table of peaks
-            m = self.cfg.model
-            mfu = model_flops_utilization(
-                timing["chars_per_s"], training_flops_per_token(m.embedding, m.hidden, m.layers, self.vocab.size),
-                self.env.world, peak_flops(torch.cuda.get_device_name(self.device),
-                                           matmul_precision(self.kernels.bf16, self.kernels.tf32)))
+            mfu = model_flops_utilization(timing["chars_per_s"], self.flops_per_char, self.env.world, self.peak_flops)
             if mfu is not None:
                 values["perf/mfu"] = mfu
             # the caching allocator's own count: no device synchronisation
