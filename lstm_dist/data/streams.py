@@ -130,6 +130,17 @@ def eval_segments(n: int, streams: int) -> np.ndarray:
     return 1 + (np.arange(streams + 1, dtype=np.int64) * targets) // streams
 
 
+def rank_segments(n: int, rank: int, world: int, batch: int, bptt: int, max_windows: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi), int64 [batch] each: the target positions [lo, hi) that rank `rank` scores of a split of `n`
+    tokens, its `batch` of the world × batch segments (`eval_segments`), each cut to its first
+    max_windows × bptt targets where `max_windows` > 0."""
+    bounds = eval_segments(n, world * batch)
+    lo, hi = bounds[rank * batch:(rank + 1) * batch], bounds[rank * batch + 1:(rank + 1) * batch + 1]
+    if max_windows:
+        hi = np.minimum(hi, lo + max_windows * bptt)
+    return lo, hi
+
+
 def eval_batches(data: np.ndarray, rank: int, world: int, batch: int, bptt: int, *, context: int = 0,
                  max_windows: int = 0) -> Iterator[EvalBatch]:
     """Every predictable position of `data` exactly once across all ranks, each with the text before it.
@@ -151,10 +162,7 @@ def eval_batches(data: np.ndarray, rank: int, world: int, batch: int, bptt: int,
         raise ValueError(f"bad layout rank={rank} world={world} batch={batch} bptt={bptt} context={context} "
                          f"max_windows={max_windows}")
     n = int(len(data))
-    bounds = eval_segments(n, world * batch)
-    lo, hi = bounds[rank * batch:(rank + 1) * batch], bounds[rank * batch + 1:(rank + 1) * batch + 1]
-    if max_windows:
-        hi = np.minimum(hi, lo + max_windows * bptt)
+    lo, hi = rank_segments(n, rank, world, batch, bptt, max_windows)
     # the first position each segment reads: its context before lo; an empty segment reads nothing
     start = np.where(hi > lo, np.maximum(1, lo - context), lo)
     longest = int((hi - start).max()) if n > 1 else 0

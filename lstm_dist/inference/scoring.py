@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lstm_dist.data.streams import eval_batches, eval_segments
+from lstm_dist.data.streams import eval_batches, rank_segments
 from lstm_dist.common.distributed import all_reduce_sum
 from lstm_dist.training.metrics import format_duration
 
@@ -36,10 +36,7 @@ def rank_tokens(n: int, rank: int, world: int, batch: int, bptt: int, max_window
     """How many tokens rank `rank` scores of a split of `n` tokens: its `batch` of the world × batch
     segments (`streams.eval_segments`), each cut to its first max_windows × bptt where `max_windows` > 0,
     as `streams.eval_batches` reads them (context tokens are read, not scored, so not counted)."""
-    bounds = eval_segments(n, world * batch)
-    lo, hi = bounds[rank * batch:(rank + 1) * batch], bounds[rank * batch + 1:(rank + 1) * batch + 1]
-    if max_windows:
-        hi = np.minimum(hi, lo + max_windows * bptt)
+    lo, hi = rank_segments(n, rank, world, batch, bptt, max_windows)
     return int(np.maximum(hi - lo, 0).sum())
 
 
