@@ -53,6 +53,17 @@ def test_both_operand_orders_of_a_weight_gradient_compute_a_transposed_b(order):
     assert set(times) == set(products.ORDERS) and all(t > 0 for t in times.values())
 
 
+def test_a_packing_is_spread_over_its_uses_and_not_scaled_with_the_rows():
+    """A per-window product measured at 512 of its 4,096 rows: the call's time is scaled by 8, the
+    packing of M (the same work at any rows) is paid once; at a step site it is spread over bptt calls."""
+    window = Shape(4096, 1024, 4096, 1, True, False, False)
+    assert products.site_seconds(0.010, 0.004, window, 512) == pytest.approx(0.080 + 0.004)
+    step = Shape(32, 1024, 4096, 128, True, True, True)
+    assert products.site_seconds(0.003, 0.128, step, 32) == pytest.approx(0.003 + 0.001)
+    times = products.measure(Shape(1024, 16, 8, 1, True, False, False), impls=("blas",), rounds=1)
+    assert set(times) == {"blas"} and times["blas"] > 0
+
+
 def test_measured_once_per_machine_then_read_from_the_cache(cache, monkeypatch):
     shape = Shape(4, 8, 32, 6, True, True, True)
     first = products.cached_times("step_fwd", shape, 2)

@@ -65,7 +65,8 @@ SITES = ("step_fwd", "step_bwd", "input", "grad_x", "grad_w", "grad_u")
 SITE_IMPLS = {"step_fwd": IMPLS, "step_bwd": IMPLS, "input": IMPLS, "grad_x": IMPLS, "grad_w": ORDERS, "grad_u": ORDERS}
 MARGIN = 1.03  # another candidate replaces BLAS's product only when at least 3% faster on the slowest rank
 MEASURE_ROWS = 512  # rows of a per-window product when it is measured (its time per row is what matters)
-FORMAT = 2  # of the cache file's entries (2: fastest of calls in turn, up to 512 rows)
+FORMAT = 3  # of the cache file's entries (2: fastest of calls in turn, up to 512 rows; 3: a packing's time
+# no longer scaled up with the rows, as 2 did)
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,16 @@ def measure(shape: Shape, impls=IMPLS, rounds: Optional[int] = None) -> Dict[str
             t0 = time.perf_counter()
             fn()
             best[impl] = min(best[impl], time.perf_counter() - t0)
-    return {impl: (best[impl] + pack_s[impl] / shape.uses) * shape.rows / m for impl in calls}
+    return {impl: site_seconds(best[impl], pack_s[impl], shape, m) for impl in calls}
+
+
+def site_seconds(call_s: float, pack_s: float, shape: Shape, measured_rows: int) -> float:
+    """Seconds per product at `shape` from one measured call of `measured_rows` rows (`call_s`) and the
+    packing of M (`pack_s`, 0 for none): the call scaled up to the shape's rows, the packing spread over
+    the products it serves (`shape.uses`) and not scaled, as it is of M, whatever the rows. (Cache format
+    2 scaled the packing too: at 4,096 rows, 8x its cost, and oneDNN's grad_x never won where it was
+    faster.)"""
+    return call_s * shape.rows / measured_rows + pack_s / shape.uses
 
 
 def machine() -> str:
