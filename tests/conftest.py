@@ -35,6 +35,12 @@ if "LSTM_DIST_CACHE" not in os.environ:
     os.environ["LSTM_DIST_CACHE"] = tempfile.mkdtemp(prefix="lstm_dist_cache_")
     atexit.register(shutil.rmtree, os.environ["LSTM_DIST_CACHE"], ignore_errors=True)
 
+# One torch thread in the test processes themselves (the runs they start set theirs: child_env, train.threads).
+# The suite runs 3 xdist workers and their subprocesses on 2 cores; with torch's default of a thread per core,
+# OpenMP's waiting threads fight the other processes for the cores: a float64 gradcheck that takes 2 s alone
+# took 25-40 s so. A test that needs more threads sets them itself (as test_evaluate's and test_bench's do).
+torch.set_num_threads(1)
+
 # A tiny model and layout so that real multi-process runs take seconds on 2 cores.
 TINY = [
     "model.embedding=16", "model.hidden=32", "model.layers=2", "model.compile=false",
