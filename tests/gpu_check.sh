@@ -41,17 +41,20 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! command -v "$PY" >/dev/null; then
   echo "error: $PY not found; set PYTHON to the interpreter that has torch" >&2; exit 1
 fi
-if ! "$PY" -c "import lstm_dist, torch" 2>"$raw/import.txt"; then
-  echo "error: $PY cannot import torch and lstm_dist from this checkout (see $raw/import.txt)" >&2; exit 1
-fi
-if [ $dry = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "error: torch sees no CUDA GPU here ($("$PY" -c 'import torch; print(torch.__version__)')); run this on a GPU machine, or --dry-run" >&2
-  exit 1
-fi
-
-"$PY" - >"$raw/environment.txt" 2>&1 <<'EOF'
-import torch
+# The environment, and whether this interpreter imports torch and this checkout and (unless --dry-run) sees
+# a GPU: one interpreter for all three (each new one spends seconds importing torch). Exit 4: no import; 3: no GPU.
+"$PY" - "$dry" >"$raw/environment.txt" 2>&1 <<'EOF'
+import sys
+try:
+    import lstm_dist  # noqa: F401 - from this checkout (PYTHONPATH)
+    import torch
+except Exception:  # noqa: BLE001 - any import failure is this part's answer
+    import traceback
+    traceback.print_exc()
+    sys.exit(4)
 print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| cuDNN", torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+if sys.argv[1] == "0" and not torch.cuda.is_available():
+    sys.exit(3)
 try:
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
 except Exception as exc:  # noqa: BLE001 - a build without NCCL
@@ -66,6 +69,13 @@ if torch.cuda.is_available():
 else:
     print("GPU: none (a CPU dry run)")
 EOF
+case $? in
+  0) ;;
+  4) echo "error: $PY cannot import torch and lstm_dist from this checkout (see $raw/environment.txt)" >&2; exit 1 ;;
+  3) echo "error: torch sees no CUDA GPU here ($(head -n 1 "$raw/environment.txt" | cut -d' ' -f2)); run this on a GPU machine, or --dry-run" >&2
+     exit 1 ;;
+  *) echo "error: $PY failed while describing the environment (see $raw/environment.txt)" >&2; exit 1 ;;
+esac
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$raw/environment.txt" 2>&1
 
 status=0
