@@ -8,7 +8,7 @@ Three sinks, in order of trust:
 
 - console: one line per `log` call, written for a person: the caller's own (the training line,
   `loop.log_line`) or the values by `format_line`:
-  ``step 160 | valid 2.1299 bpb over 70,914 bytes | eval 0.93s`` (the evaluation's own line);
+  ``step 160 | valid 2.1420 bpb over 70,914 bytes | eval 0.71s`` (the evaluation's own line);
 - `JsonlSink`, ``run_dir/metrics.jsonl``: one JSON object per call (``step``, wall-clock ``time``
   in Unix seconds, then the values at full precision), flushed every call, appended across
   resumes. It is strict JSON (``json.dumps(allow_nan=False)``): a non-finite float (a diverged
