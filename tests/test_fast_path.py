@@ -111,7 +111,7 @@ def test_the_cpp_loops_dispatch_only_the_recurrent_product_per_step(product):
     op = {"blas": "aten.addmm.out", "mkl_packed": "mkl._mkl_linear.default"}.get(product, "mkldnn._linear_pointwise.default")
     assert op in fwd and op in bwd, (fwd, bwd)
     assert set(fwd) | set(bwd) <= {"aten.select.int", op}, (fwd, bwd)
-    assert not any(op.startswith(("aten.addcmul", "aten.tanh")) for op in b8), b8  # no coefficient pass
+    assert not any(name.startswith(("aten.addcmul", "aten.tanh")) for name in b8), b8  # no coefficient pass
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
